@@ -1,0 +1,296 @@
+"""Stage 05: distil teacher grades into a small causal LM with LoRA / QLoRA.
+
+* QLoRA on a GPU: 4-bit NF4 base with double quantization, bf16 compute, LoRA on every linear
+  projection. On a CPU: plain LoRA on a float32 base (bitsandbytes 4-bit is not worth it there).
+* trl's ``SFTTrainer`` drives training. Examples are tokenised here so that the label is exactly
+  one token: the grade digit right after the student prompt. The loss is computed on that token
+  only — cross-entropy on the hard grade, optionally mixed with the KL divergence between the
+  teacher's grade distribution and the student's distribution over the four grade tokens.
+* The adapter is saved with a manifest (base model, data, hyperparameters, seed, versions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .artifacts import write_json
+from .models import load_causal_lm, resolve_model
+from .student import ADAPTER_MANIFEST, GRADES, encode_prompt, grade_token_ids
+
+LORA_TARGETS = "all-linear"
+
+
+@dataclass
+class DistillConfig:
+    """Hyperparameters of one distillation run (all written to the manifest)."""
+
+    base_model: str = "smollm2-135m-instruct"
+    qlora: bool | None = None  # None: 4-bit QLoRA when CUDA is available, plain LoRA otherwise
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    soft_label_weight: float = 0.0  # 0 = hard-label cross-entropy only; 1 = KL to the teacher only
+    class_balance: bool = False  # weight the loss by inverse grade frequency
+    gradient_checkpointing: bool | None = None  # None: on for QLoRA (memory), off on CPU (speed)
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    logging_steps: int = 5
+
+    def use_qlora(self) -> bool:
+        return torch.cuda.is_available() if self.qlora is None else self.qlora
+
+
+def build_examples(
+    tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Tokenise labelled records into training examples whose only label is the grade token.
+
+    Each record needs ``query``, ``document`` and ``grade``; ``distribution`` (four
+    probabilities) is optional and falls back to a one-hot of the grade. Returns the examples and
+    the number of documents truncated to fit ``max_length``.
+    """
+    grade_ids = grade_token_ids(tokenizer)
+    examples, truncated = [], 0
+    for index, record in enumerate(records):
+        grade = record.get("grade")
+        if grade not in GRADES:
+            raise ValueError(f"record {index} ({record.get('query_id')}, {record.get('doc_id')}): grade {grade!r} not in 0-3")
+        prompt_ids, cut = encode_prompt(tokenizer, record["query"], record["document"], max_length)
+        truncated += cut
+        distribution = record.get("distribution") or [float(g == grade) for g in GRADES]
+        if len(distribution) != len(GRADES) or not math.isclose(sum(distribution), 1.0, abs_tol=1e-3):
+            raise ValueError(f"record {index}: distribution {distribution} is not 4 probabilities summing to 1")
+        examples.append(
+            {
+                "input_ids": prompt_ids + [grade_ids[grade]],
+                "labels": [-100] * len(prompt_ids) + [grade_ids[grade]],
+                "grade": grade,
+                "teacher_distribution": [float(p) for p in distribution],
+            }
+        )
+    return examples, truncated
+
+
+class GradeCollator:
+    """Right-pads token ids and stacks grades and teacher distributions."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.tensor(item["input_ids"])
+            labels[row, :n] = torch.tensor(item["labels"])
+            attention[row, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "grade": torch.tensor([item["grade"] for item in batch]),
+            "teacher_distribution": torch.tensor([item["teacher_distribution"] for item in batch]),
+        }
+
+
+def grade_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    grades: torch.Tensor,
+    teacher_distribution: torch.Tensor,
+    grade_ids: torch.Tensor,
+    soft_label_weight: float,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loss at the grade position only: (1-w) * CE(hard grade) + w * KL(teacher || student).
+
+    ``logits`` are the model's next-token logits ``[batch, seq, vocab]``; the grade token is the
+    single position whose label is not -100, predicted from the position before it.
+    """
+    label_positions = (labels != -100).float().argmax(dim=1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    answer_logits = logits[rows, label_positions - 1].float()
+    hard = F.cross_entropy(answer_logits, labels[rows, label_positions], reduction="none")
+    if class_weights is not None:
+        hard = hard * class_weights.to(hard.device)[grades]
+    loss = hard.mean() * (1.0 - soft_label_weight)
+    if soft_label_weight > 0:
+        student_log_probs = F.log_softmax(answer_logits[:, grade_ids], dim=-1)
+        soft = F.kl_div(student_log_probs, teacher_distribution.float(), reduction="batchmean")
+        loss = loss + soft_label_weight * soft
+    return loss
+
+
+def _trainer_class() -> type:
+    from trl import SFTTrainer
+
+    class GradeSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss is :func:`grade_loss` on the grade token."""
+
+        def __init__(self, *args: Any, grade_ids: list[int], soft_label_weight: float,
+                     class_weights: torch.Tensor | None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.grade_ids = torch.tensor(grade_ids)
+            self.soft_label_weight = soft_label_weight
+            self.class_weights = class_weights
+
+        def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            grades = inputs.pop("grade")
+            teacher = inputs.pop("teacher_distribution")
+            labels = inputs.pop("labels")
+            outputs = model(**inputs, use_cache=False)
+            loss = grade_loss(outputs.logits, labels, grades, teacher, self.grade_ids.to(labels.device),
+                              self.soft_label_weight, self.class_weights)
+            return (loss, outputs) if return_outputs else loss
+
+    return GradeSFTTrainer
+
+
+def _library_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def train_student(
+    records: Sequence[dict[str, Any]],
+    output_dir: str | Path,
+    config: DistillConfig,
+    data_description: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA/QLoRA adapter on graded records; returns the manifest (also saved beside it)."""
+    from datasets import Dataset
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTConfig
+
+    output_dir = Path(output_dir)
+    qlora = config.use_qlora()
+    if qlora and not torch.cuda.is_available():
+        raise RuntimeError("QLoRA (4-bit) training needs a CUDA GPU here; set qlora=False for LoRA on the CPU")
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_causal_lm(
+        config.base_model,
+        quantize_4bit=qlora,
+        device_map={"": 0} if qlora else None,
+    )
+    checkpointing = qlora if config.gradient_checkpointing is None else config.gradient_checkpointing
+    if qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    examples, truncated = build_examples(tokenizer, records, config.max_length)
+    if not examples:
+        raise ValueError("No training records: the teacher stage produced no gradable pairs")
+    class_weights = None
+    if config.class_balance:
+        counts = torch.bincount(torch.tensor([e["grade"] for e in examples]), minlength=len(GRADES)).float()
+        class_weights = counts.sum() / (len(GRADES) * counts.clamp(min=1))
+    bf16 = qlora and torch.cuda.is_bf16_supported()
+    args = SFTConfig(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=config.weight_decay,
+        bf16=bf16,
+        fp16=False,
+        gradient_checkpointing=checkpointing,
+        max_length=config.max_length,
+        packing=False,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        data_collator=GradeCollator(tokenizer.pad_token_id),
+        peft_config=peft_config,
+        grade_ids=grade_token_ids(tokenizer),
+        soft_label_weight=config.soft_label_weight,
+        class_weights=class_weights,
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    manifest = {
+        "base_model": config.base_model,
+        "base_model_resolved": resolve_model(config.base_model),
+        "method": "qlora-nf4" if qlora else "lora",
+        "config": dataclasses.asdict(config),
+        "max_length": config.max_length,
+        "train_examples": len(examples),
+        "truncated_documents": truncated,
+        "grade_counts": {g: sum(e["grade"] == g for e in examples) for g in GRADES},
+        "train_seconds": seconds,
+        "train_loss": result.training_loss,
+        "global_steps": result.global_step,
+        "log_history": trainer.state.log_history,
+        "data": data_description or {},
+        "versions": _library_versions(),
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    write_json(adapter_dir / ADAPTER_MANIFEST, manifest)
+    return manifest
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
+    """Merge a LoRA adapter into its (unquantised) base and save a standalone model folder."""
+    from peft import PeftModel
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    manifest = json.loads((adapter_dir / ADAPTER_MANIFEST).read_text())
+    base, tokenizer = load_causal_lm(manifest["base_model"])
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    write_json(output_dir / ADAPTER_MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
+    return output_dir

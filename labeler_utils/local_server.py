@@ -1,0 +1,156 @@
+"""The embedded offline default: a real OpenAI-compatible server (llama-cpp-python) on 127.0.0.1.
+
+``LocalLLMServer`` starts ``python -m llama_cpp.server`` on a free loopback port serving a bundled
+GGUF model, waits until ``/v1/models`` answers, and stops it again (context manager). Its
+:meth:`endpoint` is an :class:`~labeler_utils.llm_client.Endpoint` like any remote one, so
+the stages never know whether they talk to this server, OpenAI, Azure, vLLM or Ollama.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from .config import CACHE_DIR
+from .llm_client import Endpoint, LLMClient
+from .models import server_gguf_path
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalLLMServer:
+    """llama-cpp-python's OpenAI-compatible server for a bundled model or a ``.gguf`` file."""
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        port: int | None = None,
+        startup_timeout: float = 180.0,
+        log_path: str | Path | None = None,
+    ):
+        self.model = model
+        self.gguf_path = server_gguf_path(model)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or min(os.cpu_count() or 2, 8)
+        self.port = port or free_port()
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path or CACHE_DIR / "logs" / f"llama-server-{self.port}.log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def endpoint(self) -> Endpoint:
+        """An endpoint for :class:`LLMClient` (no key needed; the price of local tokens is 0).
+
+        llama.cpp applies a repetition penalty by default; it is switched off so that the greedy
+        answer and the reported ``top_logprobs`` come from the same distribution.
+        """
+        return Endpoint(
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env="LOCAL_LLM_API_KEY",
+            extra_body=(("repeat_penalty", 1.0),),
+        )
+
+    def start(self) -> LocalLLMServer:
+        """Start the server process and wait until it answers."""
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(
+                "The embedded LLM server needs llama-cpp-python[server]; run scripts/install.sh "
+                "(it builds it with portable CPU flags) or point the pipeline at another endpoint."
+            ) from exc
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.gguf_path),
+            "--model_alias", self.model,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--n_threads", str(self.n_threads),
+            "--logits_all", "true",
+        ]  # fmt: skip
+        log = self.log_path.open("wb")
+        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"The local LLM server exited with code {self._process.returncode}; see {self.log_path}:\n"
+                    + self.log_path.read_text(errors="replace")[-2000:]
+                )
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"The local LLM server did not answer within {self.startup_timeout:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        """Stop the server process (idempotent)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> LocalLLMServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def connect_llm(
+    model: str,
+    cache_path: str | Path,
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    kind: str = "openai",
+    api_version: str | None = None,
+    max_concurrency: int = 4,
+    n_ctx: int = 2048,
+) -> tuple[LLMClient, LocalLLMServer | None]:
+    """A client for ``base_url``, or for a freshly started local server when ``base_url`` is None.
+
+    The local server is stopped at interpreter exit (or call ``server.stop()``). With a local
+    server, requests run one at a time: a single CPU process gains nothing from concurrency.
+    """
+    if base_url is None:
+        server = LocalLLMServer(model, n_ctx=n_ctx).start()
+        atexit.register(server.stop)
+        return LLMClient(server.endpoint(), cache_path, max_concurrency=1), server
+    endpoint = Endpoint(base_url=base_url, model=model, api_key_env=api_key_env, kind=kind, api_version=api_version)
+    return LLMClient(endpoint, cache_path, max_concurrency=max_concurrency), None

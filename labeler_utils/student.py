@@ -1,0 +1,209 @@
+"""The student labeler: prompt format, loading, and grading by one forward pass.
+
+The student never generates text to label a pair. Its prompt ends where the grade would be
+written; one forward pass gives the logits of the next token, and the probabilities of the grade
+tokens ``"0"``..``"3"`` (renormalised) are the label distribution. The expected relevance is
+``sum(g * p_g)`` and the grade is the arg-max. Batches are sorted by length so that padding stays
+small, inference runs under ``torch.inference_mode``, and input and output are streamed so that
+memory stays flat for any number of pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import load_causal_lm
+
+GRADES = (0, 1, 2, 3)
+STUDENT_INSTRUCTION = (
+    "Rate how well the document answers the search query.\n"
+    "3 = perfectly relevant: dedicated to the query and answers it fully.\n"
+    "2 = highly relevant: answers the query, perhaps with extra or missing detail.\n"
+    "1 = related: on the topic but does not answer the query.\n"
+    "0 = irrelevant.\n"
+    "Reply with the grade digit only."
+)
+ADAPTER_MANIFEST = "labeler_manifest.json"
+
+
+@dataclass
+class GradeLabel:
+    """One label from a student: hard grade, distribution over grades, expected relevance."""
+
+    grade: int
+    distribution: list[float]
+    expected_relevance: float
+
+    @classmethod
+    def from_probabilities(cls, probabilities: Sequence[float]) -> GradeLabel:
+        probs = [float(p) for p in probabilities]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return cls(grade=GRADES[best], distribution=probs, expected_relevance=sum(g * p for g, p in zip(GRADES, probs)))
+
+
+def grade_token_ids(tokenizer: Any) -> list[int]:
+    """Token id of each grade digit; each digit must be a single token for one-pass scoring."""
+    ids = []
+    for grade in GRADES:
+        pieces = tokenizer.encode(str(grade), add_special_tokens=False)
+        if len(pieces) != 1:
+            raise ValueError(f"Grade {grade} is {len(pieces)} tokens for this tokenizer; one-pass scoring needs 1")
+        ids.append(pieces[0])
+    return ids
+
+
+def _uses_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_text(tokenizer: Any, query: str, document: str) -> str:
+    """The student's prompt, ending exactly where the grade digit goes."""
+    body = f"{STUDENT_INSTRUCTION}\n\nQuery: {query}\n\nDocument:\n{document}"
+    if _uses_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+        )
+    return f"{body}\n\nGrade: "
+
+
+def encode_prompt(tokenizer: Any, query: str, document: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of the prompt with the document cut to fit ``max_length``; returns (ids, truncated).
+
+    Truncation policy: the instruction and the query are always kept whole; the document is cut
+    from the end, token by token, so that the whole prompt plus the grade token fit.
+    """
+    full = tokenizer.encode(prompt_text(tokenizer, query, document), add_special_tokens=False)
+    if len(full) < max_length:
+        return full, False
+    overhead = len(tokenizer.encode(prompt_text(tokenizer, query, ""), add_special_tokens=False))
+    budget = max_length - overhead - 2
+    if budget < 16:
+        raise ValueError(f"max_length={max_length} leaves no room for the document (prompt alone is {overhead} tokens)")
+    doc_ids = tokenizer.encode(document, add_special_tokens=False)[:budget]
+    cut = tokenizer.decode(doc_ids)
+    ids = tokenizer.encode(prompt_text(tokenizer, query, cut), add_special_tokens=False)
+    return ids[: max_length - 1], True
+
+
+class StudentLabeler:
+    """A loaded student (base model, merged model or LoRA adapter) that labels pairs in one pass."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not getattr(model, "hf_device_map", None) and not getattr(model, "is_loaded_in_4bit", False):
+            self.model.to(self.device)
+        self.grade_ids = torch.tensor(grade_token_ids(tokenizer), device=self.device)
+        self.truncated = 0
+
+    @classmethod
+    def load(cls, model_or_adapter: str | Path, max_length: int = 512, dtype: Any = None) -> StudentLabeler:
+        """Load a bundled name, hub id, model folder, or an adapter folder written by the distill stage."""
+        path = Path(str(model_or_adapter))
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            manifest = json.loads((path / ADAPTER_MANIFEST).read_text()) if (path / ADAPTER_MANIFEST).exists() else {}
+            base_name = manifest.get("base_model") or json.loads((path / "adapter_config.json").read_text())[
+                "base_model_name_or_path"
+            ]
+            base, tokenizer = load_causal_lm(base_name, dtype=dtype)
+            model = PeftModel.from_pretrained(base, path)
+            max_length = manifest.get("max_length", max_length)
+        else:
+            model, tokenizer = load_causal_lm(model_or_adapter, dtype=dtype)
+        return cls(model, tokenizer, max_length=max_length)
+
+    @torch.inference_mode()
+    def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:
+        """Grade-token probabilities for a batch of encoded prompts (right padding, last real position)."""
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        last = attention.sum(dim=1) - 1
+        hidden = self._last_hidden_states(input_ids, attention)
+        final = hidden[torch.arange(len(encoded), device=self.device), last]
+        logits = self._output_layer()(final)[:, self.grade_ids].float()
+        probabilities = torch.softmax(logits, dim=-1).cpu().tolist()
+        return [GradeLabel.from_probabilities(p) for p in probabilities]
+
+    def _base_model(self) -> Any:
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _last_hidden_states(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the decoder body: the vocabulary projection is then done for one position only."""
+        body = self._base_model().get_decoder()
+        return body(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+
+    def _output_layer(self) -> Any:
+        return self._base_model().get_output_embeddings()
+
+    def label(
+        self,
+        pairs: Iterable[tuple[str, str]],
+        batch_size: int = 16,
+        bucket_size: int = 512,
+        total: int | None = None,
+        progress: bool = True,
+    ) -> Iterator[GradeLabel]:
+        """Label (query, document) pairs in input order, streaming.
+
+        Pairs are read ``bucket_size`` at a time, sorted by length inside the bucket into batches
+        of ``batch_size`` (little padding), scored, and yielded back in input order.
+        """
+        bar = tqdm(total=total, desc="student labels", unit="pair", disable=not progress)
+        bucket: list[list[int]] = []
+        for query, document in pairs:
+            ids, truncated = encode_prompt(self.tokenizer, query, document, self.max_length)
+            self.truncated += truncated
+            bucket.append(ids)
+            if len(bucket) >= bucket_size:
+                yield from self._score_bucket(bucket, batch_size, bar)
+                bucket = []
+        if bucket:
+            yield from self._score_bucket(bucket, batch_size, bar)
+        bar.close()
+
+    def _score_bucket(self, bucket: list[list[int]], batch_size: int, bar: Any) -> Iterator[GradeLabel]:
+        order = sorted(range(len(bucket)), key=lambda i: len(bucket[i]))
+        results: list[GradeLabel | None] = [None] * len(bucket)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for index, label in zip(chunk, self.score_batch([bucket[i] for i in chunk])):
+                results[index] = label
+            bar.update(len(chunk))
+        yield from (label for label in results if label is not None)
+
+    def label_records(
+        self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 16, progress: bool = True
+    ) -> list[dict[str, Any]]:
+        """Label records with ``query_id``, ``query``, ``doc_id``, ``document``; returns prediction rows."""
+        labels = self.label(
+            ((r["query"], r["document"]) for r in records), batch_size=batch_size, total=len(records), progress=progress
+        )
+        return [
+            {
+                "query_id": record["query_id"],
+                "doc_id": record["doc_id"],
+                "grade": label.grade,
+                "expected_relevance": label.expected_relevance,
+                "distribution": label.distribution,
+                "labeler": labeler,
+            }
+            for record, label in zip(records, labels)
+        ]

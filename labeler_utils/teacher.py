@@ -1,0 +1,228 @@
+"""Stage 04: graded relevance labels from a teacher LLM, or imported from recorded judgments.
+
+The teacher reads a rubric (search intent, how well the document matches it, how trustworthy
+the document is, considered step by step) and ends its answer with ``Final grade: N``. A strict
+parser accepts only that line (or a JSON ``{"grade": N}``); an answer without it is recorded as
+unparseable and asked again with a new sampling seed — it never becomes a grade silently.
+
+Beside the hard grade each label keeps a distribution over grades: from the ``top_logprobs`` of
+the grade token when the endpoint returns them, otherwise from ``n_samples`` sampled answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifacts import InputError, iter_jsonl
+from .llm_client import LLMClient, LLMError, Message, map_concurrent, parse_with_retries
+
+STAGE = "04_teacher_labels"
+
+
+@dataclass(frozen=True)
+class LabelScale:
+    """A graded scale: the grades in order and what each means to the teacher."""
+
+    grades: tuple[int, ...] = (0, 1, 2, 3)
+    descriptions: dict[int, str] = field(
+        default_factory=lambda: {
+            3: "Perfectly relevant: the document is dedicated to the query and fully answers it.",
+            2: "Highly relevant: the document answers the query, though with extra or missing detail.",
+            1: "Related: the document is on the query's topic but does not answer it.",
+            0: "Irrelevant: the document has nothing to do with the query.",
+        }
+    )
+
+    def describe(self) -> str:
+        return "\n".join(f"{g} = {self.descriptions[g]}" for g in sorted(self.grades, reverse=True))
+
+
+RUBRIC_TEMPLATE = """You judge search results for a company's internal search engine.
+Given a search query and a document, decide how relevant the document is to the query.
+
+Scale:
+{scale}
+
+Work through it briefly:
+1. Intent: what is the person searching for?
+2. Match: does the document contain what they need, partly, or not at all?
+3. Trust: is the document authoritative and current for that need?
+
+Query: {query}
+
+Document:
+{document}
+
+{answer_instruction}"""
+
+ANSWER_WITH_REASONING = "Write at most three short sentences, then end with the line: Final grade: <digit>"
+ANSWER_DIRECTLY = "Answer with one line only: Final grade: <digit>"
+
+_FINAL_GRADE = re.compile(r"final\s+grade\s*[:=]\s*\**\s*\[?([0-9]+)\]?", re.IGNORECASE)
+_BARE_GRADE = re.compile(r"^\s*(?:grade\s*[:=]\s*)?\**([0-9]+)\**\s*\.?\s*$", re.IGNORECASE)
+
+
+def build_messages(
+    query: str,
+    document: str,
+    scale: LabelScale = LabelScale(),
+    template: str = RUBRIC_TEMPLATE,
+    reasoning: bool = True,
+    max_document_chars: int = 4000,
+) -> list[Message]:
+    """The teacher's chat messages for one pair (``template`` fields: scale, query, document, answer_instruction)."""
+    prompt = template.format(
+        scale=scale.describe(),
+        query=query,
+        document=document[:max_document_chars],
+        answer_instruction=ANSWER_WITH_REASONING if reasoning else ANSWER_DIRECTLY,
+    )
+    return [{"role": "user", "content": prompt}]
+
+
+def parse_grade(text: str, scale: LabelScale = LabelScale()) -> int:
+    """The grade from ``Final grade: N`` (last occurrence), an answer that is only the digit, or JSON.
+
+    Anything else raises ValueError: a digit somewhere in free text is never taken as a grade.
+    """
+    matches = _FINAL_GRADE.findall(text)
+    bare = _BARE_GRADE.match(text)
+    if matches:
+        value = int(matches[-1])
+    elif bare:
+        value = int(bare.group(1))
+    else:
+        try:
+            payload = json.loads(text.strip().removeprefix("```json").removesuffix("```").strip())
+            value = int(payload["grade"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError("no 'Final grade: N' line and no JSON grade in the answer") from exc
+    if value not in scale.grades:
+        raise ValueError(f"grade {value} is outside the scale {scale.grades}")
+    return value
+
+
+def distribution_from_logprobs(
+    tokens: Sequence[str], top_logprobs: Sequence[dict[str, float]], text: str, scale: LabelScale = LabelScale()
+) -> tuple[list[float], float] | None:
+    """Grade distribution from the alternatives at the grade token; returns (distribution, covered mass).
+
+    The grade token is the last generated token that is a grade digit (the parser reads the last
+    ``Final grade`` line). Alternatives that are grade digits are renormalised; ``covered mass``
+    says how much of the probability at that step they held.
+    """
+    digits = {str(g) for g in scale.grades}
+    for step in range(len(tokens) - 1, -1, -1):
+        if tokens[step].strip() in digits:
+            mass = {g: 0.0 for g in scale.grades}
+            for token, logprob in top_logprobs[step].items():
+                if token.strip() in digits:
+                    mass[int(token.strip())] += math.exp(logprob)
+            covered = sum(mass.values())
+            if covered <= 0:
+                return None
+            return [mass[g] / covered for g in scale.grades], covered
+    return None
+
+
+@dataclass
+class TeacherLabeler:
+    """Grades pairs through an :class:`LLMClient` with the rubric prompt."""
+
+    client: LLMClient
+    scale: LabelScale = field(default_factory=LabelScale)
+    template: str = RUBRIC_TEMPLATE
+    reasoning: bool = True
+    max_tokens: int = 160
+    top_logprobs: int | None = 10
+    n_samples: int = 0
+    parse_attempts: int = 2
+
+    def label_pair(self, query: str, document: str) -> dict[str, Any]:
+        """One label: grade (or None), distribution, how it was obtained, the raw answer."""
+        messages = build_messages(query, document, self.scale, self.template, self.reasoning)
+        try:
+            grade, result = parse_with_retries(
+                self.client, messages, lambda text: parse_grade(text, self.scale), STAGE,
+                attempts=self.parse_attempts, max_tokens=self.max_tokens, top_logprobs=self.top_logprobs,
+            )
+        except LLMError as exc:
+            return {"grade": None, "distribution": None, "distribution_source": None, "answer": None,
+                    "error": str(exc)}
+        label: dict[str, Any] = {"grade": grade, "distribution": None, "distribution_source": None,
+                                 "answer": result.text, "error": None if grade is not None else "unparseable"}
+        if grade is None:
+            return label
+        if result.tokens and result.top_logprobs:
+            found = distribution_from_logprobs(result.tokens, result.top_logprobs, result.text, self.scale)
+            if found:
+                label.update(distribution=found[0], distribution_source="logprobs", logprob_mass=found[1])
+        if label["distribution"] is None and self.n_samples > 0:
+            label.update(distribution=self._sampled_distribution(messages), distribution_source="samples")
+        return label
+
+    def _sampled_distribution(self, messages: list[Message]) -> list[float] | None:
+        counts: Counter[int] = Counter()
+        for seed in range(1, self.n_samples + 1):
+            text = self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.8, seed=seed).text
+            try:
+                counts[parse_grade(text, self.scale)] += 1
+            except ValueError:
+                self.client.record_unparseable(STAGE, messages + [{"role": "sample", "content": str(seed)}], text,
+                                               "sample without a grade")
+        total = sum(counts.values())
+        return [counts[g] / total for g in self.scale.grades] if total else None
+
+    def label_records(self, records: Sequence[dict[str, Any]], description: str = "teacher labels") -> list[dict[str, Any]]:
+        """Label records having ``query`` and ``document``; returns them with the label fields added."""
+        labels = map_concurrent(
+            lambda r: self.label_pair(r["query"], r["document"]), records, self.client.max_concurrency, description
+        )
+        model = self.client.endpoint.model
+        return [{**record, **label, "labeler": f"teacher:{model}"} for record, label in zip(records, labels)]
+
+
+def import_labels(path: str | Path, source: str = "imported") -> list[dict[str, Any]]:
+    """Read labels a teacher already produced: JSONL lines with ``query``, ``document``, ``grade``.
+
+    Optional fields: ``query_id``, ``doc_id``, ``distribution`` (probabilities of grades 0..3).
+    Errors name the file and line. TREC qrels go through
+    :func:`labeler_utils.benchmarks.load_trec` and :func:`labels_from_frame`.
+    """
+    records = []
+    for line_no, record in enumerate(iter_jsonl(path, required=("query", "document", "grade")), start=1):
+        grade = record["grade"]
+        if not isinstance(grade, int) or grade not in LabelScale().grades:
+            raise InputError(f"{path}: record {line_no}: grade {grade!r} is not an integer 0-3")
+        distribution = record.get("distribution")
+        if distribution is not None and (len(distribution) != 4 or not math.isclose(sum(distribution), 1, abs_tol=1e-3)):
+            raise InputError(f"{path}: record {line_no}: distribution must be 4 probabilities summing to 1")
+        records.append({
+            "query_id": str(record.get("query_id", f"q{line_no}")),
+            "doc_id": str(record.get("doc_id", f"d{line_no}")),
+            "query": record["query"],
+            "document": record["document"],
+            "grade": grade,
+            "distribution": distribution,
+            "distribution_source": "imported" if distribution else None,
+            "labeler": source,
+        })
+    return records
+
+
+def labels_from_frame(frame: Any, grade_column: str, source: str) -> list[dict[str, Any]]:
+    """Training records from a benchmark frame column (e.g. ``recorded:deepseek_v3_umbrela``); null grades skipped."""
+    rows = frame[frame[grade_column].notna()]
+    return [
+        {"query_id": str(r.query_id), "doc_id": str(r.doc_id), "query": r.query, "document": r.document,
+         "grade": int(r[grade_column]),
+         "distribution": None, "distribution_source": None, "labeler": source}
+        for _, r in rows.iterrows()
+    ]
