@@ -207,3 +207,27 @@ class StudentLabeler:
             }
             for record, label in zip(records, labels)
         ]
+
+
+def load_labeler(path_or_name: str | Path, family: str | None = None, **kwargs: Any) -> StudentLabeler:
+    """Load a student of either family with one call: a causal LM or a cross-encoder.
+
+    ``path_or_name`` is a bundled name, hub id or folder; a folder may also be a training output
+    folder whose ``adapter/`` (distill stage) or ``model/`` (cross-encoder) holds the manifest.
+    The family is ``family`` when given (``"causal_lm"`` or ``"cross_encoder"``), else the
+    manifest's ``family`` field, else ``"causal_lm"`` (manifests written before the field existed).
+    ``kwargs`` go to :meth:`StudentLabeler.load` or :meth:`CrossEncoderLabeler.load`.
+    """
+    path = Path(str(path_or_name))
+    holder = next((folder for folder in (path, path / "adapter", path / "model") if (folder / ADAPTER_MANIFEST).exists()), None)
+    if holder is not None:
+        path_or_name = holder
+        family = family or json.loads((holder / ADAPTER_MANIFEST).read_text()).get("family", "causal_lm")
+    family = family or "causal_lm"
+    if family == "causal_lm":
+        return StudentLabeler.load(path_or_name, **kwargs)
+    if family == "cross_encoder":
+        from .cross_encoder import CrossEncoderLabeler
+
+        return CrossEncoderLabeler.load(path_or_name, **kwargs)
+    raise ValueError(f"Unknown student family {family!r}; choose 'causal_lm' or 'cross_encoder'")

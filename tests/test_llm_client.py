@@ -1,0 +1,143 @@
+"""LLM client: cache, retries, failures, ledger, unparseable answers; and the real local server."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from conftest import chat_response, scripted_client
+
+from labeler_utils.llm_client import Endpoint, LLMClient, LLMError, parse_with_retries
+from labeler_utils.local_server import LocalLLMServer, connect_llm, free_port
+
+MESSAGES = [{"role": "user", "content": "Grade this pair."}]
+ENDPOINT = Endpoint(base_url="http://127.0.0.1:9/v1", model="test-model",
+                    price_input_per_million=2.5, price_output_per_million=10.0)
+
+
+def _status_error(cls: type[openai.APIStatusError], code: int) -> openai.APIStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    return cls(f"HTTP {code}", response=httpx.Response(code, request=request), body=None)
+
+
+def make_client(tmp_path, script, **kwargs) -> LLMClient:
+    return LLMClient(ENDPOINT, tmp_path / "cache.sqlite", openai_client=scripted_client(script),
+                     backoff_seconds=0.0, **kwargs)
+
+
+def test_rerun_is_served_from_cache_without_calls(tmp_path):
+    client = make_client(tmp_path, [chat_response("Final grade: 2", prompt_tokens=100, completion_tokens=4)])
+    first = client.chat(MESSAGES)
+    second = client.chat(MESSAGES)
+    assert (first.text, first.cached, second.text, second.cached) == ("Final grade: 2", False, "Final grade: 2", True)
+    assert client.ledger.calls == 1 and client.ledger.cache_hits == 1
+    # A new client on the same cache file (a re-run of the notebook) makes no call at all.
+    rerun = make_client(tmp_path, [RuntimeError("must not be called")])
+    assert rerun.chat(MESSAGES).text == "Final grade: 2"
+    assert rerun.ledger.calls == 0 and rerun.ledger.cache_hits == 1
+    assert client.cost_usd() == pytest.approx((100 * 2.5 + 4 * 10.0) / 1e6)
+
+
+def test_different_parameters_are_different_cache_entries(tmp_path):
+    client = make_client(tmp_path, [chat_response("a"), chat_response("b")])
+    assert client.chat(MESSAGES, temperature=0.0).text == "a"
+    assert client.chat(MESSAGES, temperature=0.7).text == "b"
+    assert client.ledger.calls == 2
+
+
+def test_retries_timeouts_429_and_5xx_then_succeeds(tmp_path):
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    script = [
+        openai.APITimeoutError(request=request),
+        _status_error(openai.RateLimitError, 429),
+        _status_error(openai.InternalServerError, 503),
+        chat_response("Final grade: 1"),
+    ]
+    client = make_client(tmp_path, script, max_retries=3)
+    assert client.chat(MESSAGES).text == "Final grade: 1"
+    assert client.ledger.retries == 3 and client.ledger.calls == 4 and client.ledger.failures == 0
+
+
+def test_gives_up_after_max_retries_with_a_clear_error(tmp_path):
+    client = make_client(tmp_path, [_status_error(openai.InternalServerError, 500)], max_retries=2)
+    with pytest.raises(LLMError, match=r"failed 3 times for model 'test-model'.*InternalServerError"):
+        client.chat(MESSAGES)
+    assert client.ledger.failures == 1 and client.ledger.retries == 2
+
+
+def test_client_errors_are_not_retried(tmp_path):
+    client = make_client(tmp_path, [_status_error(openai.AuthenticationError, 401)], max_retries=3)
+    with pytest.raises(LLMError, match="HTTP 401"):
+        client.chat(MESSAGES)
+    assert client.ledger.calls == 1 and client.ledger.retries == 0
+
+
+def test_unreachable_endpoint_fails_clearly(tmp_path):
+    endpoint = Endpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", model="nobody-home")
+    client = LLMClient(endpoint, tmp_path / "cache.sqlite", max_retries=1, backoff_seconds=0.0, timeout=5)
+    with pytest.raises(LLMError, match=r"failed 2 times.*APIConnectionError"):
+        client.chat(MESSAGES)
+
+
+def test_chat_many_keeps_order_and_returns_failures_in_place(tmp_path):
+    script = [chat_response("one"), _status_error(openai.BadRequestError, 400), chat_response("three")]
+    client = make_client(tmp_path, script, max_concurrency=1)
+    results = client.chat_many([[{"role": "user", "content": str(i)}] for i in range(3)])
+    assert results[0].text == "one" and isinstance(results[1], LLMError) and results[2].text == "three"
+
+
+def test_unparseable_answers_are_recorded_and_retried(tmp_path):
+    client = make_client(tmp_path, [chat_response("I think it is fine"), chat_response("Final grade: 3")])
+
+    def parse(text: str) -> int:
+        if "Final grade" not in text:
+            raise ValueError("no grade line")
+        return int(text[-1])
+
+    value, result = parse_with_retries(client, MESSAGES, parse, stage="test", attempts=2)
+    assert value == 3 and result.text == "Final grade: 3"
+    recorded = client.cache.unparseable("test")
+    assert [(r["text"], r["reason"]) for r in recorded] == [("I think it is fine", "no grade line")]
+    assert client.ledger.unparseable == 1
+
+
+def test_parse_failure_on_every_attempt_returns_none(tmp_path):
+    client = make_client(tmp_path, [chat_response("no"), chat_response("still no")])
+    value, _ = parse_with_retries(client, MESSAGES, lambda t: int(t), stage="test", attempts=2)
+    assert value is None and len(client.cache.unparseable("test")) == 2
+
+
+def test_logprobs_are_returned(tmp_path):
+    response = chat_response("2", tokens=[("2", {"2": -0.1, "3": -2.5, "1": -3.0})])
+    client = make_client(tmp_path, [response])
+    result = client.chat(MESSAGES, top_logprobs=3)
+    assert result.tokens == ["2"] and result.top_logprobs == [{"2": -0.1, "3": -2.5, "1": -3.0}]
+    assert client._client.chat.completions.requests[0]["top_logprobs"] == 3
+
+
+def test_unknown_endpoint_kind_is_rejected():
+    with pytest.raises(ValueError, match="Unknown endpoint kind"):
+        Endpoint(base_url="x", model="m", kind="bedrock").make_openai_client(timeout=1)
+
+
+def test_api_key_is_read_from_the_named_environment_variable(monkeypatch):
+    monkeypatch.setenv("MY_TEAM_KEY", "sk-test-123")
+    client = Endpoint(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="MY_TEAM_KEY").make_openai_client(1)
+    assert client.api_key == "sk-test-123"
+
+
+def test_real_local_server_answers_and_stops(tmp_path):
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by scripts/install.sh")
+    client, server = connect_llm("smollm2-135m-instruct", tmp_path / "cache.sqlite", n_ctx=512)
+    try:
+        result = client.chat([{"role": "user", "content": "Say hello."}], max_tokens=8, top_logprobs=3)
+        assert result.text.strip() and result.completion_tokens > 0 and result.top_logprobs
+    finally:
+        server.stop()
+    with pytest.raises(LLMError):
+        LLMClient(server.endpoint(), tmp_path / "other.sqlite", max_retries=0, timeout=3).chat(MESSAGES)
+
+
+def test_local_server_rejects_a_model_it_cannot_serve():
+    with pytest.raises(ValueError, match="bundled model name or a .gguf file"):
+        LocalLLMServer("some-org/some-hub-model")

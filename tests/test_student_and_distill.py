@@ -1,0 +1,135 @@
+"""Student grade-token scoring and LoRA distillation, on a tiny model built from a config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from labeler_utils.distill import DistillConfig, GradeCollator, build_examples, grade_loss, train_student
+from labeler_utils.models import load_causal_lm
+from labeler_utils.student import (
+    ADAPTER_MANIFEST,
+    GradeLabel,
+    StudentLabeler,
+    encode_prompt,
+    grade_token_ids,
+    prompt_text,
+)
+
+PAIRS = [
+    ("vpn error", "the vpn gateway error timeout restart"),
+    ("travel policy", "lunch menu pizza"),
+    ("expense report", "the travel policy and expense report " * 30),
+    ("vpn timeout", "restart"),
+]
+
+
+def test_grade_tokens_are_single_tokens(tiny_model_dir):
+    _, tokenizer = load_causal_lm(tiny_model_dir)
+    ids = grade_token_ids(tokenizer)
+    assert len(set(ids)) == 4 and [tokenizer.decode([i]) for i in ids] == ["0", "1", "2", "3"]
+
+
+def test_one_pass_scores_equal_the_full_forward_next_token_probabilities(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    labeler = StudentLabeler(model, tokenizer, max_length=128, device="cpu")
+    labels = list(labeler.label(PAIRS, batch_size=3, bucket_size=3, progress=False))
+    ids = grade_token_ids(tokenizer)
+    for (query, document), label in zip(PAIRS, labels):
+        prompt_ids, _ = encode_prompt(tokenizer, query, document, 128)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids])).logits[0, -1, ids]
+        expected = torch.softmax(logits, dim=-1).tolist()
+        assert label.distribution == pytest.approx(expected, abs=1e-5)
+        assert label.grade == max(range(4), key=expected.__getitem__)
+        assert label.expected_relevance == pytest.approx(sum(g * p for g, p in enumerate(expected)), abs=1e-5)
+
+
+def test_batching_and_bucketing_do_not_change_labels_or_order(tiny_model_dir):
+    labeler = StudentLabeler.load(tiny_model_dir, max_length=128)
+    one_by_one = [lab.distribution for lab in labeler.label(PAIRS, batch_size=1, progress=False)]
+    batched = [lab.distribution for lab in labeler.label(PAIRS * 3, batch_size=5, bucket_size=7, progress=False)]
+    for first, second in zip(one_by_one * 3, batched):
+        assert first == pytest.approx(second, abs=1e-5)
+
+
+def test_long_documents_are_truncated_to_fit(tiny_model_dir):
+    _, tokenizer = load_causal_lm(tiny_model_dir)
+    ids, truncated = encode_prompt(tokenizer, "expense report", "expense report " * 500, max_length=96)
+    assert truncated and len(ids) < 96
+    prompt_end = tokenizer.encode(prompt_text(tokenizer, "expense report", ""), add_special_tokens=False)[-2:]
+    assert ids[-2:] == prompt_end  # the cut prompt still ends where the grade goes
+    short_ids, short_cut = encode_prompt(tokenizer, "vpn", "restart", max_length=96)
+    assert not short_cut and short_ids == tokenizer.encode(prompt_text(tokenizer, "vpn", "restart"),
+                                                             add_special_tokens=False)
+
+
+def test_grade_label_from_probabilities():
+    label = GradeLabel.from_probabilities([0.1, 0.2, 0.3, 0.4])
+    assert label.grade == 3 and label.expected_relevance == pytest.approx(2.0)
+
+
+def test_examples_carry_one_label_the_grade_token(tiny_model_dir):
+    _, tokenizer = load_causal_lm(tiny_model_dir)
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])]
+    examples, truncated = build_examples(tokenizer, records, max_length=96)
+    ids = grade_token_ids(tokenizer)
+    assert truncated == 1
+    for example, grade in zip(examples, [3, 0, 2, 1]):
+        supervised = [t for t in example["labels"] if t != -100]
+        assert supervised == [ids[grade]] and example["input_ids"][-1] == ids[grade]
+        assert example["teacher_distribution"] == [float(g == grade) for g in range(4)]
+    with pytest.raises(ValueError, match="grade 4 not in 0-3"):
+        build_examples(tokenizer, [{"query": "q", "document": "d", "grade": 4}], 96)
+    with pytest.raises(ValueError, match="4 probabilities summing to 1"):
+        build_examples(tokenizer, [{"query": "q", "document": "d", "grade": 1, "distribution": [1, 1, 0, 0]}], 96)
+
+
+def test_grade_loss_hard_and_soft():
+    vocab, grade_ids = 10, torch.tensor([4, 5, 6, 7])
+    logits = torch.zeros(1, 3, vocab)
+    logits[0, 1, 6] = 2.0  # position 1 predicts the token at position 2 (the grade)
+    labels = torch.tensor([[-100, -100, 6]])
+    hard = grade_loss(logits, labels, torch.tensor([2]), torch.tensor([[0.0, 0.0, 1.0, 0.0]]), grade_ids, 0.0)
+    expected_hard = -torch.log_softmax(logits[0, 1], dim=-1)[6]
+    assert hard.item() == pytest.approx(expected_hard.item(), abs=1e-6)
+    teacher = torch.tensor([[0.1, 0.2, 0.6, 0.1]])
+    soft = grade_loss(logits, labels, torch.tensor([2]), teacher, grade_ids, 1.0)
+    student = torch.softmax(logits[0, 1, grade_ids], dim=-1)
+    expected_kl = (teacher[0] * (teacher[0] / student).log()).sum()
+    assert soft.item() == pytest.approx(expected_kl.item(), abs=1e-6)
+
+
+def test_collator_pads_right_and_masks_padding():
+    batch = GradeCollator(pad_token_id=0)([
+        {"input_ids": [5, 6, 7], "labels": [-100, -100, 7], "grade": 1, "teacher_distribution": [0, 1, 0, 0]},
+        {"input_ids": [5, 8], "labels": [-100, 8], "grade": 2, "teacher_distribution": [0, 0, 1, 0]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 8, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7], [-100, 8, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tmp_path):
+    records = [{"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
+               for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))] * 4
+    config = DistillConfig(base_model=str(tiny_model_dir), qlora=False, max_steps=40, batch_size=8,
+                           max_length=128, learning_rate=1e-2, lora_rank=8, logging_steps=5, warmup_ratio=0.0)
+    manifest = train_student(records, tmp_path, config, {"source": "unit test"})
+    adapter = tmp_path / "adapter"
+    saved = json.loads((adapter / ADAPTER_MANIFEST).read_text())
+    assert saved["method"] == "lora" and saved["train_examples"] == 16 and saved["data"] == {"source": "unit test"}
+    assert saved["versions"]["peft"] and saved["config"]["max_steps"] == 40
+    losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0] / 2  # it fits 4 distinct pairs
+    labeler = StudentLabeler.load(adapter)
+    assert [lab.grade for lab in labeler.label(PAIRS, progress=False)] == [3, 0, 2, 1]
+
+
+def test_qlora_without_cuda_fails_clearly(tiny_model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        train_student([{"query": "q", "document": "d", "grade": 1}], tmp_path, DistillConfig(base_model=str(tiny_model_dir), qlora=True))

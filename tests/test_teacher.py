@@ -1,0 +1,135 @@
+"""Teacher stage: strict grade parsing, logprob distributions, label import, labeling through a client."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from conftest import chat_response, scripted_client
+
+from labeler_utils.artifacts import InputError
+from labeler_utils.llm_client import Endpoint, LLMClient
+from labeler_utils.teacher import (
+    LabelScale,
+    TeacherLabeler,
+    build_messages,
+    distribution_from_logprobs,
+    import_labels,
+    labels_from_frame,
+    parse_grade,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "grade"),
+    [
+        ("Intent is clear. Match is partial.\nFinal grade: 2", 2),
+        ("final grade = 3", 3),
+        ("Final Grade: **1**", 1),
+        ("Final grade: 1 ... wait. Final grade: 0", 0),
+        ("3", 3),
+        (" Grade: 2.", 2),
+        ('{"grade": 1}', 1),
+        ('```json\n{"grade": 3}\n```', 3),
+    ],
+)
+def test_parse_grade_accepts_the_fixed_forms(text, grade):
+    assert parse_grade(text) == grade
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["The document is relevant, I would say 3 out of 3.", "", "Final grade: 7", "Grade: high", '{"score": 2}'],
+)
+def test_parse_grade_rejects_everything_else(text):
+    with pytest.raises(ValueError):
+        parse_grade(text)
+
+
+def test_custom_scale_limits_grades():
+    scale = LabelScale(grades=(0, 1), descriptions={0: "no", 1: "yes"})
+    assert parse_grade("Final grade: 1", scale) == 1
+    with pytest.raises(ValueError, match="outside the scale"):
+        parse_grade("Final grade: 2", scale)
+    assert "1 = yes\n0 = no" in build_messages("q", "d", scale)[0]["content"]
+
+
+def test_distribution_from_the_grade_token_alternatives():
+    tokens = ["Final", " grade", ":", " 2"]
+    steps = [{"Final": -0.1}, {" grade": -0.1}, {":": -0.1},
+             {" 2": math.log(0.6), " 3": math.log(0.2), "1": math.log(0.1), " the": math.log(0.1)}]
+    distribution, mass = distribution_from_logprobs(tokens, steps, "Final grade: 2")
+    assert distribution == pytest.approx([0.0, 1 / 9, 6 / 9, 2 / 9])
+    assert mass == pytest.approx(0.9)
+
+
+def test_no_distribution_without_a_digit_token():
+    assert distribution_from_logprobs(["no"], [{"no": -0.1}], "no") is None
+
+
+def _client(tmp_path, script) -> LLMClient:
+    return LLMClient(Endpoint("http://127.0.0.1:9/v1", "teacher-x"), tmp_path / "c.sqlite",
+                     openai_client=scripted_client(script), backoff_seconds=0)
+
+
+def test_labeler_keeps_hard_grade_and_soft_label(tmp_path):
+    response = chat_response("Final grade: 3", tokens=[("Final", {"Final": -0.01}), (" grade", {" grade": -0.01}),
+                                                       (":", {":": -0.01}),
+                                                       (" 3", {" 3": math.log(0.7), " 2": math.log(0.3)})])
+    label = TeacherLabeler(_client(tmp_path, [response])).label_pair("vpn timeout", "VPN runbook")
+    assert label["grade"] == 3 and label["distribution_source"] == "logprobs"
+    assert label["distribution"] == pytest.approx([0, 0, 0.3, 0.7])
+
+
+def test_labeler_falls_back_to_sampled_distribution(tmp_path):
+    script = [chat_response("Final grade: 2"), chat_response("Final grade: 2"), chat_response("Final grade: 1"),
+              chat_response("Final grade: 2"), chat_response("nonsense")]
+    labeler = TeacherLabeler(_client(tmp_path, script), top_logprobs=None, n_samples=4)
+    label = labeler.label_pair("q", "d")
+    assert label["grade"] == 2 and label["distribution_source"] == "samples"
+    assert label["distribution"] == pytest.approx([0, 1 / 3, 2 / 3, 0])
+    assert labeler.client.ledger.unparseable == 1
+
+
+def test_unparseable_pair_gets_no_grade_and_is_recorded(tmp_path):
+    labeler = TeacherLabeler(_client(tmp_path, [chat_response("It depends.")]))
+    records = labeler.label_records([{"query": "q", "document": "d", "pair_id": "p1"}])
+    assert records[0]["grade"] is None and records[0]["error"] == "unparseable"
+    assert records[0]["pair_id"] == "p1" and records[0]["labeler"] == "teacher:teacher-x"
+    assert len(labeler.client.cache.unparseable()) == 2
+
+
+def test_import_labels_reads_recorded_judgments(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    rows = [{"query": "q1", "document": "d1", "grade": 2, "distribution": [0.1, 0.2, 0.6, 0.1]},
+            {"query_id": "7", "doc_id": "x", "query": "q2", "document": "d2", "grade": 0}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = import_labels(path, source="recorded:gpt-4o")
+    assert [(r["query_id"], r["grade"], r["distribution_source"]) for r in records] == [
+        ("q1", 2, "imported"), ("7", 0, None)]
+    assert records[0]["labeler"] == "recorded:gpt-4o"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"query": "q", "document": "d", "grade": 5}', "line 2|record 2"),
+        ('{"query": "q", "document": "d"}', ":2: missing"),
+        ('{"query": "q", "document": "d", "grade": 1, "distribution": [0.5, 0.5]}', "4 probabilities"),
+        ("not json", ":2: not valid JSON"),
+    ],
+)
+def test_import_labels_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"query": "q", "document": "d", "grade": 1}\n' + line + "\n")
+    with pytest.raises(InputError, match=message):
+        import_labels(path)
+
+
+def test_labels_from_frame_skips_missing_grades():
+    frame = pd.DataFrame({"query_id": ["1", "1"], "doc_id": ["a", "b"], "query": ["q", "q"],
+                          "document": ["da", "db"], "recorded:judge": pd.array([2, None], dtype="Int64")})
+    records = labels_from_frame(frame, "recorded:judge", "recorded:judge")
+    assert [(r["doc_id"], r["grade"]) for r in records] == [("a", 2)]
