@@ -1,0 +1,103 @@
+"""Every notebook, executed with papermill in the smoke profile, in order, into one run folder.
+
+Real models and a real server: the bundled SmolLM2-135M-Instruct is served by the embedded llama.cpp
+OpenAI-compatible server for stages 02-04 and distilled with LoRA on the CPU in stage 05. The tests
+assert on what each notebook records, not only that it ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from labeler_utils.artifacts import read_jsonl
+from labeler_utils.config import STAGES
+from labeler_utils.pipeline import execute_notebook, stage_metrics
+
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.fixture(scope="module")
+def run_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smoke_run")
+
+
+def run_stage(run_path: Path, stage: str) -> dict:
+    execute_notebook(stage, run_path, {"profile": "smoke"})
+    assert (run_path / "notebooks" / f"{stage}.ipynb").exists()
+    return stage_metrics(run_path, stage)
+
+
+def test_00_setup(run_path):
+    metrics = run_stage(run_path, "00_setup")
+    assert metrics["bundled_models"] == 2 and metrics["torch"].startswith("2.13")
+
+
+def test_01_seed_documents(run_path):
+    metrics = run_stage(run_path, "01_seed_documents")
+    assert metrics["documents"] >= 60 and metrics["document_types"] >= 6
+    assert len(read_jsonl(run_path / "01_seed_documents" / "documents.jsonl")) == metrics["documents"]
+
+
+def test_02_query_synthesis(run_path):
+    run_stage(run_path, "02_query_synthesis")
+    queries = read_jsonl(run_path / "02_query_synthesis" / "queries.jsonl")
+    report = json.loads((run_path / "02_query_synthesis" / "filter_report.json").read_text())
+    assert queries and all(q["query"].strip() and q["seed_doc_id"] for q in queries)
+    assert report  # each filter reports how many queries it removed
+
+
+def test_03_hard_negatives(run_path):
+    run_stage(run_path, "03_hard_negatives")
+    pairs = read_jsonl(run_path / "03_hard_negatives" / "pairs.jsonl")
+    roles = {p["role"] for p in pairs}
+    assert "seed" in roles and "hard_negative" in roles
+    assert {p["split"] for p in pairs} <= {"train", "dev"}
+    assert (run_path / "03_hard_negatives" / "dataset").is_dir()
+
+
+def test_04_teacher_labels(run_path):
+    metrics = run_stage(run_path, "04_teacher_labels")
+    labels = read_jsonl(run_path / "04_teacher_labels" / "labels.jsonl")
+    assert metrics["pairs"] == len(labels) > 0
+    assert metrics["graded"] + metrics["unparseable_or_failed"] == metrics["pairs"]
+    assert metrics["graded"] > 0 and metrics["ledger"]["calls"] > 0
+    graded = [lab for lab in labels if lab["grade"] is not None]
+    assert all(lab["grade"] in (0, 1, 2, 3) for lab in graded)
+    assert all(abs(sum(lab["distribution"]) - 1) < 1e-6 for lab in graded if lab["distribution"])
+    assert (run_path / "04_teacher_labels" / "benchmark_predictions_teacher.jsonl").exists()
+
+
+def test_05_distill(run_path):
+    metrics = run_stage(run_path, "05_distill")
+    assert metrics["method"] == "lora" and metrics["train_examples"] > 0
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert (run_path / "05_distill" / "adapter" / "adapter_config.json").exists()
+    for name in ("student_zero_shot", "student_distilled"):
+        predictions = read_jsonl(run_path / "05_distill" / f"benchmark_predictions_{name}.jsonl")
+        assert len(predictions) == metrics["benchmark_pairs_labeled"]
+        assert all(abs(sum(p["distribution"]) - 1) < 1e-4 for p in predictions)
+
+
+def test_06_evaluate(run_path):
+    run_stage(run_path, "06_evaluate")
+    report = json.loads((run_path / "06_evaluate" / "report.json").read_text())
+    text = json.dumps(report)
+    for labeler in ("teacher", "student_zero_shot", "student_distilled"):
+        assert labeler in text
+    assert (run_path / "06_evaluate" / "report.md").exists()
+
+
+def test_07_throughput_cost(run_path):
+    run_stage(run_path, "07_throughput_cost")
+    throughput = json.loads((run_path / "07_throughput_cost" / "throughput.json").read_text())
+    assert throughput["student_labels_per_second"] > 0 and throughput["teacher_labels_per_second"] > 0
+    assert throughput["speedup_vs_teacher"] == pytest.approx(
+        throughput["student_labels_per_second"] / throughput["teacher_labels_per_second"], rel=1e-6)
+
+
+def test_every_stage_has_a_test():
+    tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_0")}
+    assert tested == set(STAGES)
