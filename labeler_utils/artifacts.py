@@ -40,27 +40,34 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str,
 
 def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Stream records from a JSONL file, checking that each has the ``required`` fields."""
+    for _, record in iter_jsonl_located(path, required):
+        yield record
+
+
+def iter_jsonl_located(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``("file:line", record)`` pairs, so later checks can name the line too."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{line_no}: not valid UTF-8 ({exc.reason})") from exc
+                raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+                raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
-                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
             missing = [name for name in required if name not in record or record[name] in (None, "")]
             if missing:
-                raise InputError(f"{path}:{line_no}: missing or empty field(s) {missing}")
-            yield record
+                raise InputError(f"{where}: missing or empty field(s) {missing}")
+            yield where, record
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

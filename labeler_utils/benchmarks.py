@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import config
-from .artifacts import InputError, iter_jsonl, write_jsonl
+from .artifacts import InputError, iter_jsonl_located, write_jsonl
 from .documents import document_card, load_corpus
 
 GRADES = (0, 1, 2, 3)
@@ -31,7 +31,7 @@ BASE_COLUMNS = ("query_id", "query", "doc_id", "document", "human")
 METADATA_COLUMNS = ("query_type",)
 RECORDED_PREFIX = "recorded:"
 PREDICTION_FILE_PREFIX = "benchmark_predictions_"
-PREDICTION_STAGES = ("04_teacher_labels", "05_distill")
+PREDICTION_STAGES = ("05_distill", "04_teacher_labels")  # students first: comparisons read student - teacher
 PROBABILITY_COLUMNS = tuple(f"p{grade}" for grade in GRADES)
 PREDICTION_COLUMNS = ("query_id", "doc_id", "grade", "expected_relevance", *PROBABILITY_COLUMNS, "labeler")
 
@@ -134,14 +134,6 @@ def recorded_labelers(frame: pd.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _numbered_records(path: Path, required: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``("file:line", record)`` for each record of a JSONL file read by ``artifacts.iter_jsonl``."""
-    with path.open("rb") as handle:  # iter_jsonl skips blank lines; number the others the same way
-        line_numbers = [n for n, raw in enumerate(handle, start=1) if raw.decode("utf-8", "replace").strip()]
-    for line_no, record in zip(line_numbers, iter_jsonl(path, required)):
-        yield f"{path}:{line_no}", record
-
-
 def _recorded_grades(record: dict[str, Any], where: str) -> dict[str, int | None]:
     labels = record.get("llm_labels") or {}
     if not isinstance(labels, dict):
@@ -166,7 +158,7 @@ def load_pairs_jsonl(path: str | Path, corpus_dir: str | Path | None = None) -> 
     rows = _PairRows(str(path))
     required: Sequence[str] | None = None
     cards: dict[str, str] | None = None
-    for where, record in _numbered_records(path):
+    for where, record in iter_jsonl_located(path):
         if required is None:
             if all(name in record for name in TREC_DL_PAIR_FIELDS):
                 required = TREC_DL_PAIR_FIELDS
@@ -181,8 +173,13 @@ def load_pairs_jsonl(path: str | Path, corpus_dir: str | Path | None = None) -> 
         if absent:
             raise InputError(f"{where}: missing or empty field(s) {absent}")
         if required is TREC_DL_PAIR_FIELDS:
-            row = {"query_id": str(record["qid"]), "query": record["query"], "doc_id": str(record["docid"]),
-                   "document": record["passage"], "human": parse_grade(record["human"], where)}  # fmt: skip
+            row = {
+                "query_id": str(record["qid"]),
+                "query": record["query"],
+                "doc_id": str(record["docid"]),
+                "document": record["passage"],
+                "human": parse_grade(record["human"], where),
+            }
         else:
             document = record.get("document")
             if document is None:
@@ -192,8 +189,13 @@ def load_pairs_jsonl(path: str | Path, corpus_dir: str | Path | None = None) -> 
                 document = cards.get(str(record["doc_id"]))
                 if document is None:
                     raise InputError(f"{where}: doc_id {record['doc_id']!r} is not a document of the corpus {folder}")
-            row = {"query_id": str(record["query_id"]), "query": record["query"], "doc_id": str(record["doc_id"]),
-                   "document": document, "human": parse_grade(record["grade"], where)}  # fmt: skip
+            row = {
+                "query_id": str(record["query_id"]),
+                "query": record["query"],
+                "doc_id": str(record["doc_id"]),
+                "document": document,
+                "human": parse_grade(record["grade"], where),
+            }
             if "query_type" in record:
                 row["query_type"] = record["query_type"]
         rows.add(where, {**row, **_recorded_grades(record, where)})
@@ -252,8 +254,16 @@ def load_trec(qrels_path: str | Path, topics_path: str | Path, collection_path: 
         )
     rows = _PairRows(str(qrels_path))
     for where, query_id, doc_id, grade in judged:
-        rows.add(where, {"query_id": query_id, "query": topics[query_id], "doc_id": doc_id,
-                         "document": texts[doc_id], "human": grade})  # fmt: skip
+        rows.add(
+            where,
+            {
+                "query_id": query_id,
+                "query": topics[query_id],
+                "doc_id": doc_id,
+                "document": texts[doc_id],
+                "human": grade,
+            },
+        )
     return rows.frame()
 
 
@@ -268,7 +278,9 @@ def load_hf_dataset(
     import datasets
 
     source = str(dataset_or_path) if isinstance(dataset_or_path, (str, Path)) else "dataset"
-    dataset = datasets.load_from_disk(str(dataset_or_path)) if isinstance(dataset_or_path, (str, Path)) else dataset_or_path
+    dataset = (
+        datasets.load_from_disk(str(dataset_or_path)) if isinstance(dataset_or_path, (str, Path)) else dataset_or_path
+    )
     if isinstance(dataset, datasets.DatasetDict):
         if split is None or split not in dataset:
             raise ValueError(f"{source}: choose a split with split=...; splits are {sorted(dataset)}")
@@ -303,9 +315,16 @@ def load_ir_dataset(dataset_id: str) -> pd.DataFrame:
         doc = docs.get(qrel.doc_id)
         if doc is None or str(qrel.query_id) not in topics:
             raise InputError(f"{where}: its query or document is missing from the dataset")
-        rows.add(where, {"query_id": str(qrel.query_id), "query": topics[str(qrel.query_id)],
-                         "doc_id": str(qrel.doc_id), "document": doc.default_text(),
-                         "human": parse_grade(qrel.relevance, where)})  # fmt: skip
+        rows.add(
+            where,
+            {
+                "query_id": str(qrel.query_id),
+                "query": topics[str(qrel.query_id)],
+                "doc_id": str(qrel.doc_id),
+                "document": doc.default_text(),
+                "human": parse_grade(qrel.relevance, where),
+            },
+        )
     return rows.frame()
 
 
@@ -338,7 +357,9 @@ def load_benchmark(spec: Any, corpus_dir: str | Path | None = None) -> pd.DataFr
             return load_pairs_jsonl(path, corpus_dir)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such benchmark file or folder")
-        raise ValueError(f"{path}: give a .jsonl pairs file, a saved dataset folder, or a qrels/topics/collection mapping")
+        raise ValueError(
+            f"{path}: give a .jsonl pairs file, a saved dataset folder, or a qrels/topics/collection mapping"
+        )
     raise TypeError(f"Cannot load a benchmark from a {type(spec).__name__}")
 
 
@@ -423,12 +444,14 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     rows, first_seen = [], {}
-    for where, record in _numbered_records(path, required=("query_id", "doc_id")):
+    for where, record in iter_jsonl_located(path, required=("query_id", "doc_id")):
         if "grade" not in record:
             raise InputError(f"{where}: missing field 'grade' (use null when there is no grade)")
         key = (str(record["query_id"]), str(record["doc_id"]))
         if key in first_seen:
-            raise InputError(f"{where}: prediction for (query {key[0]!r}, document {key[1]!r}) repeats {first_seen[key]}")
+            raise InputError(
+                f"{where}: prediction for (query {key[0]!r}, document {key[1]!r}) repeats {first_seen[key]}"
+            )
         first_seen[key] = where
         probabilities = _probabilities(record.get("distribution"), where)
         expected = record.get("expected_relevance")
@@ -436,16 +459,23 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
             raise InputError(f"{where}: expected_relevance must be a number within [0, 3] or null, got {expected!r}")
         if _is_missing(expected) and probabilities is not None:
             expected = float(np.dot(GRADES, probabilities))
-        rows.append({"query_id": key[0], "doc_id": key[1],
-                     "grade": parse_grade(record["grade"], where, allow_missing=True),
-                     "expected_relevance": None if _is_missing(expected) else float(expected),
-                     **dict(zip(PROBABILITY_COLUMNS, probabilities or [None] * len(GRADES))),
-                     "labeler": str(record.get("labeler") or "")})  # fmt: skip
+        rows.append(
+            {
+                "query_id": key[0],
+                "doc_id": key[1],
+                "grade": parse_grade(record["grade"], where, allow_missing=True),
+                "expected_relevance": None if _is_missing(expected) else float(expected),
+                **dict(zip(PROBABILITY_COLUMNS, probabilities or [None] * len(GRADES))),
+                "labeler": str(record.get("labeler") or ""),
+            }
+        )
     if not rows:
         raise InputError(f"{path}: no predictions")
     frame = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
     frame["grade"] = frame["grade"].astype("Int64")
-    frame[["expected_relevance", *PROBABILITY_COLUMNS]] = frame[["expected_relevance", *PROBABILITY_COLUMNS]].astype(float)
+    frame[["expected_relevance", *PROBABILITY_COLUMNS]] = frame[["expected_relevance", *PROBABILITY_COLUMNS]].astype(
+        float
+    )
     return frame
 
 
@@ -474,10 +504,14 @@ def write_predictions(path: str | Path, frame: pd.DataFrame, labeler: str | None
             distribution = row.get("distribution")
             distribution = None if distribution is None else [float(p) for p in distribution]
         grade = _native(row["grade"])
-        return {"query_id": str(row["query_id"]), "doc_id": str(row["doc_id"]),
-                "grade": None if grade is None else int(grade),
-                "expected_relevance": _native(row.get("expected_relevance")),
-                "distribution": distribution, "labeler": labeler or str(row.get("labeler") or "")}  # fmt: skip
+        return {
+            "query_id": str(row["query_id"]),
+            "doc_id": str(row["doc_id"]),
+            "grade": None if grade is None else int(grade),
+            "expected_relevance": _native(row.get("expected_relevance")),
+            "distribution": distribution,
+            "labeler": labeler or str(row.get("labeler") or ""),
+        }
 
     return write_jsonl(path, (record(row) for row in frame.to_dict("records")))
 
@@ -488,7 +522,7 @@ def prediction_labeler_name(path: str | Path) -> str:
 
 
 def find_prediction_files(run_path: str | Path) -> list[Path]:
-    """The ``benchmark_predictions_*.jsonl`` files stages 04 and 05 wrote in a run folder."""
+    """The ``benchmark_predictions_*.jsonl`` files stages 05 and 04 wrote in a run folder (in that order)."""
     return [
         file
         for stage in PREDICTION_STAGES
@@ -496,7 +530,9 @@ def find_prediction_files(run_path: str | Path) -> list[Path]:
     ]
 
 
-def attach_predictions(benchmark_frame: pd.DataFrame, predictions: pd.DataFrame | str | Path, name: str) -> pd.DataFrame:
+def attach_predictions(
+    benchmark_frame: pd.DataFrame, predictions: pd.DataFrame | str | Path, name: str
+) -> pd.DataFrame:
     """A copy of the benchmark with a labeler's columns ``<name>``, ``<name>:expected``, ``<name>:p0..p3``.
 
     Predictions are matched by ``(query_id, doc_id)``; ``predictions`` is a table from

@@ -199,11 +199,12 @@ def _undefined_reason(metric: str) -> str:
 
 def _grade_array(values: Iterable[Any], what: str) -> np.ndarray:
     """Grades as floats with NaN for missing values; ``ValueError`` for anything but 0–3."""
-    array = pd.Series(list(values) if not isinstance(values, (pd.Series, np.ndarray)) else values).astype("float64").to_numpy()
+    sequence = values if hasattr(values, "__len__") else list(values)
+    array = pd.array(sequence, dtype="Float64").to_numpy(dtype=float, na_value=np.nan)
     bad = ~np.isnan(array) & ~np.isin(array, GRADE_VALUES)
     if bad.any():
         position = int(bad.argmax())
-        raise ValueError(f"{what} grade {array[position]!r} at position {position} is not an integer 0-3")
+        raise ValueError(f"{what} grade {array[position]:g} at position {position} is not an integer 0-3")
     return array
 
 
@@ -219,7 +220,9 @@ def agreement(human: Iterable[Any], predicted: Iterable[Any]) -> dict[str, Any]:
     if human_grades.shape != predicted_grades.shape:
         raise ValueError(f"{len(human_grades)} human grades but {len(predicted_grades)} predicted grades")
     if np.isnan(human_grades).any():
-        raise ValueError(f"{int(np.isnan(human_grades).sum())} human grades are missing; the reference must be complete")
+        raise ValueError(
+            f"{int(np.isnan(human_grades).sum())} human grades are missing; the reference must be complete"
+        )
     graded = ~np.isnan(predicted_grades)
     if not graded.any():
         raise ValueError(f"All {len(predicted_grades)} predicted grades are missing")
@@ -232,11 +235,14 @@ def agreement(human: Iterable[Any], predicted: Iterable[Any]) -> dict[str, Any]:
         "n_missing": int((~graded).sum()),
         **metrics,
         "per_grade": {
-            str(grade): {"precision": float(_divide(hits[grade], columns[grade])),
-                         "recall": float(_divide(hits[grade], rows[grade])),
-                         "human_count": int(rows[grade]), "predicted_count": int(columns[grade])}
+            str(grade): {
+                "precision": float(_divide(hits[grade], columns[grade])),
+                "recall": float(_divide(hits[grade], rows[grade])),
+                "human_count": int(rows[grade]),
+                "predicted_count": int(columns[grade]),
+            }
             for grade in GRADES
-        },  # fmt: skip
+        },
         "human_distribution": (rows / total).tolist(),
         "predicted_distribution": (columns / total).tolist(),
         "confusion": confusion.tolist(),
@@ -257,9 +263,11 @@ def _discounts(n: int, k: int | None) -> np.ndarray:
 
 
 def ndcg(
-    scores: Sequence[float] | np.ndarray, grades: Sequence[float] | np.ndarray, k: int | None = None,
+    scores: Sequence[float] | np.ndarray,
+    grades: Sequence[float] | np.ndarray,
+    k: int | None = None,
     ideal_grades: Sequence[float] | np.ndarray | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """Tie-aware nDCG@k of ranking documents by ``scores`` (high first), linear gains = ``grades``.
 
     Documents with equal scores share the discounts of the positions they occupy (the expected
@@ -382,11 +390,14 @@ def query_metric(name: str, labeler: str) -> QueryMetric:
     """The metric ``name`` (one of :data:`METRIC_NAMES`, or ``ndcg@K`` for any K) of one labeler."""
     if name in CONFUSION_METRICS:
         fn = CONFUSION_METRICS[name]
-        return QueryMetric(name, labeler, _confusion_statistics,
-                           lambda s: fn(s.reshape(*s.shape[:-1], N_GRADES, N_GRADES)))  # fmt: skip
+        return QueryMetric(
+            name, labeler, _confusion_statistics, lambda s: fn(s.reshape(*s.shape[:-1], N_GRADES, N_GRADES))
+        )
     if name == "ndcg" or (name.startswith("ndcg@") and name[5:].isdigit()):
         k = int(name[5:]) if "@" in name else None
-        return QueryMetric(name, labeler, partial(_ranking_statistics, per_query=partial(_ndcg_statistics, k=k)), _ratio)
+        return QueryMetric(
+            name, labeler, partial(_ranking_statistics, per_query=partial(_ndcg_statistics, k=k)), _ratio
+        )
     if name == "pairwise_accuracy":
         return QueryMetric(name, labeler, partial(_ranking_statistics, per_query=pairwise_counts), _ratio)
     raise ValueError(f"Unknown metric {name!r}; metrics are {list(METRIC_NAMES)} (or ndcg@K)")
@@ -408,15 +419,23 @@ def _draw_counts(draws: np.ndarray, n_queries: int) -> np.ndarray:
 def _interval(estimate: float, replicates: np.ndarray, alpha: float) -> dict[str, Any]:
     defined = replicates[~np.isnan(replicates)]
     low, high = np.percentile(defined, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(defined) else (math.nan,) * 2
-    return {"estimate": float(estimate), "ci_low": float(low), "ci_high": float(high),
-            "std_error": float(np.std(defined, ddof=1)) if len(defined) > 1 else math.nan,
-            "n_boot": len(replicates), "n_undefined": int(len(replicates) - len(defined))}  # fmt: skip
+    return {
+        "estimate": float(estimate),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "std_error": float(np.std(defined, ddof=1)) if len(defined) > 1 else math.nan,
+        "n_boot": len(replicates),
+        "n_undefined": int(len(replicates) - len(defined)),
+    }
 
 
 def bootstrap_ci(
-    frame: pd.DataFrame, metric_fn: QueryMetric | Callable[[pd.DataFrame], float],
-    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-) -> dict[str, Any]:  # fmt: skip
+    frame: pd.DataFrame,
+    metric_fn: QueryMetric | Callable[[pd.DataFrame], float],
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Percentile bootstrap interval of ``metric_fn(frame)``, resampling queries with replacement.
 
     ``metric_fn`` is a :class:`QueryMetric` (from :func:`query_metric`; fast) or any callable from
@@ -433,16 +452,25 @@ def bootstrap_ci(
         groups = dict(tuple(frame.groupby("query_id", sort=True)))
 
         def resampled(row: np.ndarray) -> pd.DataFrame:
-            return pd.concat([groups[query_ids[q]].assign(query_id=f"{query_ids[q]}#{draw}") for draw, q in enumerate(row)])
+            return pd.concat(
+                [groups[query_ids[q]].assign(query_id=f"{query_ids[q]}#{draw}") for draw, q in enumerate(row)]
+            )
 
-        replicates = np.array([metric_fn(resampled(row)) for row in tqdm(draws, desc="Bootstrap", leave=False)], dtype=float)
+        replicates = np.array(
+            [metric_fn(resampled(row)) for row in tqdm(draws, desc="Bootstrap", leave=False)], dtype=float
+        )
     return _interval(metric_fn(frame), np.asarray(replicates, dtype=float), alpha)
 
 
 def paired_bootstrap(
-    frame: pd.DataFrame, labeler_a: str, labeler_b: str, metric: str = "qwk",
-    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-) -> dict[str, Any]:  # fmt: skip
+    frame: pd.DataFrame,
+    labeler_a: str,
+    labeler_b: str,
+    metric: str = "qwk",
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Difference ``metric(A) - metric(B)`` on the pairs both graded, with a query-bootstrap interval.
 
     Both labelers are scored on the same resampled queries. ``p_value_a_better`` is the one-sided
@@ -452,7 +480,7 @@ def paired_bootstrap(
     if both.empty:
         raise ValueError(f"No pair is graded by both {labeler_a!r} and {labeler_b!r}")
     metric_a, metric_b = query_metric(metric, labeler_a), query_metric(metric, labeler_b)
-    codes, n_queries = _query_index(both)
+    _, n_queries = _query_index(both)
     counts = _draw_counts(_bootstrap_draws(n_queries, n_boot, seed), n_queries)
     difference = metric_a.combine(counts @ metric_a.query_statistics(both)) - metric_b.combine(
         counts @ metric_b.query_statistics(both)
@@ -460,10 +488,19 @@ def paired_bootstrap(
     value_a, value_b = metric_a(both), metric_b(both)
     interval = _interval(value_a - value_b, difference, alpha)
     defined = difference[~np.isnan(difference)]
-    return {"metric": metric, "labeler_a": labeler_a, "labeler_b": labeler_b, "value_a": value_a, "value_b": value_b,
-            "difference": interval["estimate"], "ci_low": interval["ci_low"], "ci_high": interval["ci_high"],
-            "p_value_a_better": float((1 + (defined <= 0).sum()) / (1 + len(defined))),
-            "n_pairs": len(both), "n_queries": n_queries}  # fmt: skip
+    return {
+        "metric": metric,
+        "labeler_a": labeler_a,
+        "labeler_b": labeler_b,
+        "value_a": value_a,
+        "value_b": value_b,
+        "difference": interval["estimate"],
+        "ci_low": interval["ci_low"],
+        "ci_high": interval["ci_high"],
+        "p_value_a_better": float((1 + (defined <= 0).sum()) / (1 + len(defined))),
+        "n_pairs": len(both),
+        "n_queries": n_queries,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,9 +509,11 @@ def paired_bootstrap(
 
 
 def reliability_table(
-    predicted: Sequence[float] | np.ndarray, observed: Sequence[float] | np.ndarray,
-    n_bins: int = 10, value_range: tuple[float, float] = (0.0, 3.0),
-) -> pd.DataFrame:  # fmt: skip
+    predicted: Sequence[float] | np.ndarray,
+    observed: Sequence[float] | np.ndarray,
+    n_bins: int = 10,
+    value_range: tuple[float, float] = (0.0, 3.0),
+) -> pd.DataFrame:
     """Equal-width bins of the prediction over ``value_range``: count, mean prediction, mean observation.
 
     Only bins holding pairs are returned. For graded relevance compare expected relevance with
@@ -495,12 +534,16 @@ def reliability_table(
 
 
 def expected_calibration_error(
-    predicted: Sequence[float] | np.ndarray, observed: Sequence[float] | np.ndarray,
-    n_bins: int = 10, value_range: tuple[float, float] = (0.0, 3.0),
-) -> float:  # fmt: skip
+    predicted: Sequence[float] | np.ndarray,
+    observed: Sequence[float] | np.ndarray,
+    n_bins: int = 10,
+    value_range: tuple[float, float] = (0.0, 3.0),
+) -> float:
     """ECE: mean over pairs of |mean prediction - mean observation| of the pair's bin."""
     table = reliability_table(predicted, observed, n_bins, value_range)
-    return float((table["count"] * (table["mean_predicted"] - table["mean_observed"]).abs()).sum() / table["count"].sum())
+    return float(
+        (table["count"] * (table["mean_predicted"] - table["mean_observed"]).abs()).sum() / table["count"].sum()
+    )
 
 
 def _as_logits(logits_or_probs: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
@@ -533,7 +576,9 @@ def fit_temperature(
     logits, human = _as_logits(dev_logits_or_probs), np.asarray(dev_human, dtype=int)
 
     def log_loss(log_temperature: float) -> float:
-        return float(-special.log_softmax(logits / math.exp(log_temperature), axis=1)[np.arange(len(human)), human].mean())
+        return float(
+            -special.log_softmax(logits / math.exp(log_temperature), axis=1)[np.arange(len(human)), human].mean()
+        )
 
     result = optimize.minimize_scalar(log_loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
     return float(math.exp(result.x))
@@ -550,15 +595,17 @@ def _rmse(predicted: np.ndarray, observed: np.ndarray) -> float:
     return float(np.sqrt(np.mean((predicted - observed) ** 2)))
 
 
-def calibration_report(frame: pd.DataFrame, labeler: str, dev_queries: Iterable[str], n_bins: int = 10) -> dict[str, Any]:
+def calibration_report(
+    frame: pd.DataFrame, labeler: str, dev_queries: Iterable[str], n_bins: int = 10
+) -> dict[str, Any]:
     """Calibration of a labeler against human grades; recalibration is fitted on ``dev_queries``
     and measured on the other queries.
 
     ``graded``: the score (expected relevance, else the grade) against the human grade — ECE and
-    root-mean-square error before and after isotonic regression (which minimises squared error), and reliability tables (raw: all
-    pairs; isotonic: held-out pairs). ``binary_ge2`` (only with grade distributions): P(grade >= 2)
-    against human grade >= 2, before and after temperature scaling, with the fitted temperature
-    and the log loss of the human grades.
+    root-mean-square error before and after isotonic regression (which minimises squared error),
+    and reliability tables (raw: all pairs; isotonic: held-out pairs). ``binary_ge2`` (only with
+    grade distributions): P(grade >= 2) against human grade >= 2, before and after temperature
+    scaling, with the fitted temperature and the log loss of the human grades.
     """
     graded = frame[frame[labeler].notna()]
     scores, human = labeler_scores(graded, labeler).to_numpy(), graded["human"].to_numpy(dtype=float)
@@ -596,10 +643,16 @@ def calibration_report(frame: pd.DataFrame, labeler: str, dev_queries: Iterable[
                 "log_loss": _mean_log_loss(probabilities[test_rows], human[test_rows]),
                 "log_loss_temperature": _mean_log_loss(tempered, human[test_rows]),
                 "ece": expected_calibration_error(p_relevant[test_rows], relevant[test_rows], n_bins, (0.0, 1.0)),
-                "ece_temperature": expected_calibration_error(tempered_relevant, relevant[test_rows], n_bins, (0.0, 1.0)),
-                "reliability": reliability_table(p_relevant[complete], relevant[complete], n_bins, (0.0, 1.0)).to_dict("records"),
-                "reliability_temperature": reliability_table(tempered_relevant, relevant[test_rows], n_bins, (0.0, 1.0)).to_dict("records"),
-            }  # fmt: skip
+                "ece_temperature": expected_calibration_error(
+                    tempered_relevant, relevant[test_rows], n_bins, (0.0, 1.0)
+                ),
+                "reliability": reliability_table(p_relevant[complete], relevant[complete], n_bins, (0.0, 1.0)).to_dict(
+                    "records"
+                ),
+                "reliability_temperature": reliability_table(
+                    tempered_relevant, relevant[test_rows], n_bins, (0.0, 1.0)
+                ).to_dict("records"),
+            }
     return report
 
 
@@ -617,10 +670,14 @@ def read_trec_run(path: str | Path) -> pd.DataFrame:
         try:
             rows.append((query_id, doc_id, int(rank), float(score), tag))
         except ValueError:
-            raise InputError(f"{where}: rank must be an integer and score a number, got {rank!r} and {score!r}") from None
+            raise InputError(
+                f"{where}: rank must be an integer and score a number, got {rank!r} and {score!r}"
+            ) from None
         key = (tag, query_id, doc_id)
         if key in first_seen:
-            raise InputError(f"{where}: run {tag!r} ranks document {doc_id!r} for query {query_id!r} twice (also {first_seen[key]})")
+            raise InputError(
+                f"{where}: run {tag!r} ranks document {doc_id!r} for query {query_id!r} twice (also {first_seen[key]})"
+            )
         first_seen[key] = where
     if not rows:
         raise InputError(f"{path}: no ranked documents")
@@ -637,7 +694,9 @@ BM25_RUNS: dict[str, tuple[type, dict[str, float], bool]] = {
 }
 
 
-def _ranked(run: str, query_id: str, doc_ids: Sequence[str], scores: np.ndarray) -> list[tuple[str, str, int, float, str]]:
+def _ranked(
+    run: str, query_id: str, doc_ids: Sequence[str], scores: np.ndarray
+) -> list[tuple[str, str, int, float, str]]:
     """Run rows for one query, ordered as ``trec_eval`` orders them: score descending, then doc id descending."""
     order = sorted(range(len(doc_ids)), key=lambda i: (scores[i], doc_ids[i]), reverse=True)
     return [(query_id, doc_ids[i], rank, float(scores[i]), run) for rank, i in enumerate(order, start=1)]
@@ -669,7 +728,9 @@ def synthetic_runs(frame: pd.DataFrame, labelers: Sequence[str] = (), seed: int 
     return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
 
 
-def run_query_ndcg(runs: pd.DataFrame, frame: pd.DataFrame, grade_column: str = "human", k: int = NDCG_CUTOFF) -> pd.DataFrame:
+def run_query_ndcg(
+    runs: pd.DataFrame, frame: pd.DataFrame, grade_column: str = "human", k: int = NDCG_CUTOFF
+) -> pd.DataFrame:
     """nDCG@k of every run (columns) for every query of ``frame`` (rows), gains from ``grade_column``.
 
     As in ``trec_eval``: documents are ordered by score (ties by doc id, descending), unjudged or
@@ -730,14 +791,22 @@ def mean_interval(values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> 
     values = np.asarray(values, dtype=float)
     std_error = float(np.std(values, ddof=1) / math.sqrt(len(values)))
     half = stats.norm.ppf(1 - alpha / 2) * std_error
-    return {"estimate": float(values.mean()), "ci_low": float(values.mean() - half),
-            "ci_high": float(values.mean() + half), "std_error": std_error, "n": len(values)}  # fmt: skip
+    return {
+        "estimate": float(values.mean()),
+        "ci_low": float(values.mean() - half),
+        "ci_high": float(values.mean() + half),
+        "std_error": std_error,
+        "n": len(values),
+    }
 
 
 def ppi_mean(
-    model_unlabelled: Sequence[float] | np.ndarray, model_labelled: Sequence[float] | np.ndarray,
-    human_labelled: Sequence[float] | np.ndarray, alpha: float = 0.05, power_tuning: bool = False,
-) -> dict[str, float]:  # fmt: skip
+    model_unlabelled: Sequence[float] | np.ndarray,
+    model_labelled: Sequence[float] | np.ndarray,
+    human_labelled: Sequence[float] | np.ndarray,
+    alpha: float = 0.05,
+    power_tuning: bool = False,
+) -> dict[str, float]:
     """Prediction-powered estimate of the mean human label (Angelopoulos et al., 2023).
 
     ``mean(human_l) + lam * (mean(model_u) - mean(model_l))``: the model's mean on the unlabelled
@@ -750,52 +819,84 @@ def ppi_mean(
     labelled, human = np.asarray(model_labelled, dtype=float), np.asarray(human_labelled, dtype=float)
     n, big_n = len(human), len(unlabelled)
     if n < 2 or big_n < 2 or len(labelled) != n:
-        raise ValueError(f"PPI needs >= 2 labelled and >= 2 unlabelled units with one model label each; got {n} and {big_n}")
+        raise ValueError(
+            f"PPI needs >= 2 labelled and >= 2 unlabelled units with one model label each; got {n} and {big_n}"
+        )
     lam = 1.0
     if power_tuning:
         model_variance = np.var(np.concatenate([labelled, unlabelled]), ddof=1)
-        lam = float(np.clip(_divide(np.cov(human, labelled)[0, 1], (1 + n / big_n) * model_variance), 0.0, 1.0)) if model_variance > 0 else 0.0
+        lam = (
+            float(np.clip(_divide(np.cov(human, labelled)[0, 1], (1 + n / big_n) * model_variance), 0.0, 1.0))
+            if model_variance > 0
+            else 0.0
+        )
     estimate = float(human.mean() + lam * (unlabelled.mean() - labelled.mean()))
     std_error = math.sqrt(np.var(human - lam * labelled, ddof=1) / n + lam**2 * np.var(unlabelled, ddof=1) / big_n)
     half = stats.norm.ppf(1 - alpha / 2) * std_error
-    return {"estimate": estimate, "ci_low": estimate - half, "ci_high": estimate + half, "std_error": std_error,
-            "lambda": lam, "n_labelled": n, "n_unlabelled": big_n}  # fmt: skip
+    return {
+        "estimate": estimate,
+        "ci_low": estimate - half,
+        "ci_high": estimate + half,
+        "std_error": std_error,
+        "lambda": lam,
+        "n_labelled": n,
+        "n_unlabelled": big_n,
+    }
 
 
 def _ppi_summary(
     estimand: str, truth: float, model: np.ndarray, human: np.ndarray, labelled: np.ndarray, alpha: float
 ) -> dict[str, Any]:
     """Human-only, PPI and PPI++ estimates of the mean of ``human`` from its ``labelled`` part."""
-    if labelled.sum() < 2 or (~labelled).sum() < 2:
-        return {"estimand": estimand, "skipped": f"needs >= 2 labelled and >= 2 unlabelled units, has {int(labelled.sum())} and {int((~labelled).sum())}"}
+    n_labelled, n_unlabelled = int(labelled.sum()), int((~labelled).sum())
+    if n_labelled < 2 or n_unlabelled < 2:
+        reason = f"needs >= 2 labelled and >= 2 unlabelled units, has {n_labelled} and {n_unlabelled}"
+        return {"estimand": estimand, "skipped": reason}
     human_only = mean_interval(human[labelled], alpha)
     ppi = ppi_mean(model[~labelled], model[labelled], human[labelled], alpha)
     tuned = ppi_mean(model[~labelled], model[labelled], human[labelled], alpha, power_tuning=True)
     width = human_only["ci_high"] - human_only["ci_low"]
-    return {"estimand": estimand, "true_value": float(truth), "human_only": human_only, "ppi": ppi,
-            "ppi_power_tuned": tuned,
-            "width_ratio_ppi": (ppi["ci_high"] - ppi["ci_low"]) / width if width > 0 else math.nan,
-            "width_ratio_ppi_power_tuned": (tuned["ci_high"] - tuned["ci_low"]) / width if width > 0 else math.nan}  # fmt: skip
+    return {
+        "estimand": estimand,
+        "true_value": float(truth),
+        "human_only": human_only,
+        "ppi": ppi,
+        "ppi_power_tuned": tuned,
+        "width_ratio_ppi": (ppi["ci_high"] - ppi["ci_low"]) / width if width > 0 else math.nan,
+        "width_ratio_ppi_power_tuned": (tuned["ci_high"] - tuned["ci_low"]) / width if width > 0 else math.nan,
+    }
 
 
 def ppi_relevance(
     frame: pd.DataFrame, labeler: str, labelled_fraction: float = 0.2, seed: int = 0, alpha: float = 0.05
 ) -> dict[str, Any]:
-    """Mean human grade of the benchmark from the labeler's scores on every pair plus human grades on
-    a uniform random sample of pairs (``labelled_fraction``); the true value is known here, for comparison."""
-    graded = frame[frame[labeler].notna()]
+    """Mean human grade of the pairs the labeler graded, from its scores on all of them plus human grades
+    on a uniform random sample of the benchmark's pairs (``labelled_fraction``; the same sample for
+    every labeler). The true value is known here, for comparison."""
     rng = np.random.default_rng(seed)
-    labelled = np.zeros(len(graded), dtype=bool)
-    labelled[rng.choice(len(graded), size=max(2, round(labelled_fraction * len(graded))), replace=False)] = True
-    human = graded["human"].to_numpy(dtype=float)
-    return _ppi_summary("mean human grade over pairs", human.mean(), labeler_scores(graded, labeler).to_numpy(),
-                        human, labelled, alpha)  # fmt: skip
+    sampled = np.zeros(len(frame), dtype=bool)
+    sampled[rng.choice(len(frame), size=max(2, round(labelled_fraction * len(frame))), replace=False)] = True
+    graded = frame[labeler].notna().to_numpy()
+    human = frame["human"].to_numpy(dtype=float)[graded]
+    return _ppi_summary(
+        "mean human grade over pairs",
+        human.mean(),
+        labeler_scores(frame, labeler).to_numpy()[graded],
+        human,
+        sampled[graded],
+        alpha,
+    )
 
 
 def ppi_ndcg(
-    frame: pd.DataFrame, labeler: str, runs: pd.DataFrame, labelled_queries: Iterable[str],
-    run: str | None = None, k: int = NDCG_CUTOFF, alpha: float = 0.05,
-) -> dict[str, Any]:  # fmt: skip
+    frame: pd.DataFrame,
+    labeler: str,
+    runs: pd.DataFrame,
+    labelled_queries: Iterable[str],
+    run: str | None = None,
+    k: int = NDCG_CUTOFF,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Mean nDCG@k over queries of one run (default: the first), from the labeler's grades on every
     query plus human grades on ``labelled_queries``."""
     run = run or runs["run"].iloc[0]
@@ -803,8 +904,9 @@ def ppi_ndcg(
     human = run_query_ndcg(chosen, frame, "human", k)[run]
     model = run_query_ndcg(chosen, frame, labeler, k)[run]
     labelled = human.index.isin(set(labelled_queries))
-    return _ppi_summary(f"mean nDCG@{k} of run {run!r} over queries", human.mean(), model.to_numpy(),
-                        human.to_numpy(), labelled, alpha)  # fmt: skip
+    return _ppi_summary(
+        f"mean nDCG@{k} of run {run!r} over queries", human.mean(), model.to_numpy(), human.to_numpy(), labelled, alpha
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,14 +921,29 @@ def plot_confusion_matrices(frame: pd.DataFrame, labelers: Sequence[str]) -> Fig
     for (count_ax, share_ax), labeler in zip(axes, labelers):
         counts = np.array(agreement(frame["human"], frame[labeler])["confusion"], dtype=float)
         shares = _divide(counts, counts.sum(axis=1, keepdims=True))
-        for ax, values, title, fmt in ((count_ax, counts, "counts", "{:.0f}"), (share_ax, shares, "share of human row", "{:.2f}")):
+        for ax, values, title, fmt in (
+            (count_ax, counts, "counts", "{:.0f}"),
+            (share_ax, shares, "share of human row", "{:.2f}"),
+        ):
             image = ax.imshow(np.nan_to_num(values), cmap="Blues", vmin=0)
             for (i, j), value in np.ndenumerate(values):
                 dark = not math.isnan(value) and value > 0.6 * np.nanmax(values)
-                ax.text(j, i, "–" if math.isnan(value) else fmt.format(value), ha="center", va="center",
-                        color="white" if dark else "black", fontsize=10)  # fmt: skip
-            ax.set(xticks=GRADE_VALUES, yticks=GRADE_VALUES, xlabel=f"{labeler} grade", ylabel="human grade",
-                   title=f"{labeler}: {title}")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    "–" if math.isnan(value) else fmt.format(value),
+                    ha="center",
+                    va="center",
+                    color="white" if dark else "black",
+                    fontsize=10,
+                )
+            ax.set(
+                xticks=GRADE_VALUES,
+                yticks=GRADE_VALUES,
+                xlabel=f"{labeler} grade",
+                ylabel="human grade",
+                title=f"{labeler}: {title}",
+            )
             ax.title.set_fontsize(10)
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -842,8 +959,13 @@ def plot_grade_distributions(frame: pd.DataFrame, labelers: Sequence[str]) -> Fi
     for position, column in enumerate(columns):
         grades = frame[column].dropna().astype(int)
         shares = np.bincount(grades, minlength=N_GRADES) / len(grades)
-        ax.bar(GRADE_VALUES + (position - (len(columns) - 1) / 2) * width, shares, width,
-               label=f"{column} (n={len(grades)})", color="black" if column == "human" else None)  # fmt: skip
+        ax.bar(
+            GRADE_VALUES + (position - (len(columns) - 1) / 2) * width,
+            shares,
+            width,
+            label=f"{column} (n={len(grades)})",
+            color="black" if column == "human" else None,
+        )
     ax.set(xticks=GRADE_VALUES, xlabel="grade", ylabel="share of pairs", title="Grade distributions")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -856,27 +978,59 @@ def plot_reliability(calibration: Mapping[str, Mapping[str, Any]]) -> Figure:
     with_binary = {name: report for name, report in calibration.items() if report.get("binary_ge2")}
     fig = Figure(figsize=(12 if with_binary else 6.5, 5))
     axes = fig.subplots(1, 2 if with_binary else 1, squeeze=False)[0]
-    panels = [(axes[0], "graded", (0.0, 3.0), "labeler score (expected relevance, else grade)", "mean human grade", calibration)]
+    panels = [
+        (
+            axes[0],
+            "graded",
+            (0.0, 3.0),
+            "labeler score (expected relevance, else grade)",
+            "mean human grade",
+            calibration,
+        )
+    ]
     if with_binary:
-        panels.append((axes[1], "binary_ge2", (0.0, 1.0), "P(grade >= 2)", "observed share with human grade >= 2", with_binary))
+        panels.append(
+            (axes[1], "binary_ge2", (0.0, 1.0), "P(grade >= 2)", "observed share with human grade >= 2", with_binary)
+        )
     for ax, key, limits, xlabel, ylabel, reports in panels:
         ax.plot(limits, limits, color="grey", linestyle="--", linewidth=1, label="perfect calibration")
         for name, report in reports.items():
             table = pd.DataFrame(report[key]["reliability"])
             sizes = 20 + 280 * table["count"] / table["count"].max()
-            line = ax.plot(table["mean_predicted"], table["mean_observed"], marker="", label=f"{name} (ECE {report[key]['ece']:.3f})")[0]
+            line = ax.plot(
+                table["mean_predicted"],
+                table["mean_observed"],
+                marker="",
+                label=f"{name} (ECE {report[key]['ece']:.3f})",
+            )[0]
             ax.scatter(table["mean_predicted"], table["mean_observed"], s=sizes, color=line.get_color(), alpha=0.7)
-        ax.set(xlim=limits, ylim=limits, xlabel=xlabel, ylabel=ylabel, title=f"Reliability ({key}): all graded pairs; ECE on held-out queries")
+        ax.set(
+            xlim=limits,
+            ylim=limits,
+            xlabel=xlabel,
+            ylabel=ylabel,
+            title=f"Reliability ({key}): all graded pairs; ECE on held-out queries",
+        )
         ax.title.set_fontsize(10)
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 
 
-FOREST_METRICS = ("accuracy", "kappa", "qwk", "alpha_ordinal", "kappa_binary_ge2", f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
+FOREST_METRICS = (
+    "accuracy",
+    "kappa",
+    "qwk",
+    "alpha_ordinal",
+    "kappa_binary_ge2",
+    f"ndcg@{NDCG_CUTOFF}",
+    "pairwise_accuracy",
+)
 
 
-def plot_forest(labeler_metrics: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str] = FOREST_METRICS) -> Figure:
+def plot_forest(
+    labeler_metrics: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Sequence[str] = FOREST_METRICS
+) -> Figure:
     """One panel per metric: each labeler's estimate with its bootstrap interval.
 
     ``labeler_metrics`` maps labeler -> metric -> ``{estimate, ci_low, ci_high}`` (the report's
@@ -890,10 +1044,22 @@ def plot_forest(labeler_metrics: Mapping[str, Mapping[str, Mapping[str, float]]]
     for ax, metric in zip(axes, metrics):
         for y, name in enumerate(names):
             result = labeler_metrics[name][metric]
-            ax.errorbar(result["estimate"], y, xerr=[[result["estimate"] - result["ci_low"]], [result["ci_high"] - result["estimate"]]],
-                        fmt="o", capsize=4, color=f"C{y}")  # fmt: skip
-            ax.annotate(f"{result['estimate']:.3f}", (result["estimate"], y), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8)  # fmt: skip
+            ax.errorbar(
+                result["estimate"],
+                y,
+                xerr=[[result["estimate"] - result["ci_low"]], [result["ci_high"] - result["estimate"]]],
+                fmt="o",
+                capsize=4,
+                color=f"C{y}",
+            )
+            ax.annotate(
+                f"{result['estimate']:.3f}",
+                (result["estimate"], y),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
         ax.set(yticks=range(len(names)), yticklabels=names, ylim=(len(names) - 0.3, -0.7), title=metric)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
@@ -917,10 +1083,14 @@ def plot_system_ranking(system: Mapping[str, Any]) -> Figure:
             ax.annotate(run, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         low, high = min(human + labeled) - 0.05, max(human + labeled) + 0.05
         ax.plot((low, high), (low, high), color="grey", linestyle="--", linewidth=1)
-        labeler_agreement = system["agreement"][labeler]
-        ax.set(xlim=(low, high), ylim=(low, high), xlabel=f"nDCG@{system['k']} (human grades)",
-               ylabel=f"nDCG@{system['k']} ({labeler} grades)",
-               title=f"{labeler}\nKendall tau {labeler_agreement['kendall_tau']:.2f}, Spearman {labeler_agreement['spearman']:.2f}")  # fmt: skip
+        tau, rho = system["agreement"][labeler]["kendall_tau"], system["agreement"][labeler]["spearman"]
+        ax.set(
+            xlim=(low, high),
+            ylim=(low, high),
+            xlabel=f"nDCG@{system['k']} (human grades)",
+            ylabel=f"nDCG@{system['k']} ({labeler} grades)",
+            title=f"{labeler}\nKendall tau {tau:.2f}, Spearman {rho:.2f}",
+        )
         ax.title.set_fontsize(10)
     fig.suptitle(f"System ranking ({system['runs_source']} runs)")
     fig.tight_layout()
@@ -932,7 +1102,11 @@ def plot_ppi(ppi: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Figure:
     estimands = list(dict.fromkeys(key for results in ppi.values() for key in results))
     fig = Figure(figsize=(11, 1.8 + 0.9 * len(ppi)))
     axes = fig.subplots(1, len(estimands), squeeze=False)[0]
-    kinds = (("human_only", "human labels only", "black"), ("ppi", "PPI", "tab:orange"), ("ppi_power_tuned", "PPI++", "tab:green"))
+    kinds = (
+        ("human_only", "human labels only", "black"),
+        ("ppi", "PPI", "tab:orange"),
+        ("ppi_power_tuned", "PPI++", "tab:green"),
+    )
     for ax, estimand in zip(axes, estimands):
         ticks = []
         for y, (labeler, results) in enumerate(ppi.items()):
@@ -941,8 +1115,15 @@ def plot_ppi(ppi: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Figure:
                 continue
             for offset, (key, label, color) in zip((-0.22, 0.0, 0.22), kinds):
                 interval = result[key]
-                ax.errorbar(interval["estimate"], y + offset, xerr=[[interval["estimate"] - interval["ci_low"]], [interval["ci_high"] - interval["estimate"]]],
-                            fmt="o", color=color, capsize=3, label=None if ticks else label)  # fmt: skip
+                ax.errorbar(
+                    interval["estimate"],
+                    y + offset,
+                    xerr=[[interval["estimate"] - interval["ci_low"]], [interval["ci_high"] - interval["estimate"]]],
+                    fmt="o",
+                    color=color,
+                    capsize=3,
+                    label=None if ticks else label,
+                )
             ax.axvline(result["true_value"], color="grey", linestyle=":", linewidth=1)
             ax.set_title(result["estimand"] + "\n(dotted: value from all human grades)", fontsize=9)
             ticks.append((y, labeler))
@@ -969,8 +1150,15 @@ def agreement_by_group(frame: pd.DataFrame, labelers: Sequence[str], column: str
         for labeler in labelers:
             if part[labeler].notna().any():
                 result = agreement(part["human"], part[labeler])
-                rows.append({column: group, "labeler": labeler, "n": result["n"], "queries": part["query_id"].nunique(),
-                             **{name: result[name] for name in ("accuracy", "kappa", "qwk")}})  # fmt: skip
+                rows.append(
+                    {
+                        column: group,
+                        "labeler": labeler,
+                        "n": result["n"],
+                        "queries": part["query_id"].nunique(),
+                        **{name: result[name] for name in ("accuracy", "kappa", "qwk")},
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -988,9 +1176,13 @@ def _json_ready(value: Any) -> Any:
 
 
 def _with_interval(result: Mapping[str, Any]) -> str:
-    if result["estimate"] is None or math.isnan(result["estimate"]):
+    """``estimate [low, high]``; values are None (from JSON) or NaN where undefined."""
+    values = [result[key] for key in ("estimate", "ci_low", "ci_high")]
+    if values[0] is None or math.isnan(values[0]):
         return "undefined"
-    return f"{result['estimate']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}]"
+    if any(value is None or math.isnan(value) for value in values[1:]):
+        return f"{values[0]:.3f} [no defined replicate]"
+    return f"{values[0]:.3f} [{values[1]:.3f}, {values[2]:.3f}]"
 
 
 def summary_tables(report: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
@@ -999,33 +1191,64 @@ def summary_tables(report: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     labelers = report["labelers"]
     tables = {
         "agreement": pd.DataFrame(
-            {name: {"n": r["n"], "n_missing": r["n_missing"],
-                    **{m: _with_interval(r["metrics"][m]) for m in CONFUSION_METRICS}} for name, r in labelers.items()}
+            {
+                name: {
+                    "n": r["n"],
+                    "n_missing": r["n_missing"],
+                    **{m: _with_interval(r["metrics"][m]) for m in CONFUSION_METRICS},
+                }
+                for name, r in labelers.items()
+            }
         ).T,
         "ranking": pd.DataFrame(
             {name: {m: _with_interval(r["metrics"][m]) for m in RANKING_METRICS} for name, r in labelers.items()}
         ).T,
         "per_grade": pd.DataFrame(
-            [{"labeler": name, "grade": grade, **values} for name, r in labelers.items() for grade, values in r["per_grade"].items()]
+            [
+                {"labeler": name, "grade": grade, **values}
+                for name, r in labelers.items()
+                for grade, values in r["per_grade"].items()
+            ]
         ),
         "comparisons": pd.DataFrame(report["comparisons"]),
         "calibration": pd.DataFrame(
-            {name: {"score": c["score_source"], "ECE": c["graded"]["ece"], "ECE isotonic": c["graded"]["ece_isotonic"],
-                    "RMSE": c["graded"]["rmse"], "RMSE isotonic": c["graded"]["rmse_isotonic"],
+            {
+                name: {
+                    "score": c["score_source"],
+                    "ECE": c["graded"]["ece"],
+                    "ECE isotonic": c["graded"]["ece_isotonic"],
+                    "RMSE": c["graded"]["rmse"],
+                    "RMSE isotonic": c["graded"]["rmse_isotonic"],
                     "binary ECE": (c["binary_ge2"] or {}).get("ece"),
                     "binary ECE temperature": (c["binary_ge2"] or {}).get("ece_temperature"),
-                    "temperature": (c["binary_ge2"] or {}).get("temperature")}
-             for name, c in report["calibration"].items()}
+                    "temperature": (c["binary_ge2"] or {}).get("temperature"),
+                }
+                for name, c in report["calibration"].items()
+            }
         ).T,
         "system_ranking": pd.DataFrame(report["system_ranking"]["ndcg"]).T,
         "ppi": pd.DataFrame(
-            [{"labeler": name, "estimand": r["estimand"], "true value": r.get("true_value"),
-              **({"human only": _with_interval(r["human_only"]), "PPI": _with_interval(r["ppi"]),
-                  "PPI++": _with_interval(r["ppi_power_tuned"]), "PPI++ / human-only width": r["width_ratio_ppi_power_tuned"]}
-                 if "skipped" not in r else {"human only": r["skipped"]})}
-             for name, results in report["ppi"].items() for r in results.values()]
+            [
+                {
+                    "labeler": name,
+                    "estimand": r["estimand"],
+                    "true value": r.get("true_value"),
+                    **(
+                        {
+                            "human only": _with_interval(r["human_only"]),
+                            "PPI": _with_interval(r["ppi"]),
+                            "PPI++": _with_interval(r["ppi_power_tuned"]),
+                            "PPI++ / human-only width": r["width_ratio_ppi_power_tuned"],
+                        }
+                        if "skipped" not in r
+                        else {"human only": r["skipped"]}
+                    ),
+                }
+                for name, results in report["ppi"].items()
+                for r in results.values()
+            ]
         ),
-    }  # fmt: skip
+    }
     tables["system_ranking"].loc["Kendall tau vs human"] = {
         name: values["kendall_tau"] for name, values in report["system_ranking"]["agreement"].items()
     }
@@ -1040,11 +1263,15 @@ def _markdown_table(table: pd.DataFrame) -> str:
             return "–" if math.isnan(value) else f"{value:.3f}"
         return "–" if value is None else str(value).replace("|", "\\|")
 
-    header = ["", *map(str, table.columns)] if not isinstance(table.index, pd.RangeIndex) else list(map(str, table.columns))
+    header = (
+        ["", *map(str, table.columns)] if not isinstance(table.index, pd.RangeIndex) else list(map(str, table.columns))
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, row in table.iterrows():
         cells = [cell(v) for v in row]
-        lines.append("| " + " | ".join(cells if isinstance(table.index, pd.RangeIndex) else [str(index), *cells]) + " |")
+        lines.append(
+            "| " + " | ".join(cells if isinstance(table.index, pd.RangeIndex) else [str(index), *cells]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -1055,16 +1282,18 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "# Agreement with human relevance grades",
         f"{benchmark['pairs']} judged pairs over {benchmark['queries']} queries; human grade counts "
         f"{benchmark['human_grade_counts']}. Intervals: {100 * (1 - settings['alpha']):.0f}% percentile bootstrap over "
-        f"queries ({settings['n_boot']} replicates, seed {settings['seed']}). Calibration and PPI use "
-        f"{settings['dev_queries']} human-labelled dev queries.",
+        f"queries ({settings['n_boot']} replicates, seed {settings['seed']}). Recalibration and the PPI estimate of "
+        f"nDCG use {settings['dev_queries']} human-labelled dev queries; the PPI estimate of the mean grade a random "
+        f"{100 * settings['dev_fraction']:.0f}% of the pairs.",
     ]
+    system = report["system_ranking"]
     titles = {
         "agreement": "Agreement (estimate [interval])",
         "ranking": "Ranking the judged documents of each query by the labeler's score",
         "per_grade": "Precision and recall per grade",
         "comparisons": "Paired comparisons (A - B, same resampled queries)",
         "calibration": "Calibration (held-out queries)",
-        "system_ranking": f"System ranking: mean nDCG@{report['system_ranking']['k']} per run ({report['system_ranking']['runs_source']} runs)",
+        "system_ranking": f"System ranking: mean nDCG@{system['k']} per run ({system['runs_source']} runs)",
         "ppi": "Prediction-powered inference",
         "by_query_type": "Agreement by query type",
     }
@@ -1074,14 +1303,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def _file_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
 def evaluation_report(
-    frame: pd.DataFrame, labelers: Sequence[str], out_dir: str | Path, n_boot: int = 1000,
-    dev_fraction: float = 0.2, seed: int = 0, runs: pd.DataFrame | None = None, alpha: float = 0.05,
-) -> dict[str, Any]:  # fmt: skip
+    frame: pd.DataFrame,
+    labelers: Sequence[str],
+    out_dir: str | Path,
+    n_boot: int = 1000,
+    dev_fraction: float = 0.2,
+    seed: int = 0,
+    runs: pd.DataFrame | None = None,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Evaluate every labeler column of ``frame`` against ``human`` and write the report.
 
     Labeler ``name`` is the grade column ``name`` with optional ``name:expected`` and
@@ -1093,27 +1324,55 @@ def evaluation_report(
     """
     absent = [name for name in labelers if name not in frame.columns]
     if absent or not labelers:
-        raise ValueError(f"Labeler column(s) {absent or '(none given)'} not in the table; columns are {list(frame.columns)}")
+        raise ValueError(
+            f"Labeler column(s) {absent or '(none given)'} not in the table; columns are {list(frame.columns)}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, dev_queries = query_split(frame, dev_fraction, seed)
     runs_source = "given" if runs is not None else "synthetic"
     runs = runs if runs is not None else synthetic_runs(frame, labelers, seed)
     report: dict[str, Any] = {
-        "settings": {"n_boot": n_boot, "seed": seed, "alpha": alpha, "dev_fraction": dev_fraction,
-                     "dev_queries": len(dev_queries), "labelers": list(labelers)},
-        "benchmark": {"pairs": len(frame), "queries": int(frame["query_id"].nunique()),
-                      "human_grade_counts": np.bincount(frame["human"], minlength=N_GRADES).tolist()},
-        "labelers": {}, "comparisons": [], "calibration": {}, "ppi": {},
-    }  # fmt: skip
+        "settings": {
+            "n_boot": n_boot,
+            "seed": seed,
+            "alpha": alpha,
+            "dev_fraction": dev_fraction,
+            "dev_queries": len(dev_queries),
+            "labelers": list(labelers),
+        },
+        "benchmark": {
+            "pairs": len(frame),
+            "queries": int(frame["query_id"].nunique()),
+            "human_grade_counts": np.bincount(frame["human"], minlength=N_GRADES).tolist(),
+        },
+        "labelers": {},
+        "comparisons": [],
+        "calibration": {},
+        "ppi": {},
+    }
     tasks = [(labeler, metric) for labeler in labelers for metric in METRIC_NAMES]
     for labeler, metric in tqdm(tasks, desc="Bootstrap intervals"):
         if labeler not in report["labelers"]:
             point = agreement(frame["human"], frame[labeler])
-            report["labelers"][labeler] = {**{key: point[key] for key in ("n", "n_missing", "per_grade", "human_distribution",
-                                                                         "predicted_distribution", "confusion", "undefined")},
-                                           "metrics": {}}  # fmt: skip
-        report["labelers"][labeler]["metrics"][metric] = bootstrap_ci(frame, query_metric(metric, labeler), n_boot, seed, alpha)
+            report["labelers"][labeler] = {
+                **{
+                    key: point[key]
+                    for key in (
+                        "n",
+                        "n_missing",
+                        "per_grade",
+                        "human_distribution",
+                        "predicted_distribution",
+                        "confusion",
+                        "undefined",
+                    )
+                },
+                "metrics": {},
+            }
+        report["labelers"][labeler]["metrics"][metric] = bootstrap_ci(
+            frame, query_metric(metric, labeler), n_boot, seed, alpha
+        )
     for labeler_a, labeler_b in combinations(labelers, 2):
         for metric in COMPARISON_METRICS:
             report["comparisons"].append(paired_bootstrap(frame, labeler_a, labeler_b, metric, n_boot, seed, alpha))
@@ -1136,7 +1395,7 @@ def evaluation_report(
     }
     report["figures"] = {}
     for name, figure in figures.items():
-        path = out_dir / f"{_file_name(name)}.png"
+        path = out_dir / f"{name}.png"
         with atomic_write(path, "wb") as handle:
             figure.savefig(handle, format="png", dpi=110)
         report["figures"][name] = str(path)

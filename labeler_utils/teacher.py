@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import InputError, iter_jsonl
+from .artifacts import InputError, iter_jsonl_located
 from .llm_client import LLMClient, LLMError, Message, map_concurrent, parse_with_retries
 
 STAGE = "04_teacher_labels"
@@ -197,16 +197,17 @@ def import_labels(path: str | Path, source: str = "imported") -> list[dict[str, 
     :func:`labeler_utils.benchmarks.load_trec` and :func:`labels_from_frame`.
     """
     records = []
-    for line_no, record in enumerate(iter_jsonl(path, required=("query", "document", "grade")), start=1):
+    for where, record in iter_jsonl_located(path, required=("query", "document", "grade")):
         grade = record["grade"]
         if not isinstance(grade, int) or grade not in LabelScale().grades:
-            raise InputError(f"{path}: record {line_no}: grade {grade!r} is not an integer 0-3")
+            raise InputError(f"{where}: grade {grade!r} is not an integer 0-3")
         distribution = record.get("distribution")
         if distribution is not None and (len(distribution) != 4 or not math.isclose(sum(distribution), 1, abs_tol=1e-3)):
-            raise InputError(f"{path}: record {line_no}: distribution must be 4 probabilities summing to 1")
+            raise InputError(f"{where}: distribution must be 4 probabilities summing to 1")
+        line = where.rsplit(":", 1)[1]
         records.append({
-            "query_id": str(record.get("query_id", f"q{line_no}")),
-            "doc_id": str(record.get("doc_id", f"d{line_no}")),
+            "query_id": str(record.get("query_id", f"q{line}")),
+            "doc_id": str(record.get("doc_id", f"d{line}")),
             "query": record["query"],
             "document": record["document"],
             "grade": grade,

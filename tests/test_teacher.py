@@ -115,7 +115,7 @@ def test_import_labels_reads_recorded_judgments(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"query": "q", "document": "d", "grade": 5}', "line 2|record 2"),
+        ('{"query": "q", "document": "d", "grade": 5}', ":2: grade 5"),
         ('{"query": "q", "document": "d"}', ":2: missing"),
         ('{"query": "q", "document": "d", "grade": 1, "distribution": [0.5, 0.5]}', "4 probabilities"),
         ("not json", ":2: not valid JSON"),
