@@ -9,7 +9,9 @@ the stages never know whether they talk to this server, OpenAI, Azure, vLLM or O
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,15 @@ from types import TracebackType
 from .config import CACHE_DIR
 from .llm_client import Endpoint, LLMClient
 from .models import server_gguf_path
+
+
+def _stop_with_parent() -> None:
+    """In the server's child process (Linux): receive SIGTERM when the parent dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -90,7 +101,10 @@ class LocalLLMServer:
             "--logits_all", "true",
         ]  # fmt: skip
         log = self.log_path.open("wb")
-        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
+        )
         self._wait_until_ready()
         return self
 

@@ -141,3 +141,35 @@ def test_real_local_server_answers_and_stops(tmp_path):
 def test_local_server_rejects_a_model_it_cannot_serve():
     with pytest.raises(ValueError, match="bundled model name or a .gguf file"):
         LocalLLMServer("some-org/some-hub-model")
+
+
+def test_local_server_stops_when_its_parent_is_killed(tmp_path):
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by scripts/install.sh")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from labeler_utils.local_server import LocalLLMServer\n"
+        "server = LocalLLMServer(n_ctx=256).start()\n"
+        "print(server._process.pid, flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{server_pid}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the server outlived its killed parent")
