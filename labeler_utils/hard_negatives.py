@@ -38,6 +38,7 @@ from .documents import Document, document_card
 STAGE = "03_hard_negatives"
 CHUNK_MARKER = "#chunk"
 INDEX_FORMAT = 1
+MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 
 WORD_RE = re.compile(r"[^\W_]+")
 # Runs of letters/digits joined by - _ . / : PAY-4012, atlas-nightly-load-recovery.md, svc_auth, v4.2.1
@@ -246,7 +247,8 @@ def find_near_duplicates(
         if not doc_shingles:
             continue
         hashes = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in doc_shingles), dtype=np.uint64)
-        signature = (np.outer(hashes, mult) + add).min(axis=0)  # wraps modulo 2**64: still a hash family
+        # Universal hashing (a*h + b) mod p: a, h < 2**32 so a*h fits in uint64 before the modulus.
+        signature = ((np.outer(hashes, mult) % MERSENNE_PRIME + add) % MERSENNE_PRIME).min(axis=0)
         for band in range(num_perm // rows):
             buckets[(band, signature[band * rows : (band + 1) * rows].tobytes())].append(doc_id)
     candidates = {tuple(sorted((a, b))) for ids in buckets.values() for i, a in enumerate(ids) for b in ids[i + 1 :]}
@@ -371,7 +373,7 @@ def mine_negatives(
     """
     groups = groups or {}
     blocked = frozenset(blocked_doc_ids)
-    n_random = round(settings.negatives_per_query * settings.random_share)
+    n_random = int(settings.negatives_per_query * settings.random_share + 0.5)  # half up: 2 x 0.25 -> 1
     n_hard = settings.negatives_per_query - n_random
     provenance = {"mining_params": {**asdict(settings), "bm25": index.params}, "seed": settings.seed}
     stats = MiningStats()
@@ -455,37 +457,49 @@ def read_benchmark(path: str | Path) -> tuple[set[str], set[str]]:
     return {r["query"] for r in records}, {r["doc_id"] for r in records}
 
 
+def with_group_members(doc_ids: Iterable[str], groups: dict[str, str]) -> set[str]:
+    """The documents plus every document sharing a group with one of them (near-duplicates, chunks)."""
+    wanted = {groups.get(doc_id, doc_id) for doc_id in doc_ids}
+    return set(doc_ids) | {doc_id for doc_id, group in groups.items() if group in wanted}
+
+
 def remove_benchmark_leaks(
     pairs: Sequence[dict[str, Any]],
     benchmark_queries: Iterable[str],
     benchmark_doc_ids: Iterable[str],
+    documents: Literal["exclude", "allow"] = "exclude",
     on_leak: Literal["drop", "raise"] = "drop",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Remove training pairs that overlap the benchmark; returns (clean pairs, report).
 
-    A query is dropped with all its pairs when its normalised text equals a benchmark query or
-    its seed document is a benchmark document (it was written from that document). Any other pair
-    whose document is a benchmark document is dropped on its own. ``on_leak="raise"`` raises
-    ``ValueError`` instead, for pipelines that must never train on a silently reduced set.
+    A query whose normalised text equals a benchmark query is always dropped with all its pairs.
+    With ``documents="exclude"`` (document-disjoint evaluation) a query written from a benchmark
+    document is dropped too, and any other pair whose document is a benchmark document; pass the
+    benchmark ids expanded by :func:`with_group_members` so their near-duplicates count as well.
+    ``documents="allow"`` (a labeler trained for the very corpus it is evaluated on) only counts
+    those pairs. ``on_leak="raise"`` raises ``ValueError`` instead of dropping anything.
     """
-    if on_leak not in ("drop", "raise"):
-        raise ValueError(f"on_leak must be 'drop' or 'raise', got {on_leak!r}")
+    if on_leak not in ("drop", "raise") or documents not in ("exclude", "allow"):
+        raise ValueError(f"on_leak must be 'drop' or 'raise' and documents 'exclude' or 'allow', "
+                         f"got {on_leak!r} and {documents!r}")  # fmt: skip
     query_keys = {normalize_query(q) for q in benchmark_queries}
     doc_ids = set(benchmark_doc_ids)
     leaked_queries = {p["query_id"] for p in pairs if normalize_query(p["query"]) in query_keys}
-    leaked_seeds = {p["query_id"] for p in pairs if p["seed_doc_id"] in doc_ids} - leaked_queries
-    dropped_queries = leaked_queries | leaked_seeds
-    clean = [p for p in pairs if p["query_id"] not in dropped_queries and p["doc_id"] not in doc_ids]
+    from_benchmark_docs = {p["query_id"] for p in pairs if p["seed_doc_id"] in doc_ids} - leaked_queries
+    with_benchmark_doc = [p for p in pairs if p["doc_id"] in doc_ids and p["query_id"] not in leaked_queries]
+    excluding = documents == "exclude"
+    dropped_queries = leaked_queries | (from_benchmark_docs if excluding else set())
+    clean = [p for p in pairs if p["query_id"] not in dropped_queries and not (excluding and p["doc_id"] in doc_ids)]
     report = {
-        "policy": on_leak,
+        "on_leak": on_leak,
+        "benchmark_documents_policy": documents,
         "benchmark_queries": len(query_keys),
         "benchmark_documents": len(doc_ids),
         "queries_matching_benchmark_query": len(leaked_queries),
-        "queries_seeded_from_benchmark_document": len(leaked_seeds),
+        "queries_seeded_from_benchmark_document": len(from_benchmark_docs),
+        "pairs_with_benchmark_document": len(with_benchmark_doc),
         "pairs_removed": len(pairs) - len(clean),
-        "pairs_with_benchmark_document_removed": sum(
-            p["doc_id"] in doc_ids and p["query_id"] not in dropped_queries for p in pairs),
-    }  # fmt: skip
+    }
     if on_leak == "raise" and report["pairs_removed"]:
         raise ValueError(f"Training pairs overlap the benchmark: {report}")
     return clean, report
@@ -574,9 +588,9 @@ def plot_false_negative_rates(rates: pd.DataFrame) -> Figure:
     ax = fig.subplots()
     shown = rates[rates["sampled"] > 0]
     bars = ax.bar(shown["rank_band"], shown["false_negative_rate"].fillna(0.0), color="tab:red")
-    for bar, graded, fn in zip(bars, shown["graded"], shown["false_negatives"]):
-        ax.annotate(f"{fn}/{graded}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9)  # fmt: skip
+    for bar, sampled, graded, fn in zip(bars, shown["sampled"], shown["graded"], shown["false_negatives"]):
+        ax.annotate(f"{fn}/{graded} graded\n({sampled} sampled)", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
     ax.set(ylim=(0, 1.1), xlabel="BM25 rank band of the negative", ylabel="false-negative rate",
            title="Teacher-verified sample: mined negatives graded relevant")  # fmt: skip
     fig.tight_layout()

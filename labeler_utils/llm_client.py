@@ -320,7 +320,8 @@ def parse_with_retries(
     for attempt in range(attempts):
         kwargs = dict(chat_kwargs)
         if attempt:
-            kwargs.update(seed=attempt, temperature=max(kwargs.get("temperature", 0.0), 0.7))
+            kwargs.update(seed=(chat_kwargs.get("seed") or 0) + attempt,
+                          temperature=max(kwargs.get("temperature", 0.0), 0.7))
         result = client.chat(messages, **kwargs)
         try:
             return parse(result.text), result

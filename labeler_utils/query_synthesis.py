@@ -11,12 +11,13 @@ check that BM25 finds the seed document in its top-k (InPars / Promptagator styl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -228,9 +229,13 @@ JSON_START_RE = re.compile(r"[\[{]")
 QUERY_LABEL_RE = re.compile(r"^(?:query|search)\s*[:=]\s*", re.I)
 
 
+MARKDOWN_LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+
+
 def _clean_query(text: str) -> str:
-    text = QUERY_LABEL_RE.sub("", text.strip())
-    text = re.sub(r"\s+", " ", text).strip().strip("\"'`“”‘’").strip()
+    """Drop labels, markdown links and emphasis, quotes and stray brackets around a query."""
+    text = MARKDOWN_LINK_RE.sub(r"\1", QUERY_LABEL_RE.sub("", text.strip()))
+    text = re.sub(r"\s+", " ", text).strip().strip("\"'`“”‘’*_[]{} ").strip()
     return text.rstrip(",;").strip()
 
 
@@ -269,11 +274,18 @@ def _json_values(text: str) -> list[Any]:
     return values
 
 
-def parse_queries(text: str) -> list[dict[str, Any]]:
+def prompt_reference_queries(examples: Sequence[dict[str, Any]]) -> list[str]:
+    """Texts a model may parrot from the prompt: the few-shot example queries and the type instructions."""
+    return [e["query"] for e in examples] + [qt.instruction for qt in QUERY_TYPES.values()]
+
+
+def parse_queries(text: str, echoes: Collection[str] = ()) -> list[dict[str, Any]]:
     """Queries from a model answer: a JSON list/object(s), possibly fenced, else list lines.
 
     Returns dicts with ``query`` and, when the answer gave one, ``query_type``. Raises
-    ``ValueError`` when nothing usable is found, so :func:`parse_with_retries` records the answer.
+    ``ValueError`` when nothing usable is found, or when every query only repeats one of the
+    ``echoes`` (prompt texts, see :func:`prompt_reference_queries`), so that
+    :func:`parse_with_retries` records the answer and asks again.
     """
     candidates = [block for block in FENCE_RE.findall(text)] + [text]
     for candidate in candidates:
@@ -292,6 +304,9 @@ def parse_queries(text: str) -> list[dict[str, Any]]:
     cleaned = [item for item in cleaned if item["query"]]
     if not cleaned:
         raise ValueError("no queries found: expected a JSON list of queries or numbered/bulleted lines")
+    echo_keys = {normalize_query(echo) for echo in echoes}
+    if all(normalize_query(item["query"]) in echo_keys for item in cleaned):
+        raise ValueError("the answer only repeats the prompt's example queries or instructions")
     return cleaned
 
 
@@ -309,13 +324,41 @@ class GenerationSettings:
     few_shot_examples: int = 6
     card_chars: int = 1500
     temperature: float = 0.7
-    max_tokens_per_query: int = 48
+    max_tokens_per_query: int = 40
     parse_attempts: int = 2
     seed: int = 0
 
 
 def _query_id(doc_id: str, position: int, query: str) -> str:
     return "q_" + hashlib.sha256(f"{doc_id}\n{position}\n{query}".encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class PromptPlan:
+    """What will be asked for one document: the query types in order, the persona, the messages."""
+
+    document: Document
+    query_types: list[str]
+    persona: dict[str, str] | None
+    messages: list[Message]
+
+
+def plan_prompts(
+    documents: Sequence[Document],
+    settings: GenerationSettings,
+    examples: Sequence[dict[str, Any]],
+    personas: Sequence[dict[str, str]] | None = None,
+) -> list[PromptPlan]:
+    """The seeded type draw, persona, few-shot examples and messages for every document."""
+    weights = settings.type_weights or DEFAULT_TYPE_WEIGHTS
+    plans = []
+    for doc in documents:
+        query_types = draw_query_types(doc, settings.queries_per_document, weights, settings.seed)
+        persona = choose_persona(doc, personas, settings.seed)
+        shots = select_examples(examples, query_types, settings.few_shot_examples,
+                                random.Random(f"{settings.seed}:examples:{doc.doc_id}"))  # fmt: skip
+        plans.append(PromptPlan(doc, query_types, persona, build_messages(doc, query_types, shots, persona, settings.card_chars)))
+    return plans
 
 
 def synthesize_queries(
@@ -332,31 +375,27 @@ def synthesize_queries(
     queries are dropped. Answers that never parse are recorded by ``parse_with_retries``.
     """
     examples = read_queries() if examples is None else examples
-    weights = settings.type_weights or DEFAULT_TYPE_WEIGHTS
     n = settings.queries_per_document
-    plans = []
-    for doc in documents:
-        query_types = draw_query_types(doc, n, weights, settings.seed)
-        rng = random.Random(f"{settings.seed}:examples:{doc.doc_id}")
-        persona = choose_persona(doc, personas, settings.seed)
-        shots = select_examples(examples, query_types, settings.few_shot_examples, rng)
-        plans.append((doc, query_types, persona, build_messages(doc, query_types, shots, persona, settings.card_chars)))
+    plans = plan_prompts(documents, settings, examples, personas)
+    parse = functools.partial(parse_queries, echoes=prompt_reference_queries(examples))
     chat_kwargs = {"temperature": settings.temperature, "max_tokens": settings.max_tokens_per_query * n + 32,
                    "seed": settings.seed}  # fmt: skip
 
     def generate(messages: list[Message]) -> tuple[Any | None, ChatResult] | LLMError:
         try:
-            return parse_with_retries(client, messages, parse_queries, STAGE, settings.parse_attempts, **chat_kwargs)
+            return parse_with_retries(client, messages, parse, STAGE, settings.parse_attempts, **chat_kwargs)
         except LLMError as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
-        outcomes = list(tqdm(pool.map(generate, [plan[3] for plan in plans]), total=len(plans), desc="Query synthesis"))
+        outcomes = list(tqdm(pool.map(generate, [plan.messages for plan in plans]), total=len(plans),
+                             desc="Query synthesis"))  # fmt: skip
 
-    params = {**asdict(settings), "type_weights": weights, "max_tokens": chat_kwargs["max_tokens"]}
+    params = {**asdict(settings), "type_weights": settings.type_weights or DEFAULT_TYPE_WEIGHTS,
+              "max_tokens": chat_kwargs["max_tokens"]}  # fmt: skip
     rows: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
-    for (doc, query_types, persona, _), outcome in zip(plans, outcomes):
+    for plan, outcome in zip(plans, outcomes):
         if isinstance(outcome, LLMError):
             counts["documents_failed_call"] += 1
             continue
@@ -367,13 +406,13 @@ def synthesize_queries(
         counts["documents_with_queries"] += 1
         counts["queries_surplus_dropped"] += max(0, len(parsed) - n)
         counts["queries_missing"] += max(0, n - len(parsed))
-        for position, (item, query_type) in enumerate(zip(parsed, query_types)):
+        for position, (item, query_type) in enumerate(zip(parsed, plan.query_types)):
             rows.append({
-                "query_id": _query_id(doc.doc_id, position, item["query"]),
+                "query_id": _query_id(plan.document.doc_id, position, item["query"]),
                 "query": item["query"],
                 "query_type": query_type,
-                "seed_doc_id": doc.doc_id,
-                "persona": persona,
+                "seed_doc_id": plan.document.doc_id,
+                "persona": plan.persona,
                 "generator_model": client.endpoint.model,
                 "prompt_hash": PROMPT_HASH,
                 "params": params,
@@ -450,7 +489,7 @@ def filter_exact_duplicates(
     queries: Sequence[dict[str, Any]], reference_queries: Sequence[str] = ()
 ) -> tuple[Rows, Rows]:
     """Drop queries whose normalised text was seen before (in ``reference_queries`` or earlier rows)."""
-    seen = {normalize_query(q): "a few-shot example" for q in reference_queries}
+    seen = {normalize_query(q): "a prompt text" for q in reference_queries}
     kept, rejected = [], []
     for row in queries:
         key = normalize_query(row["query"])
@@ -467,7 +506,7 @@ def filter_near_duplicates(
 ) -> tuple[Rows, Rows]:
     """Drop queries whose stemmed content words have Jaccard >= ``threshold`` with an earlier one."""
     content_terms = Tokenizer()
-    seen: list[tuple[str, set[str]]] = [("a few-shot example", set(content_terms(q))) for q in reference_queries]
+    seen: list[tuple[str, set[str]]] = [("a prompt text", set(content_terms(q))) for q in reference_queries]
     postings: dict[str, list[int]] = defaultdict(list)  # term -> positions in ``seen``
     for position, (_, terms) in enumerate(seen):
         for term in terms:
@@ -550,8 +589,8 @@ def apply_filters(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], FilterReport]:
     """Run all filters in order; returns (kept, rejected with ``rejected_by``, report).
 
-    ``reference_queries`` (the few-shot examples) count as already seen by the duplicate filters,
-    so queries parroted from the prompt are removed.
+    ``reference_queries`` (:func:`prompt_reference_queries`) count as already seen by the duplicate
+    filters, so queries parroted from the prompt (examples, instructions) are removed.
     """
     rows = [dict(row) for row in queries]
     add_query_metrics(rows, documents_by_id, index, settings.copy_ngram)
@@ -567,7 +606,7 @@ def apply_filters(
     s = settings
     rows = record("length", f"{s.min_tokens}-{s.max_tokens} tokens", len(rows),
                   *filter_length(rows, s.min_tokens, s.max_tokens))
-    rows = record("exact_duplicate", "normalised text, incl. few-shot examples", len(rows),
+    rows = record("exact_duplicate", "normalised text, incl. prompt texts", len(rows),
                   *filter_exact_duplicates(rows, reference_queries))
     rows = record("near_duplicate", f"Jaccard >= {s.near_duplicate_threshold}", len(rows),
                   *filter_near_duplicates(rows, s.near_duplicate_threshold, reference_queries))
@@ -657,10 +696,11 @@ def plot_seed_rank(queries: Sequence[dict[str, Any]], top_k: int) -> Figure:
     ax = fig.subplots()
     ranks = [r["seed_bm25_rank"] for r in queries if r.get("seed_bm25_rank") is not None]
     missing = sum(r.get("seed_bm25_rank") is None for r in queries)
-    cap = max(ranks + [top_k]) + 1
-    ax.hist(ranks + [cap] * missing, bins=np.arange(1, cap + 2) - 0.5, color="tab:blue")
+    not_retrieved_at = max(ranks + [top_k]) + 2
+    ax.hist(ranks, bins=np.arange(1, not_retrieved_at) - 0.5, color="tab:blue", label="seed rank")
+    ax.bar([not_retrieved_at], [missing], width=1.0, color="tab:gray", label=f"not retrieved ({missing})")
     ax.axvline(top_k + 0.5, color="tab:red", linestyle="--", label=f"round-trip cut (top {top_k})")
-    ax.set(xlabel=f"BM25 rank of the seed document (bar at {cap} = not retrieved)", ylabel="queries",
+    ax.set(xlabel="BM25 rank of the seed document for its query", ylabel="queries",
            title="Round trip: can BM25 find the seed document?")  # fmt: skip
     ax.legend()
     fig.tight_layout()
