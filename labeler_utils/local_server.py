@@ -9,9 +9,9 @@ the stages never know whether they talk to this server, OpenAI, Azure, vLLM or O
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
-import signal
+import runpy
+import threading
 import socket
 import subprocess
 import sys
@@ -24,15 +24,6 @@ from types import TracebackType
 from .config import CACHE_DIR
 from .llm_client import Endpoint, LLMClient
 from .models import server_gguf_path
-
-
-def _stop_with_parent() -> None:
-    """In the server's child process (Linux): receive SIGTERM when the parent dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def free_port() -> int:
@@ -91,7 +82,7 @@ class LocalLLMServer:
             ) from exc
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "llama_cpp.server",
+            sys.executable, "-m", "labeler_utils.local_server",
             "--model", str(self.gguf_path),
             "--model_alias", self.model,
             "--host", "127.0.0.1",
@@ -101,10 +92,7 @@ class LocalLLMServer:
             "--logits_all", "true",
         ]  # fmt: skip
         log = self.log_path.open("wb")
-        self._process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
-        )
+        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self._wait_until_ready()
         return self
 
@@ -168,3 +156,25 @@ def connect_llm(
         return LLMClient(server.endpoint(), cache_path, max_concurrency=1), server
     endpoint = Endpoint(base_url=base_url, model=model, api_key_env=api_key_env, kind=kind, api_version=api_version)
     return LLMClient(endpoint, cache_path, max_concurrency=max_concurrency), None
+
+
+def _serve_until_parent_exits() -> None:
+    """Run llama.cpp's server in this process, exiting as soon as the process that started it is gone.
+
+    The server is started as ``python -m labeler_utils.local_server <llama_cpp.server arguments>``
+    so that a notebook kernel or test killed without clean-up never leaves a server behind.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    sys.argv = ["llama_cpp.server", *sys.argv[1:]]
+    runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _serve_until_parent_exits()
