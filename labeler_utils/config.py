@@ -67,7 +67,7 @@ PROFILES: dict[str, Profile] = {
         max_seq_length=384,
         learning_rate=2e-4,
         batch_size=4,
-        eval_max_pairs=40,
+        eval_max_pairs=25,
         throughput_pairs=16,
         notes="Pipeline check only: the bundled 135M teacher does not grade relevance well.",
     ),

@@ -1,6 +1,7 @@
 """Stage 01: seed documents with their metadata (title, author, file name, folder path, date, type).
 
-A corpus is a folder of Markdown or text files. Each file may start with YAML front matter::
+A corpus is a folder of Markdown or text files (and, on request, HTML, JSON/JSONL records, PDF and
+Word files; see :func:`load_corpus`). A Markdown or text file may start with YAML front matter::
 
     ---
     title: Travel and Expense Policy (2025)
@@ -10,23 +11,39 @@ A corpus is a folder of Markdown or text files. Each file may start with YAML fr
     ---
 
 The document id is the file's POSIX path relative to the corpus folder; the file name and the
-folder path are metadata too (navigational queries use them).
+folder path are metadata too (navigational queries use them). A JSON list or JSONL file holds
+several documents: each one's id is ``<path>#<its id field, or its position>``.
+
+Long documents can be cut into chunks (:class:`ChunkPolicy`); a chunk's id is
+``<document id>#chunk-<n>``, so that the hard-negative stage recognises chunks of one source as
+siblings.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+import importlib
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .artifacts import InputError, read_jsonl, write_jsonl
+from .artifacts import InputError, iter_jsonl, read_jsonl, write_jsonl
 
 TEXT_SUFFIXES = (".md", ".markdown", ".txt")
+HTML_SUFFIXES = (".html", ".htm")
+RECORD_SUFFIXES = (".json", ".jsonl")
+OPTIONAL_SUFFIXES = (".pdf", ".docx")  # need the optional extra: pip install 'labeler-utils[documents]'
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES + HTML_SUFFIXES + RECORD_SUFFIXES + OPTIONAL_SUFFIXES
 MIN_BODY_CHARS = 40
+RECORD_ID_FIELDS = ("doc_id", "id")
+RECORD_TEXT_FIELDS = ("text", "body")
+CHUNK_ID_MARKER = "#chunk-"
 
 
 @dataclass
@@ -67,13 +84,24 @@ def split_front_matter(raw: str, source: str) -> tuple[dict[str, Any], str]:
 def parse_document(raw: str, doc_id: str, source: str) -> Document:
     """Build a :class:`Document` from file text, checking it is not empty."""
     meta, body = split_front_matter(raw, source)
+    return build_document(meta, body, doc_id, source)
+
+
+def build_document(meta: dict[str, Any], body: str, doc_id: str, source: str, file: str | None = None) -> Document:
+    """A :class:`Document` from metadata fields and a body, checking the body is not empty.
+
+    ``title``, ``author``, ``date`` and ``doc_type`` become fields (the title defaults to the file
+    name's stem), other fields stay in ``metadata``. File name and folder path come from ``file``
+    (the file's path in the corpus; default: ``doc_id``).
+    """
+    meta = dict(meta)
     body = body.strip()
     if len(body) < MIN_BODY_CHARS:
         raise InputError(f"{source}: document body is empty or shorter than {MIN_BODY_CHARS} characters")
     date = meta.pop("date", "")
     if isinstance(date, (_dt.date, _dt.datetime)):
         date = date.isoformat()
-    path = Path(doc_id)
+    path = Path(file or doc_id)
     title = str(meta.pop("title", "") or path.stem.replace("-", " ").replace("_", " "))
     return Document(
         doc_id=doc_id,
@@ -88,21 +116,247 @@ def parse_document(raw: str, doc_id: str, source: str) -> Document:
     )
 
 
-def load_corpus(folder: str | Path, suffixes: Iterable[str] = TEXT_SUFFIXES) -> list[Document]:
-    """Load every text/Markdown file under ``folder``, sorted by id."""
+def load_corpus(
+    folder: str | Path, suffixes: Iterable[str] = TEXT_SUFFIXES, chunking: ChunkPolicy | None = None
+) -> list[Document]:
+    """Load every file with one of ``suffixes`` under ``folder``, sorted by id, optionally chunked.
+
+    ``suffixes`` may name any of :data:`DOCUMENT_SUFFIXES` (``.pdf`` and ``.docx`` need the
+    ``documents`` extra). Errors name the file (and line or record).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Corpus folder {folder} does not exist")
+    suffixes = tuple(s.lower() for s in suffixes)
+    unsupported = sorted(set(suffixes) - set(DOCUMENT_SUFFIXES))
+    if unsupported:
+        raise ValueError(f"Cannot read {unsupported} files; supported suffixes are {DOCUMENT_SUFFIXES}")
     documents = []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in tuple(suffixes)):
-        try:
-            raw = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-        documents.append(parse_document(raw, file.relative_to(folder).as_posix(), str(file)))
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+        documents.extend(READERS[file.suffix.lower()](file, file.relative_to(folder).as_posix()))
     if not documents:
-        raise InputError(f"{folder}: no documents with suffix {tuple(suffixes)} found")
+        raise InputError(f"{folder}: no documents with suffix {suffixes} found")
+    return chunk_documents(documents, chunking) if chunking else documents
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def read_text_file(file: Path, doc_id: str) -> list[Document]:
+    """A Markdown or text file, with optional YAML front matter."""
+    return [parse_document(_read_text(file), doc_id, str(file))]
+
+
+class _HTMLText(HTMLParser):
+    """Collects an HTML page's title, ``<meta name=... content=...>`` fields and its visible text by block."""
+
+    BLOCKS = frozenset("address article aside blockquote br dd div dl dt figcaption footer form h1 h2 h3 h4 h5 h6 "
+                       "header hr li main nav ol p pre section table td th tr ul".split())  # fmt: skip
+    HIDDEN = frozenset(("script", "style", "noscript", "template", "title", "head"))
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.title = ""
+        self.meta: dict[str, str] = {}
+        self.blocks: list[str] = [""]
+        self.hidden: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "meta" and values.get("name") and values.get("content"):
+            self.meta[values["name"].lower()] = values["content"].strip()
+        elif tag in self.HIDDEN:
+            self.hidden.append(tag)
+        elif tag in self.BLOCKS:
+            self.blocks.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.hidden and tag == self.hidden[-1]:
+            self.hidden.pop()
+        elif tag in self.BLOCKS:
+            self.blocks.append("")
+
+    def handle_data(self, data: str) -> None:
+        if self.hidden and self.hidden[-1] == "title":
+            self.title += data
+        elif not self.hidden:
+            self.blocks[-1] += data
+
+    def text(self) -> str:
+        return "\n\n".join(" ".join(block.split()) for block in self.blocks if block.strip())
+
+
+def read_html_file(file: Path, doc_id: str) -> list[Document]:
+    """An HTML page: title from ``<title>``, author/date/doc_type from ``<meta name=...>``, text by block."""
+    parser = _HTMLText()
+    parser.feed(_read_text(file))
+    parser.close()
+    meta = {name: value for name, value in parser.meta.items() if name in ("author", "date", "doc_type", "description")}
+    meta["title"] = " ".join(parser.title.split())
+    return [build_document(meta, parser.text(), doc_id, str(file))]
+
+
+def _record_document(record: Any, doc_id: str, where: str, file: str) -> Document:
+    """A document from a JSON object with ``title``, ``text`` (or ``body``) and optional metadata fields."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object with title and text, got {type(record).__name__}")
+    text_field = next((name for name in RECORD_TEXT_FIELDS if name in record), None)
+    if text_field is None or not isinstance(record[text_field], str):
+        raise InputError(f"{where}: needs a string field 'text' (or 'body'); fields are {sorted(record)}")
+    meta = {k: v for k, v in record.items() if k not in (*RECORD_ID_FIELDS, *RECORD_TEXT_FIELDS)}
+    return build_document(meta, record[text_field], doc_id, where, file)
+
+
+def _record_documents(records: list[tuple[str, Any]], doc_id: str) -> list[Document]:
+    """Documents of a multi-record file, ids ``<path>#<id field or 1-based position>``, ids unique."""
+    documents, seen = [], {}
+    for position, (where, record) in enumerate(records, start=1):
+        key = next((str(record[f]) for f in RECORD_ID_FIELDS if isinstance(record, dict) and record.get(f)), str(position))
+        if key in seen:
+            raise InputError(f"{where}: id {key!r} is already used at {seen[key]}")
+        seen[key] = where
+        documents.append(_record_document(record, f"{doc_id}#{key}", where, doc_id))
     return documents
+
+
+def read_json_file(file: Path, doc_id: str) -> list[Document]:
+    """A JSON file: one document object (id = the file's path) or a list of them."""
+    try:
+        payload = json.loads(_read_text(file))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if isinstance(payload, list):
+        return _record_documents([(f"{file} [record {i}]", r) for i, r in enumerate(payload, start=1)], doc_id)
+    return [_record_document(payload, doc_id, str(file), doc_id)]
+
+
+def read_jsonl_file(file: Path, doc_id: str) -> list[Document]:
+    """A JSONL file: one document object per line."""
+    return _record_documents([(f"{file} [record {i}]", r) for i, r in enumerate(iter_jsonl(file), start=1)], doc_id)
+
+
+def _optional_module(module: str, package: str, file: Path) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"{file}: reading {file.suffix} files needs the optional package {package!r}; install it with "
+            f"pip install 'labeler-utils[documents]' (or pip install {package}), or leave {file.suffix} out of suffixes"
+        ) from None
+
+
+def _iso_date(value: Any) -> str:
+    return value.date().isoformat() if isinstance(value, _dt.datetime) else ""
+
+
+def read_pdf_file(file: Path, doc_id: str) -> list[Document]:
+    """A PDF's text layer, page by page (pypdf); title, author and creation date from its metadata."""
+    pypdf = _optional_module("pypdf", "pypdf", file)
+    try:
+        reader = pypdf.PdfReader(file)
+        text = "\n\n".join((page.extract_text() or "").strip() for page in reader.pages)
+        info = reader.metadata or {}
+    except pypdf.errors.PyPdfError as exc:
+        raise InputError(f"{file}: not a readable PDF ({exc})") from exc
+    if not text.strip():
+        raise InputError(f"{file}: the PDF has no text layer (a scan needs OCR first)")
+    meta = {"title": info.get("/Title") or "", "author": info.get("/Author") or "",
+            "date": _iso_date(getattr(info, "creation_date", None)), "pages": len(reader.pages)}  # fmt: skip
+    return [build_document(meta, text, doc_id, str(file))]
+
+
+def read_docx_file(file: Path, doc_id: str) -> list[Document]:
+    """A Word file's paragraphs and table rows (python-docx); title, author and date from its properties."""
+    docx = _optional_module("docx", "python-docx", file)
+    try:
+        word = docx.Document(str(file))
+    except Exception as exc:  # python-docx raises zipfile, KeyError or its own errors for a bad file
+        raise InputError(f"{file}: not a readable .docx file ({exc})") from exc
+    blocks = [p.text for p in word.paragraphs]
+    blocks += [" | ".join(cell.text for cell in row.cells) for table in word.tables for row in table.rows]
+    props = word.core_properties
+    meta = {"title": props.title or "", "author": props.author or "", "date": _iso_date(props.created),
+            "doc_type": props.category or ""}  # fmt: skip
+    return [build_document(meta, "\n\n".join(b.strip() for b in blocks if b.strip()), doc_id, str(file))]
+
+
+READERS: dict[str, Callable[[Path, str], list[Document]]] = {
+    **dict.fromkeys(TEXT_SUFFIXES, read_text_file),
+    **dict.fromkeys(HTML_SUFFIXES, read_html_file),
+    ".json": read_json_file,
+    ".jsonl": read_jsonl_file,
+    ".pdf": read_pdf_file,
+    ".docx": read_docx_file,
+}
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """How long documents are cut: at most ``max_words`` words a chunk, ``overlap_words`` repeated.
+
+    A document of at most ``max_words`` words is kept whole, with its id. A longer one is cut on
+    paragraph boundaries (blank lines): paragraphs are packed in order while the chunk stays
+    within ``max_words``; a paragraph longer than that is cut into runs of words. Each chunk after
+    the first starts with the last ``overlap_words`` words of the one before. Chunks keep the
+    document's metadata; their ids are ``<doc id>#chunk-1``, ``#chunk-2``, ...
+    """
+
+    max_words: int = 300
+    overlap_words: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_words < 1 or not 0 <= self.overlap_words < self.max_words:
+            raise ValueError(f"Need max_words >= 1 and 0 <= overlap_words < max_words, got {self}")
+
+
+PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def chunk_text(text: str, policy: ChunkPolicy) -> list[str]:
+    """The chunks of one text under ``policy`` (the text itself when it is short enough)."""
+    if len(text.split()) <= policy.max_words:
+        return [text]
+    step = policy.max_words - policy.overlap_words
+    pieces: list[tuple[str, int]] = []  # (paragraph text or run of words, word count)
+    for paragraph in PARAGRAPH_BREAK.split(text.strip()):
+        words = paragraph.split()
+        if len(words) <= step:
+            pieces.append((paragraph.strip(), len(words)))
+        else:
+            pieces.extend((" ".join(words[i : i + step]), len(words[i : i + step])) for i in range(0, len(words), step))
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    count = 0
+    for piece, words in pieces:
+        if words == 0:
+            continue
+        if current and count + words > policy.max_words:
+            chunks.append(current)
+            tail = " ".join(" ".join(current).split()[-policy.overlap_words :]) if policy.overlap_words else ""
+            current, count = ([tail] if tail else []), len(tail.split())
+        current.append(piece)
+        count += words
+    chunks.append(current)
+    return ["\n\n".join(chunk) for chunk in chunks]
+
+
+def chunk_documents(documents: Iterable[Document], policy: ChunkPolicy) -> list[Document]:
+    """Documents cut by ``policy``; a chunk records its number, the count and its source in ``metadata``."""
+    out: list[Document] = []
+    for doc in documents:
+        parts = chunk_text(doc.text, policy)
+        if len(parts) == 1:
+            out.append(doc)
+            continue
+        for number, part in enumerate(parts, start=1):
+            out.append(replace(doc, doc_id=f"{doc.doc_id}{CHUNK_ID_MARKER}{number}", text=part,
+                               metadata={**doc.metadata, "chunk": number, "chunks": len(parts),
+                                         "source_doc_id": doc.doc_id}))  # fmt: skip
+    return out
 
 
 def save_documents(documents: Iterable[Document], path: str | Path) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,12 @@ def run_pipeline(
     run_id: str | None = None,
     stages: Sequence[str] = STAGES,
     parameters: dict[str, Any] | None = None,
+    stage_parameters: Mapping[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Execute ``stages`` in order; writes ``report.md`` and ``pipeline.json`` into the run folder.
 
+    ``parameters`` go to every notebook, ``stage_parameters[stage]`` to that stage's notebook only
+    (see :func:`labeler_utils.domain.load_pipeline_config`, which routes a config file's parameters).
     A stage whose notebook fails stops the run; the folder keeps every artifact written so far,
     and any stage can be re-run on its own against the same folder.
     """
@@ -60,7 +63,8 @@ def run_pipeline(
     timings: dict[str, float] = {}
     for stage in stages:
         print(f"[{time.strftime('%H:%M:%S')}] {stage} ...", flush=True)
-        timings[stage] = execute_notebook(stage, run_path, {"profile": profile, **(parameters or {})})
+        own = (stage_parameters or {}).get(stage, {})
+        timings[stage] = execute_notebook(stage, run_path, {"profile": profile, **(parameters or {}), **own})
         print(f"[{time.strftime('%H:%M:%S')}] {stage} done in {timings[stage]:.0f}s", flush=True)
     summary = {
         "profile": profile,

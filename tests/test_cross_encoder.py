@@ -1,0 +1,175 @@
+"""The MiniLM cross-encoder student, ``load_labeler`` dispatch, and the TREC DL script's query split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from labeler_utils.cross_encoder import (
+    CrossEncoderConfig,
+    CrossEncoderLabeler,
+    bundled_minilm_path,
+    regression_label,
+    train_cross_encoder,
+    training_labels,
+)
+from labeler_utils.student import ADAPTER_MANIFEST, StudentLabeler, load_labeler
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_trec_dl.py"
+TOPICS = {
+    "vpn error": ("The VPN gateway returns error 809 when the tunnel times out; restart the client.", "The cafeteria serves pizza on Fridays."),
+    "travel policy": ("Employees book flights through the travel portal; economy class under six hours.", "Printer toner is in room 4."),
+    "expense report": ("Submit the expense report with receipts within 30 days of the trip.", "The parking garage closes at 10 pm."),
+    "password reset": ("To reset your password open the self-service portal and confirm by SMS.", "Quarterly results beat estimates."),
+}
+RECORDS = [
+    {"query_id": f"q{i}", "doc_id": f"d{i}{j}", "query": query, "document": document * repeat, "grade": grade}
+    for i, (query, (relevant, irrelevant)) in enumerate(TOPICS.items())
+    for j, (document, grade, repeat) in enumerate([(relevant, 3, 1), (relevant, 2, 3), (irrelevant, 0, 1), (irrelevant, 1, 4)])
+]  # 16 pairs of varied lengths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("cross_encoder")
+    config = CrossEncoderConfig(epochs=1, batch_size=8, max_length=64, learning_rate=1e-4)
+    return folder, train_cross_encoder(RECORDS, folder, config, {"source": "hand-made"})
+
+
+@pytest.fixture(scope="module")
+def labeler(trained: tuple[Path, dict]) -> CrossEncoderLabeler:
+    return load_labeler(trained[0])
+
+
+def test_training_saves_model_and_manifest(trained):
+    folder, manifest = trained
+    saved = json.loads((folder / "model" / ADAPTER_MANIFEST).read_text())
+    assert saved["family"] == manifest["family"] == "cross_encoder"
+    assert saved["config"]["objective"] == "classification" and saved["config"]["base_model"] == bundled_minilm_path()
+    assert saved["train_examples"] == 16 and saved["data"] == {"source": "hand-made"} and saved["train_seconds"] > 0
+    assert "sentence-transformers" in saved["versions"]
+    assert (folder / "model" / "model.safetensors").exists()
+
+
+def test_load_labeler_reads_the_family_from_the_manifest(trained, labeler):
+    assert isinstance(labeler, CrossEncoderLabeler) and labeler.objective == "classification"
+    assert labeler.max_length == 64  # the manifest's max_length wins, as for StudentLabeler
+    assert isinstance(load_labeler(trained[0] / "model"), CrossEncoderLabeler)
+
+
+def test_labels_keep_input_order_and_do_not_depend_on_batching(labeler):
+    pairs = [(r["query"], r["document"]) for r in RECORDS]
+    one_by_one = [next(labeler.label([pair], progress=False)) for pair in pairs]
+    bucketed = list(labeler.label(iter(pairs), batch_size=3, bucket_size=5, progress=False))
+    assert [label.grade for label in bucketed] == [label.grade for label in one_by_one]
+    for a, b in zip(bucketed, one_by_one):
+        assert a.distribution == pytest.approx(b.distribution, abs=1e-5)
+    for label in bucketed:
+        assert math.isclose(sum(label.distribution), 1.0, abs_tol=1e-6)
+        assert label.grade == max(range(4), key=label.distribution.__getitem__)
+        assert label.expected_relevance == pytest.approx(sum(g * p for g, p in enumerate(label.distribution)))
+
+
+def test_label_records_rows_match_the_causal_student_format(labeler):
+    rows = labeler.label_records(RECORDS[:3], "minilm", progress=False)
+    assert [(r["query_id"], r["doc_id"]) for r in rows] == [(r["query_id"], r["doc_id"]) for r in RECORDS[:3]]
+    assert set(rows[0]) == {"query_id", "doc_id", "grade", "expected_relevance", "distribution", "labeler"}
+
+
+def test_long_documents_are_cut_to_max_length(labeler):
+    before = labeler.truncated
+    ids = labeler.encode_pair("vpn error", "gateway timeout " * 200)
+    assert len(ids) == labeler.max_length and labeler.truncated == before + 1
+    assert ids[-1] == labeler.tokenizer.sep_token_id
+
+
+def test_regression_head_labels_through_the_same_interface(tmp_path):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    CrossEncoder(bundled_minilm_path(), num_labels=1, max_length=64).save_pretrained(str(tmp_path))
+    regression = load_labeler(tmp_path, family="cross_encoder")
+    assert regression.objective == "regression"
+    labels = list(regression.label([(r["query"], r["document"]) for r in RECORDS[:4]], progress=False))
+    assert all(math.isclose(sum(label.distribution), 1.0) and 0 <= label.expected_relevance <= 3 for label in labels)
+
+
+def test_regression_score_maps_to_the_two_nearest_grades():
+    label = regression_label(1.25)
+    assert label.distribution == pytest.approx([0, 0.75, 0.25, 0]) and label.grade == 1
+    assert label.expected_relevance == pytest.approx(1.25)
+    assert regression_label(2.6).grade == 3 and regression_label(3.0).distribution == pytest.approx([0, 0, 0, 1])
+    assert regression_label(-0.2).distribution == pytest.approx([1, 0, 0, 0])
+
+
+def test_training_targets_hard_soft_and_regression():
+    records = [{"grade": 2, "distribution": [0.1, 0.2, 0.6, 0.1]}, {"grade": 0}]
+    assert training_labels(records, CrossEncoderConfig(base_model="x", soft_labels=False)) == [2, 0]
+    assert training_labels(records, CrossEncoderConfig(base_model="x")) == [[0.1, 0.2, 0.6, 0.1], [1.0, 0.0, 0.0, 0.0]]
+    regression = training_labels(records, CrossEncoderConfig(base_model="x", objective="regression"))
+    assert regression == pytest.approx([(0.2 + 1.2 + 0.3) / 3, 0.0])
+    with pytest.raises(ValueError, match="objective"):
+        CrossEncoderConfig(base_model="x", objective="ranking")
+
+
+def test_load_labeler_dispatches_the_causal_family(tiny_model_dir, tmp_path):
+    assert type(load_labeler(tiny_model_dir, max_length=128)) is StudentLabeler
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_model_dir, legacy)
+    (legacy / ADAPTER_MANIFEST).write_text(json.dumps({"base_model": str(tiny_model_dir), "max_length": 128}))
+    assert type(load_labeler(legacy)) is StudentLabeler  # a manifest without "family" is a causal LM
+    assert type(load_labeler(tiny_model_dir, family="causal_lm")) is StudentLabeler
+    with pytest.raises(ValueError, match="family"):
+        load_labeler(tiny_model_dir, family="seq2seq")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("reproduce_trec_dl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _synthetic_benchmark(n_queries: int = 9, pairs_per_query: int = 6) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"query_id": f"q{q}", "query": f"query {q}", "doc_id": f"d{q}-{d}", "document": f"text {d}", "human": d % 4}
+        for q in range(n_queries) for d in range(pairs_per_query)
+    ])  # fmt: skip
+
+
+def test_script_split_holds_every_query_out_on_one_side_only(script):
+    frame = _synthetic_benchmark()
+    (split,) = script.query_splits(frame, test_fraction=0.5, seed=0)
+    assert not split.train_ids & split.test_ids
+    assert split.train_ids | split.test_ids == set(frame["query_id"])
+    assert script.query_splits(frame, 0.5, 0) == [split]  # same seed, same split
+    folds = script.query_splits(frame, 0.5, 0, kfold=3)
+    assert sorted(q for fold in folds for q in fold.test_ids) == sorted(frame["query_id"].unique())
+    assert all(not fold.train_ids & fold.test_ids for fold in folds)
+
+
+def test_script_evaluation_subsample_is_capped_per_query_and_reproducible(script):
+    frame = _synthetic_benchmark()
+    (split,) = script.query_splits(frame, 0.5, 0)
+    capped = script.evaluation_pairs(frame, split, 2, seed=0)
+    assert set(capped["query_id"]) == set(split.test_ids)
+    assert capped.groupby("query_id").size().max() == 2
+    assert capped.equals(script.evaluation_pairs(frame, split, 2, seed=0))
+    assert len(script.evaluation_pairs(frame, split, None, seed=0)) == 6 * len(split.test_ids)
+
+
+def test_script_per_student_options(script):
+    students = ["minilm-cross-encoder", "smollm2-135m-instruct"]
+    assert script.parse_per_student("3", students, int) == dict.fromkeys(students, 3)
+    assert script.parse_per_student("smollm2-135m-instruct=800", students, int) == {"smollm2-135m-instruct": 800}
+    assert script.parse_per_student(None, students, int) == {}
+    with pytest.raises(SystemExit):
+        script.parse_per_student("gemma3-270m=5", students, int)

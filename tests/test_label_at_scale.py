@@ -1,0 +1,296 @@
+"""Labeling at scale: streaming inputs, bad lines, outputs, and resuming after a kill -9, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from labeler_utils.__main__ import main
+from labeler_utils.artifacts import InputError
+from labeler_utils.benchmarks import read_predictions
+from labeler_utils.label_at_scale import (
+    CHUNKS,
+    LabelSettings,
+    ResumeRefused,
+    committed_chunks,
+    label_pairs,
+)
+
+DATA = Path(__file__).parent / "data"
+PROJECT_ROOT = Path(__file__).parent.parent
+WORDS = ("vpn error timeout gateway restart travel policy lunch menu pizza expense report the document "
+         "answers query relevant").split()  # fmt: skip
+GOOD = {"query_id": "q1", "query": "vpn error", "doc_id": "d1", "document": "the vpn gateway error timeout restart"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine a 2-layer model is many times faster on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_pairs(path: Path, n: int, seed: int = 0) -> list[dict]:
+    """``n`` pairs with documents of 5-300 words (some longer than a 128-token prompt)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"query_id": f"q{i % 37}", "query": " ".join(rng.sample(WORDS, 3)), "doc_id": f"d{i}",
+             "document": " ".join(rng.choices(WORDS, k=rng.randrange(5, 300)))} for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def read_labels(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "labels.jsonl").read_text().splitlines()]
+
+
+def assert_same_labels(first: list[dict], second: list[dict]) -> None:
+    assert [(r["query_id"], r["doc_id"]) for r in first] == [(r["query_id"], r["doc_id"]) for r in second]
+    for a, b in zip(first, second):
+        assert a["grade"] == b["grade"]
+        assert a["distribution"] == pytest.approx(b["distribution"], abs=1e-5)
+
+
+SMALL = LabelSettings(batch_size=4, chunk_size=10, max_length=128)
+
+
+def test_kill_9_mid_run_then_resume_gives_every_pair_exactly_one_label(tiny_model_dir, tmp_path, capsys):
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs = write_pairs(pairs_path, 200)
+    out_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "labeler_utils", "label", "--model", str(tiny_model_dir), "--input",
+               str(pairs_path), "--output", str(out_dir), "--chunk-size", "5", "--batch-size", "1",
+               "--max-length", "128", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while committed_chunks(out_dir) == 0 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = committed_chunks(out_dir)
+    assert 1 <= killed_at < 40, process.stderr.read().decode()[-2000:]
+    assert not (out_dir / "summary.json").exists()
+
+    assert main(command[3:]) == 0  # the same command again (in this process: one interpreter start less)
+    assert f"{killed_at} chunk(s) already committed" in capsys.readouterr().out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["pairs_labeled"] == 200 and summary["chunks_done"] == 40
+    labels = read_labels(out_dir)
+    assert sorted((r["query_id"], r["doc_id"]) for r in labels) == sorted((p["query_id"], p["doc_id"]) for p in pairs)
+    assert [r["line"] for r in labels] == list(range(1, 201))
+    assert not list((out_dir / CHUNKS).glob(".*.tmp"))
+
+    uninterrupted = tmp_path / "uninterrupted"
+    label_pairs(tiny_model_dir, pairs_path, uninterrupted, settings=LabelSettings(1, 5, 128), progress=False)
+    assert_same_labels(labels, read_labels(uninterrupted))
+
+
+def test_max_chunks_stops_and_the_same_call_resumes(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 45)
+    out_dir = tmp_path / "out"
+    partial = label_pairs(tiny_model_dir, pairs_path, out_dir, settings=SMALL, max_chunks=2, progress=False)
+    assert not partial["complete"] and partial["pairs_labeled"] == 20 and committed_chunks(out_dir) == 2
+    assert not (out_dir / "labels.jsonl").exists()
+    chunk_times = [(out_dir / CHUNKS / f"chunk-00000{i}.jsonl").stat().st_mtime_ns for i in range(2)]
+    summary = label_pairs(tiny_model_dir, pairs_path, out_dir, settings=SMALL, progress=False)
+    assert summary["complete"] and summary["pairs_labeled"] == 45 and summary["chunks_done"] == 5
+    assert [(out_dir / CHUNKS / f"chunk-00000{i}.jsonl").stat().st_mtime_ns for i in range(2)] == chunk_times
+    assert not (out_dir / "work.sqlite").exists()
+
+
+def test_a_changed_argument_is_refused_unless_restart(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 30)
+    out_dir = tmp_path / "out"
+    label_pairs(tiny_model_dir, pairs_path, out_dir, settings=SMALL, max_chunks=1, progress=False)
+    with pytest.raises(ResumeRefused, match=r"chunk_size: 10 -> 15.*--restart"):
+        label_pairs(tiny_model_dir, pairs_path, out_dir, settings=LabelSettings(4, 15, 128), progress=False)
+    write_pairs(pairs_path, 30, seed=1)  # same name, new content
+    with pytest.raises(ResumeRefused, match="input"):
+        label_pairs(tiny_model_dir, pairs_path, out_dir, settings=SMALL, progress=False)
+    summary = label_pairs(tiny_model_dir, pairs_path, out_dir, settings=SMALL, restart=True, progress=False)
+    assert summary["complete"] and summary["pairs_labeled"] == 30
+
+
+def test_cli_reports_a_refused_resume_and_a_foreign_folder_with_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    out_dir = tmp_path / "out"
+
+    def label(output: Path, *options: str) -> int:
+        return main(["label", "--model", str(tiny_model_dir), "--input", str(pairs_path), "--output", str(output),
+                     "--max-length", "128", "--chunk-size", "5", *options])  # fmt: skip
+
+    assert label(out_dir, "--max-chunks", "1") == 0
+    assert label(out_dir, "--batch-size", "2") == 2
+    assert "batch_size: 16 -> 2" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert label(foreign) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+BAD_LINES = {
+    "malformed JSON": (b'{"query_id": "q9", "query": "vpn error",', "not valid JSON"),
+    "not an object": (b'["q9", "vpn error"]', "expected a JSON object"),
+    "missing field": (json.dumps({k: v for k, v in GOOD.items() if k != "doc_id"}).encode(), "missing field 'doc_id'"),
+    "missing document": (json.dumps({**GOOD, "doc_id": "d9", "document": None}).encode(),
+                         "missing field 'document' (or give --collection"),
+    "empty text": (json.dumps({**GOOD, "doc_id": "d9", "document": "  \t "}).encode(), "field 'document' is empty"),
+    "wrong type": (json.dumps({**GOOD, "doc_id": "d9", "query": 42}).encode(), "field 'query' must be a string"),
+    "non-UTF-8 bytes": (b'{"query_id": "q9", "query": "caf\xe9", "doc_id": "d9", "document": "menu"}', "not valid UTF-8"),
+    "lone surrogate": (b'{"query_id": "q9", "query": "vpn \\ud800", "doc_id": "d9", "document": "menu"}',
+                       "invalid Unicode"),
+    "over-long query": (json.dumps({**GOOD, "doc_id": "d9", "query": "vpn " * 40}).encode(), "over the limit of 32"),
+    "repeated pair": (json.dumps(GOOD).encode(), "repeats line 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_line_stops_with_file_and_line_or_is_skipped_and_recorded(case, tiny_model_dir, tmp_path):
+    bad, reason = BAD_LINES[case]
+    pairs_path = tmp_path / "pairs.jsonl"
+    good_lines = [json.dumps({**GOOD, "doc_id": f"d{i}"}).encode() for i in (1, 2, 3)]
+    pairs_path.write_bytes(b"\n".join([good_lines[0], good_lines[1], b"", bad, good_lines[2]]) + b"\n")
+    with pytest.raises(InputError, match=f"{re.escape(str(pairs_path))}:4: .*{re.escape(reason)}"):
+        label_pairs(tiny_model_dir, pairs_path, tmp_path / "strict", settings=SMALL, progress=False)
+    assert committed_chunks(tmp_path / "strict") == 0
+
+    skip = LabelSettings(batch_size=4, chunk_size=10, max_length=128, skip_bad_lines=True)
+    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "skip", settings=skip, progress=False)
+    assert summary["skipped_lines"] == 1 and summary["pairs_labeled"] == 3 and summary["input_units"] == 4
+    skipped = [json.loads(line) for line in (tmp_path / "skip" / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 1 and skipped[0]["line"] == 4 and reason in skipped[0]["reason"]
+    assert [r["line"] for r in read_labels(tmp_path / "skip")] == [1, 2, 5]
+
+
+def test_long_documents_are_truncated_and_counted(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps({**GOOD, "doc_id": f"d{i}", "document": "vpn error " * n}) + "\n"
+                                  for i, n in enumerate((3, 400, 5, 10_000))))  # fmt: skip
+    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
+    assert summary["truncated_documents"] == 2 and summary["pairs_labeled"] == 4
+
+
+def test_outputs_jsonl_parquet_qrels_agree_and_read_as_predictions(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 25)
+    out_dir = tmp_path / "out"
+    summary = label_pairs(tiny_model_dir, pairs_path, out_dir, settings=SMALL, progress=False)
+    labels = read_labels(out_dir)
+    table = pq.read_table(out_dir / "labels.parquet").to_pandas()
+    assert list(table.columns) == ["query_id", "doc_id", "line", "grade", "expected_relevance", "p0", "p1", "p2", "p3"]
+    assert pq.ParquetFile(out_dir / "labels.parquet").num_row_groups == 3  # one per chunk
+    assert table["grade"].tolist() == [r["grade"] for r in labels]
+    assert table[["p0", "p1", "p2", "p3"]].to_numpy().tolist() == [r["distribution"] for r in labels]
+    assert (out_dir / "labels.qrels").read_text().splitlines() == [
+        f"{r['query_id']} 0 {r['doc_id']} {r['grade']}" for r in labels]  # fmt: skip
+    predictions = read_predictions(out_dir / "labels.jsonl")
+    assert len(predictions) == 25 and predictions["expected_relevance"].between(0, 3).all()
+    assert summary["labels_per_second"] > 0 and summary["peak_rss_mb"] > 0
+    assert set(summary["outputs"]) == {"jsonl", "parquet", "qrels"}
+
+
+def test_formats_subset_and_whitespace_ids_refused_only_for_qrels(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text(json.dumps({**GOOD, "doc_id": "My Documents/report.md"}) + "\n")
+    with pytest.raises(InputError, match="input line 1: doc_id 'My Documents/report.md' contains whitespace"):
+        label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
+    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, formats=("jsonl",),
+                          progress=False)  # fmt: skip
+    assert summary["pairs_labeled"] == 1 and not (tmp_path / "out" / "labels.qrels").exists()
+
+
+def test_parquet_input_is_read_by_batches_and_labels_like_jsonl(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    rows = write_pairs(pairs_path, 23)
+    parquet_path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet_path, row_group_size=7)
+    from_parquet = label_pairs(tiny_model_dir, parquet_path, tmp_path / "pq", settings=SMALL, progress=False)
+    label_pairs(tiny_model_dir, pairs_path, tmp_path / "jsonl", settings=SMALL, progress=False)
+    assert from_parquet["format"] == "parquet" and from_parquet["pairs_labeled"] == 23
+    assert_same_labels(read_labels(tmp_path / "pq"), read_labels(tmp_path / "jsonl"))
+
+    pq.write_table(pa.Table.from_pylist([*rows[:2], {**rows[2], "document": None}]), parquet_path)
+    with pytest.raises(InputError, match=f"{parquet_path}: row 3: missing field 'document'"):
+        label_pairs(tiny_model_dir, parquet_path, tmp_path / "bad", settings=SMALL, progress=False)
+    pq.write_table(pa.table({"query": ["vpn"], "document": ["menu"]}), parquet_path)
+    with pytest.raises(InputError, match=r"missing column\(s\) \['query_id', 'doc_id'\]"):
+        label_pairs(tiny_model_dir, parquet_path, tmp_path / "bad2", settings=SMALL, progress=False)
+
+
+@pytest.mark.parametrize("collection", ["scale_collection.tsv", "scale_collection.jsonl"])
+def test_trec_run_labels_each_distinct_pair_once(collection, tiny_model_dir, tmp_path):
+    summary = label_pairs(tiny_model_dir, DATA / "scale_run.trec", tmp_path / "out", collection=DATA / collection,
+                          topics=DATA / "scale_topics.tsv", settings=SMALL, progress=False)  # fmt: skip
+    assert summary["format"] == "trec" and summary["input_units"] == 9
+    assert summary["pairs_labeled"] == 6 and summary["duplicate_pairs"] == 3 and summary["skipped_lines"] == 0
+    qrels = [line.split() for line in (tmp_path / "out" / "labels.qrels").read_text().splitlines()]
+    assert [(q, d) for q, _, d, _ in qrels] == [("101", "d1"), ("101", "d2"), ("102", "d2"), ("102", "d1"),
+                                                ("103", "d3"), ("103", "d1")]  # fmt: skip
+    assert all(zero == "0" and grade in "0123" for _, zero, _, grade in qrels)
+
+
+def test_trec_run_with_an_unknown_document_or_bad_line(tiny_model_dir, tmp_path):
+    run = tmp_path / "run.trec"
+    run.write_text((DATA / "scale_run.trec").read_text() + "103 Q0 d77 3 0.1 dense\n101 Q0 d4\n")
+    common = {"collection": DATA / "scale_collection.tsv", "topics": DATA / "scale_topics.tsv", "progress": False}
+    with pytest.raises(InputError, match=f"{run}:10: doc_id 'd77' is not in the --collection file"):
+        label_pairs(tiny_model_dir, run, tmp_path / "strict", settings=SMALL, **common)
+    skip = LabelSettings(batch_size=4, chunk_size=10, max_length=128, skip_bad_lines=True)
+    summary = label_pairs(tiny_model_dir, run, tmp_path / "skip", settings=skip, **common)
+    assert summary["skipped_lines"] == 2 and summary["pairs_labeled"] == 6
+    assert "expected 6 whitespace-separated fields" in (tmp_path / "skip" / "skipped.jsonl").read_text()
+    with pytest.raises(ValueError, match="needs --topics"):
+        label_pairs(tiny_model_dir, run, tmp_path / "x", collection=DATA / "scale_collection.tsv", progress=False)
+
+
+def test_jsonl_pairs_may_take_documents_from_a_collection(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps({"query_id": "q1", "query": "vpn error", "doc_id": d}) + "\n"
+                                  for d in ("d1", "d3")))  # fmt: skip
+    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", collection=DATA / "scale_collection.tsv",
+                          settings=SMALL, progress=False)  # fmt: skip
+    assert summary["pairs_labeled"] == 2
+
+
+def test_a_collection_with_a_repeated_id_names_both_lines(tiny_model_dir, tmp_path):
+    collection = tmp_path / "collection.tsv"
+    collection.write_text("d1\tvpn error\nd2\tlunch menu\nd1\tpizza\n")
+    with pytest.raises(InputError, match=f"{collection}:3: id 'd1' is given twice \\(first at {collection}:1\\)"):
+        label_pairs(tiny_model_dir, DATA / "scale_run.trec", tmp_path / "out", collection=collection,
+                    topics=DATA / "scale_topics.tsv", settings=SMALL, progress=False)  # fmt: skip
+
+
+@pytest.mark.notebooks
+def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume(tiny_model_dir, tmp_path):
+    from labeler_utils.documents import load_corpus, save_documents
+    from labeler_utils.pipeline import execute_notebook
+
+    documents = load_corpus(PROJECT_ROOT / "data" / "second_domain_corpus")[:10]
+    save_documents(documents, tmp_path / "01_seed_documents" / "documents.jsonl")
+    queries = [{"query_id": f"q{i}", "query": d.title, "seed_doc_id": d.doc_id} for i, d in enumerate(documents[:4])]
+    (tmp_path / "02_query_synthesis").mkdir()
+    (tmp_path / "02_query_synthesis" / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    execute_notebook("08_label_at_scale", tmp_path, {"model": str(tiny_model_dir), "max_length": 128,
+                                                     "chunk_size": 8, "interrupt_after_chunks": 2, "threads": 1})
+    metrics = json.loads((tmp_path / "08_label_at_scale" / "metrics.json").read_text())
+    assert metrics["pairs_labeled"] == 40 and metrics["resumed_after_chunks"] == 2 and metrics["skipped_lines"] == 0
+    assert sum(metrics["grade_counts"].values()) == 40
