@@ -61,8 +61,8 @@ def _declared(notebook: Path, modified_ns: int) -> tuple[str, ...]:
 def declared_parameters(stage: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> tuple[str, ...]:
     """Names assigned in a notebook's ``parameters`` cell (empty when the notebook does not exist).
 
-    Read with ``ast``: ``papermill.inspect_notebook`` skips every line whose comment holds an
-    ``=`` sign, which this project's parameter comments often do.
+    Read with ``ast``, which sees every assignment: ``papermill.inspect_notebook`` skips any line
+    with a second ``=`` sign (in a comment, say).
     """
     notebook = notebooks_dir / f"{stage}.ipynb"
     return _declared(notebook, notebook.stat().st_mtime_ns) if notebook.exists() else ()

@@ -1327,6 +1327,10 @@ def evaluation_report(
         raise ValueError(
             f"Labeler column(s) {absent or '(none given)'} not in the table; columns are {list(frame.columns)}"
         )
+    without_grades = [name for name in labelers if frame[name].isna().all()]
+    labelers = [name for name in labelers if name not in without_grades]
+    if not labelers:
+        raise ValueError(f"No labeler has a single usable grade: {without_grades}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, dev_queries = query_split(frame, dev_fraction, seed)
@@ -1347,6 +1351,7 @@ def evaluation_report(
             "human_grade_counts": np.bincount(frame["human"], minlength=N_GRADES).tolist(),
         },
         "labelers": {},
+        "labelers_without_grades": without_grades,
         "comparisons": [],
         "calibration": {},
         "ppi": {},

@@ -55,6 +55,17 @@ class Endpoint:
     price_input_per_million: float = 0.0
     price_output_per_million: float = 0.0
     extra_body: tuple[tuple[str, Any], ...] = ()  # server-specific request fields, e.g. (("repeat_penalty", 1.0),)
+    structured_output: str = "json_schema"  # "json_schema" (OpenAI, vLLM, Ollama), "json_object_schema" (llama.cpp), "none"
+
+    def response_format(self, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        """The ``response_format`` that constrains answers to ``schema`` on this kind of server."""
+        if self.structured_output == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        if self.structured_output == "json_object_schema":
+            return {"type": "json_object", "schema": schema}
+        if self.structured_output == "none":
+            return None
+        raise ValueError(f"Unknown structured_output {self.structured_output!r}")
 
     def make_openai_client(self, timeout: float) -> openai.OpenAI:
         """Build the underlying ``openai`` client (its own retries off: we retry ourselves)."""
@@ -196,6 +207,7 @@ class LLMClient:
         top_logprobs: int | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> ChatResult:
         """One chat completion, served from the cache when the same request was made before."""
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens, "n": n, "seed": seed}
@@ -205,6 +217,8 @@ class LLMClient:
             params["stop"] = list(stop)
         if self.endpoint.extra_body:
             params["extra_body"] = dict(self.endpoint.extra_body)
+        if response_format:
+            params["response_format"] = response_format
         key = request_key(self.endpoint.model, messages, params)
         stored = self.cache.get(key)
         if stored is not None:

@@ -69,6 +69,7 @@ class LocalLLMServer:
             model=self.model,
             api_key_env="LOCAL_LLM_API_KEY",
             extra_body=(("repeat_penalty", 1.0),),
+            structured_output="json_object_schema",
         )
 
     def start(self) -> LocalLLMServer:

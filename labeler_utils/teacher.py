@@ -64,6 +64,16 @@ Document:
 
 ANSWER_WITH_REASONING = "Write at most three short sentences, then end with the line: Final grade: <digit>"
 ANSWER_DIRECTLY = "Answer with one line only: Final grade: <digit>"
+ANSWER_AS_JSON = 'Answer in JSON: {"reasoning": "<at most three short sentences>", "grade": <digit>}'
+ANSWER_AS_JSON_DIRECTLY = 'Answer in JSON: {"grade": <digit>}'
+
+
+def grade_schema(scale: "LabelScale", reasoning: bool) -> dict[str, Any]:
+    """JSON schema of a structured answer: optional short reasoning, then the grade from the scale."""
+    properties: dict[str, Any] = {"grade": {"type": "integer", "enum": list(scale.grades)}}
+    if reasoning:
+        properties = {"reasoning": {"type": "string", "maxLength": 400}, **properties}
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 _FINAL_GRADE = re.compile(r"final\s+grade\s*[:=]\s*\**\s*\[?([0-9]+)\]?", re.IGNORECASE)
 _BARE_GRADE = re.compile(r"^\s*(?:grade\s*[:=]\s*)?\**([0-9]+)\**\s*\.?\s*$", re.IGNORECASE)
@@ -76,13 +86,15 @@ def build_messages(
     template: str = RUBRIC_TEMPLATE,
     reasoning: bool = True,
     max_document_chars: int = 4000,
+    structured: bool = False,
 ) -> list[Message]:
     """The teacher's chat messages for one pair (``template`` fields: scale, query, document, answer_instruction)."""
+    if structured:
+        instruction = ANSWER_AS_JSON if reasoning else ANSWER_AS_JSON_DIRECTLY
+    else:
+        instruction = ANSWER_WITH_REASONING if reasoning else ANSWER_DIRECTLY
     prompt = template.format(
-        scale=scale.describe(),
-        query=query,
-        document=document[:max_document_chars],
-        answer_instruction=ANSWER_WITH_REASONING if reasoning else ANSWER_DIRECTLY,
+        scale=scale.describe(), query=query, document=document[:max_document_chars], answer_instruction=instruction
     )
     return [{"role": "user", "content": prompt}]
 
@@ -144,14 +156,21 @@ class TeacherLabeler:
     top_logprobs: int | None = 10
     n_samples: int = 0
     parse_attempts: int = 2
+    structured_output: bool = True  # constrain answers to a JSON schema where the endpoint supports it
 
     def label_pair(self, query: str, document: str) -> dict[str, Any]:
         """One label: grade (or None), distribution, how it was obtained, the raw answer."""
-        messages = build_messages(query, document, self.scale, self.template, self.reasoning)
+        response_format = (
+            self.client.endpoint.response_format("relevance_grade", grade_schema(self.scale, self.reasoning))
+            if self.structured_output else None
+        )
+        messages = build_messages(query, document, self.scale, self.template, self.reasoning,
+                                  structured=response_format is not None)
         try:
             grade, result = parse_with_retries(
                 self.client, messages, lambda text: parse_grade(text, self.scale), STAGE,
                 attempts=self.parse_attempts, max_tokens=self.max_tokens, top_logprobs=self.top_logprobs,
+                response_format=response_format,
             )
         except LLMError as exc:
             return {"grade": None, "distribution": None, "distribution_source": None, "answer": None,
@@ -165,13 +184,15 @@ class TeacherLabeler:
             if found:
                 label.update(distribution=found[0], distribution_source="logprobs", logprob_mass=found[1])
         if label["distribution"] is None and self.n_samples > 0:
-            label.update(distribution=self._sampled_distribution(messages), distribution_source="samples")
+            label.update(distribution=self._sampled_distribution(messages, response_format),
+                         distribution_source="samples")
         return label
 
-    def _sampled_distribution(self, messages: list[Message]) -> list[float] | None:
+    def _sampled_distribution(self, messages: list[Message], response_format: dict[str, Any] | None) -> list[float] | None:
         counts: Counter[int] = Counter()
         for seed in range(1, self.n_samples + 1):
-            text = self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.8, seed=seed).text
+            text = self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.8, seed=seed,
+                                    response_format=response_format).text
             try:
                 counts[parse_grade(text, self.scale)] += 1
             except ValueError:

@@ -245,18 +245,35 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _is_stopped(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except Exception:  # noqa: BLE001
+        return False
+
+
 class PeakMemory:
     """Samples the resident memory of some processes in a thread; ``peak_mb`` is the largest sum seen.
 
     RSS is everything the process holds (weights, activations, Python), not only what labeling added.
     On CUDA the peak allocated device memory is recorded too.
+
+    It also keeps ``stopped_seconds``: time during which a watched process was stopped by a signal
+    (SIGSTOP / job control, as a shared machine's tooling may do) — seen either as the process in
+    state ``T`` or, for this process, as a gap of more than ``gap_seconds`` between two samples.
+    That time is not labeling and is taken out of the throughput (and reported).
     """
 
-    def __init__(self, pids: Sequence[int] | None = None, interval: float = 0.05):
+    def __init__(self, pids: Sequence[int] | None = None, interval: float = 0.05, gap_seconds: float = 2.0):
         self.pids = list(pids) if pids else [os.getpid()]
         self.interval = interval
+        self.gap_seconds = gap_seconds
         self.peak_mb = 0.0
         self.cuda_peak_mb: float | None = None
+        self.stopped_seconds = 0.0
+        self._last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -264,7 +281,14 @@ class PeakMemory:
         self.peak_mb = max(self.peak_mb, sum(_rss_bytes(pid) for pid in self.pids) / 2**20)
 
     def _run(self) -> None:
+        self._last = time.perf_counter()
         while not self._stop.wait(self.interval):
+            now = time.perf_counter()
+            elapsed, self._last = now - self._last, now
+            if elapsed > self.gap_seconds:  # this process did not run at all for that long
+                self.stopped_seconds += elapsed - self.interval
+            elif any(_is_stopped(pid) for pid in self.pids if pid != os.getpid()):
+                self.stopped_seconds += elapsed
             self._sample()
 
     def __enter__(self) -> PeakMemory:
@@ -355,6 +379,7 @@ class Measurement:
     peak_rss_mb: float | None = None
     cuda_peak_mb: float | None = None
     cpu_seconds_per_label: float | None = None
+    stopped_seconds: float = 0.0
     load_before: list[float] = field(default_factory=list)
     load_after: list[float] = field(default_factory=list)
     cost_per_1000_labels: float | None = None
@@ -372,6 +397,10 @@ def _finish(
     memory: PeakMemory, cpu_seconds: float | None, load_before: list[float], grades: list[int | None],
     batch_size: int | None = None, notes: str = "",
 ) -> Measurement:
+    stopped = memory.stopped_seconds
+    if stopped > 0:
+        notes += f"; {stopped:.1f} s stopped by a signal taken out (wall clock {seconds:.1f} s)"
+        seconds = max(seconds - stopped, 1e-9)
     return Measurement(
         name=name, kind=kind, measured=True, pairs=pairs, seconds=round(seconds, 3),
         labels_per_second=pairs / seconds if seconds > 0 else float("inf"),
@@ -380,6 +409,7 @@ def _finish(
         cuda_peak_mb=round(memory.cuda_peak_mb, 1) if memory.cuda_peak_mb is not None else None,
         cpu_seconds_per_label=round(cpu_seconds / max(pairs, 1), 3) if cpu_seconds is not None else None,
         load_before=load_before, load_after=load_average(), grades=grades, notes=notes,
+        stopped_seconds=round(stopped, 1),
     )
 
 
@@ -809,6 +839,13 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _seconds_cell(m: dict[str, Any]) -> str:
+    if not m["measured"]:
+        return "–"
+    stopped = m.get("stopped_seconds") or 0
+    return _fmt(m["seconds"], 1) + (f" (+{stopped:.0f} stopped)" if stopped else "")
+
+
 def markdown_report(summary: dict[str, Any]) -> str:
     """The table and ratios as markdown (machine, date and load first)."""
     machine = summary["machine"]
@@ -830,7 +867,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
         load = f"{m['load_before'][0] if m['load_before'] else '–'} → {m['load_after'][0] if m['load_after'] else '–'}"
         lines.append(
             f"| {m['name']} | {'measured' if m['measured'] else '**stated**'} | {_fmt(m['batch_size'])} | "
-            f"{_fmt(m['labels_per_second'], 3)} | {_fmt(m['seconds'], 1) if m['measured'] else '–'} | "
+            f"{_fmt(m['labels_per_second'], 3)} | {_seconds_cell(m)} | "
             f"{_fmt(m['prompt_tokens_per_pair'], 0)} | {_fmt(m['completion_tokens_per_pair'], 1)} | "
             f"{_fmt(m['peak_rss_mb'], 0)} | {_fmt(m['cpu_seconds_per_label'])} | {_fmt(m['cost_per_1000_labels'], 4)} | "
             f"{load if m['measured'] else '–'} |"

@@ -457,3 +457,19 @@ def test_plots_return_figures() -> None:
     assert isinstance(ev.plot_grade_distributions(frame, ["teacher", "recorded:judge"]), Figure)
     metrics = {"teacher": {m: ev.bootstrap_ci(frame, ev.query_metric(m, "teacher"), 20) for m in ev.FOREST_METRICS}}
     assert isinstance(ev.plot_forest(metrics), Figure)
+
+
+def test_report_sets_aside_a_labeler_without_any_grade(tmp_path):
+    frame = pd.DataFrame({
+        "query_id": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+        "doc_id": [str(i) for i in range(12)],
+        "query": ["vpn timeout"] * 12,
+        "document": [f"document {i} about vpn" for i in range(12)],
+        "human": [0, 1, 2, 3] * 3,
+        "good": [0, 1, 2, 3] * 3,
+        "silent": pd.array([None] * 12, dtype="Int64"),
+    })
+    report = ev.evaluation_report(frame, ["good", "silent"], tmp_path, n_boot=20)
+    assert report["labelers_without_grades"] == ["silent"]
+    assert list(report["labelers"]) == ["good"]
+    assert report["labelers"]["good"]["metrics"]["accuracy"]["estimate"] == 1.0

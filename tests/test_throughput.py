@@ -118,6 +118,27 @@ def test_remote_teacher_priced_per_token():
     assert rows[0].cost_per_1000_labels == pytest.approx(3.5)
 
 
+def test_time_a_process_is_stopped_is_counted():
+    import os
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        with tp.PeakMemory([child.pid], interval=0.02) as memory:
+            time.sleep(0.4)
+        assert 0.2 < memory.stopped_seconds <= 0.5
+        assert memory.peak_mb > 0
+    finally:
+        child.kill()
+        child.wait()
+    with tp.PeakMemory() as memory:
+        time.sleep(0.1)
+    assert memory.stopped_seconds == 0.0
+
+
 # ------------------------------------------------------------------------------------------
 # Parsing, pairs, the stage 06 report
 # ------------------------------------------------------------------------------------------
