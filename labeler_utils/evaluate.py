@@ -1070,6 +1070,11 @@ def plot_forest(
     return fig
 
 
+def _format_optional(value: float | None) -> str:
+    """A correlation for a plot title; undefined ones (constant rankings) read "undefined"."""
+    return "undefined" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
 def plot_system_ranking(system: Mapping[str, Any]) -> Figure:
     """Per labeler: each run's nDCG@k by human grades (x) and by the labeler's grades (y)."""
     labelers = list(system["agreement"])
@@ -1089,7 +1094,7 @@ def plot_system_ranking(system: Mapping[str, Any]) -> Figure:
             ylim=(low, high),
             xlabel=f"nDCG@{system['k']} (human grades)",
             ylabel=f"nDCG@{system['k']} ({labeler} grades)",
-            title=f"{labeler}\nKendall tau {tau:.2f}, Spearman {rho:.2f}",
+            title=f"{labeler}\nKendall tau {_format_optional(tau)}, Spearman {_format_optional(rho)}",
         )
         ax.title.set_fontsize(10)
     fig.suptitle(f"System ranking ({system['runs_source']} runs)")
