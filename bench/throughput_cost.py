@@ -4,7 +4,7 @@
 Measures, on the same (query, document) pairs:
 
   * the teacher through the OpenAI-compatible client (the embedded llama.cpp server with the
-    bundled SmolLM2-135M GGUF by default; --teacher-base-url for any endpoint), fresh empty cache;
+    bundled SmolLM2-135M GGUF by default; --teacher-base-url for any endpoint), cache lookups disabled;
   * the student with naive per-pair ``model.generate()`` (greedy, a few tokens, digit parsed);
   * the student with the single-pass engine at each --batch-sizes, plus engine variants
     (--variants prefix_cache,int8);
@@ -15,7 +15,8 @@ GPT-4o prices) is added as a STATED row: its throughput cannot be measured from 
 
 Writes ``throughput.json`` and ``throughput.md`` to --out.
 
-Example (the default run takes about 5 minutes on a quiet 2-core CPU):
+Example (the default run should take about 4 minutes on a quiet 2-core CPU -- an estimate: every run of
+this session shared the CPU with other jobs and took 15-25 minutes):
 
     .venv/bin/python bench/throughput_cost.py --out runs/throughput-bench
 """
@@ -23,7 +24,6 @@ Example (the default run takes about 5 minutes on a quiet 2-core CPU):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8, 16],
                          help="comma-separated single-pass batch sizes (default 1,4,8,16)")
     student.add_argument("--variants", default="prefix_cache",
-                         help="comma-separated engine variants at the best batch size: prefix_cache, int8 "
-                              "(default prefix_cache; '' for none)")
+                         help="comma-separated engine variants at the best batch size: prefix_cache, int8, "
+                              "bfloat16 (default prefix_cache; '' for none)")
+    student.add_argument("--other-students", default="",
+                         help="comma-separated further students timed on the same pairs at every batch size, e.g. a "
+                              "cross-encoder folder written by stage 05 or scripts/reproduce_trec_dl.py")
     student.add_argument("--naive-new-tokens", type=int, default=4, help="tokens naive generate() makes (default 4)")
     student.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -152,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     student_name = resolve_student(args)
     print(f"pairs: {len(pairs)} from {source}; student: {student_name}", flush=True)
     student = tp.load_student(student_name, max_length=args.max_length, merge=not args.no_merge)
+    other_names = [name.strip() for name in args.other_students.split(",") if name.strip()]
+    others = [(Path(name).parent.parent.name if Path(name).name == "model" else Path(name).name,
+               tp.load_student(name, max_length=args.max_length)) for name in other_names]  # fmt: skip
 
     reasoning = not args.teacher_no_reasoning
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, student, batch_sizes=args.batch_sizes, teacher_pairs=pairs[: args.teacher_pairs],
         teacher_base_url=args.teacher_base_url, teacher_model=args.teacher_model, teacher_reasoning=reasoning,
         api_key_env=args.api_key_env, naive_pairs=naive_pairs or None, naive_new_tokens=args.naive_new_tokens,
-        variants=variants, skip_naive=args.skip_naive, teacher_threads=args.teacher_threads,
+        variants=variants, skip_naive=args.skip_naive, teacher_threads=args.teacher_threads, other_students=others,
     )
 
     machine_price = args.machine_price_per_hour
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if best else {}
     settings = {
         "pairs": len(pairs), "pairs_source": source, "student_model": student_name,
-        "student_max_length": student.max_length, "merged_adapter": not args.no_merge,
+        "student_max_length": student.max_length, "merged_adapter": not args.no_merge, "other_students": other_names,
         "batch_sizes": args.batch_sizes, "variants": variants, "naive_pairs": len(naive_pairs),
         "naive_new_tokens": args.naive_new_tokens, "teacher_pairs": min(args.teacher_pairs, len(pairs)),
         "teacher": args.teacher_base_url or "embedded llama.cpp server", "teacher_model": args.teacher_model,

@@ -48,7 +48,7 @@ def _label(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = LabelSettings(args.batch_size, args.chunk_size, args.max_length, args.skip_bad_lines)
+    settings = LabelSettings(args.batch_size, args.chunk_size, args.max_length, args.skip_bad_lines, args.precision)
     try:
         summary = label_pairs(args.model, args.input, args.output, collection=args.collection, topics=args.topics,
                               input_format=args.input_format, settings=settings,
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(handler=_pipeline)
 
     from .label_at_scale import BAD_INPUT_POLICY, INPUT_FORMATS, OUTPUT_FILES, TRUNCATION_POLICY, LabelSettings
+    from .student import PRECISIONS
 
     defaults = LabelSettings()
     label = commands.add_parser(
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="input lines per committed chunk (held in memory at once)")
     label.add_argument("--max-length", type=int, default=defaults.max_length,
                        help="prompt tokens per pair (a distilled adapter's own max_length wins)")
+    label.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                       help="compute precision: auto = bfloat16 on a CUDA GPU, float32 on a CPU; bfloat16 on a CPU "
+                            "with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)")
     label.add_argument("--skip-bad-lines", action="store_true", help="skip and record bad lines instead of stopping")
     label.add_argument("--formats", default=",".join(OUTPUT_FILES), help="comma-separated subset of "
                                                                          f"{','.join(OUTPUT_FILES)}")

@@ -46,6 +46,7 @@ class Profile:
     eval_max_pairs: int | None
     throughput_pairs: int
     lora_rank: int = 16
+    student_family: str = "causal_lm"  # "causal_lm" (LoRA/QLoRA on an SLM) or "cross_encoder" (MiniLM encoder)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -25,7 +25,7 @@ import importlib.metadata
 import math
 import platform
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,6 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, CrossEntropyLoss
-from tqdm.auto import tqdm
 
 from .artifacts import read_json, write_json
 from .distill import _library_versions
@@ -242,8 +241,10 @@ class CrossEncoderLabeler(StudentLabeler):
     """A trained cross-encoder student with the labelling interface of :class:`StudentLabeler`.
 
     Bucketing by length, streaming in input order and :meth:`label_records` are inherited; only
-    the encoding (query and document as one pair, document cut first) and the scoring differ.
+    the encoding (query and document as one pair, longest cut first) and the scoring differ.
     """
+
+    FAMILY = FAMILY
 
     def __init__(self, model: Any, max_length: int = 256, device: str | None = None):
         self.cross_encoder = model.eval()
@@ -279,13 +280,13 @@ class CrossEncoderLabeler(StudentLabeler):
     def objective(self) -> Objective:
         return "regression" if self.cross_encoder.num_labels == 1 else "classification"
 
-    def encode_pair(self, query: str, document: str) -> list[int]:
-        """Token ids of ``[CLS] query [SEP] document [SEP]``, cut to ``max_length`` as in training (longest first)."""
+    def encode_pair(self, query: str, document: str) -> tuple[list[int], bool]:
+        """Token ids of ``[CLS] query [SEP] document [SEP]``, cut to ``max_length`` as in training (longest first),
+        and whether they were cut."""
         full = self.tokenizer(query, document, truncation=False)["input_ids"]
         if len(full) <= self.max_length:
-            return full
-        self.truncated += 1
-        return self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length)["input_ids"]
+            return full, False
+        return self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length)["input_ids"], True
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:
@@ -306,22 +307,48 @@ class CrossEncoderLabeler(StudentLabeler):
             features["token_type_ids"] = [0] * first_sep + [1] * (len(ids) - first_sep)
         return features
 
-    def label(
-        self,
-        pairs: Iterable[tuple[str, str]],
-        batch_size: int = 16,
-        bucket_size: int = 512,
-        total: int | None = None,
-        progress: bool = True,
-    ) -> Iterator[GradeLabel]:
-        """Label (query, document) pairs in input order, streaming (see :meth:`StudentLabeler.label`)."""
-        bar = tqdm(total=total, desc="cross-encoder labels", unit="pair", disable=not progress)
-        bucket: list[list[int]] = []
-        for query, document in pairs:
-            bucket.append(self.encode_pair(query, document))
-            if len(bucket) >= bucket_size:
-                yield from self._score_bucket(bucket, batch_size, bar)
-                bucket = []
-        if bucket:
-            yield from self._score_bucket(bucket, batch_size, bar)
-        bar.close()
+
+class CosineBaseline:
+    """The zero-shot MiniLM row: bi-encoder cosine similarity of query and document, cut into grades.
+
+    An untrained classification head means nothing, so the encoder family's zero-shot baseline is
+    the pretrained sentence encoder itself. The cut points are the quantiles of the cosines of the
+    teacher's training pairs that reproduce the teacher's grade shares there (teacher grades only,
+    never human ones). Expected relevance is ``3 * (cos + 1) / 2``, meaningful for ranking only.
+    """
+
+    def __init__(self, encoder: Any, thresholds: Sequence[float]):
+        self.encoder = encoder
+        self.thresholds = np.asarray(thresholds, dtype=float)
+
+    @classmethod
+    def fit(cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None,
+            batch_size: int = 32) -> CosineBaseline:  # fmt: skip
+        """Encoder from ``base_model`` (default: the bundled MiniLM), thresholds from the training records' grades."""
+        from sentence_transformers import SentenceTransformer
+
+        if not train_records:
+            raise ValueError("No training records to set the cosine baseline's thresholds from")
+        baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
+        shares = np.bincount([r["grade"] for r in train_records], minlength=len(GRADES)) / len(train_records)
+        baseline.thresholds = np.quantile(baseline.cosines(train_records, batch_size), np.cumsum(shares)[:-1])
+        return baseline
+
+    def cosines(self, records: Sequence[dict[str, Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Cosine similarity of each record's query and document embeddings."""
+        queries = sorted({r["query"] for r in records})
+        query_vectors = dict(zip(queries, self.encoder.encode(queries, batch_size=batch_size, normalize_embeddings=True)))
+        documents = self.encoder.encode([r["document"] for r in records], batch_size=batch_size,
+                                        normalize_embeddings=True, show_progress_bar=progress)  # fmt: skip
+        return np.einsum("ij,ij->i", np.stack([query_vectors[r["query"]] for r in records]), documents)
+
+    def label_records(self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 32,
+                      progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+        """Prediction rows in the students' format (one-hot distribution at the thresholded grade)."""
+        values = self.cosines(records, batch_size, progress)
+        grades = np.searchsorted(self.thresholds, values, side="right")
+        return [{"query_id": r["query_id"], "doc_id": r["doc_id"], "grade": int(g),
+                 "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
+                 "labeler": labeler}
+                for r, g, c in zip(records, grades, values)]  # fmt: skip
+

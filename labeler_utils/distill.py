@@ -193,13 +193,11 @@ def train_student(
 
     output_dir = Path(output_dir)
     qlora = config.use_qlora()
-    if qlora and not torch.cuda.is_available():
-        raise RuntimeError("QLoRA (4-bit) training needs a CUDA GPU here; set qlora=False for LoRA on the CPU")
     torch.manual_seed(config.seed)
     model, tokenizer = load_causal_lm(
         config.base_model,
         quantize_4bit=qlora,
-        device_map={"": 0} if qlora else None,
+        device_map={"": 0} if qlora and torch.cuda.is_available() else None,  # bitsandbytes' NF4 also runs on a CPU
     )
     checkpointing = qlora if config.gradient_checkpointing is None else config.gradient_checkpointing
     if qlora:

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from rank_bm25 import BM25Okapi
 from tqdm.auto import tqdm
 
-from .artifacts import InputError, atomic_write, read_jsonl, write_json, write_jsonl
+from .artifacts import InputError, atomic_write, read_jsonl, write_jsonl
 from .documents import Document, document_card
 
 STAGE = "03_hard_negatives"

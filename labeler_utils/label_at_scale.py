@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .artifacts import InputError, atomic_write, read_json, write_json
 from .benchmarks import GRADES, iter_delimited
 from .documents import Document, document_card
+from .student import load_labeler, resolve_dtype
 
 MANIFEST = "manifest.json"
 WORK_DB = "work.sqlite"
@@ -85,11 +86,13 @@ class LabelSettings:
     chunk_size: int = 1000
     max_length: int = 512
     skip_bad_lines: bool = False
+    precision: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32" or "bfloat16"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "chunk_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        resolve_dtype(self.precision)
 
 
 @dataclass(frozen=True)
@@ -534,12 +537,9 @@ def start_or_resume(out_dir: Path, identity: dict[str, Any], restart: bool) -> d
 # --------------------------------------------------------------------------------------------
 
 
-def load_student(model: str | Path, max_length: int) -> Any:
-    """A labeler of either family when ``student.load_labeler`` exists, else a causal-LM student."""
-    from . import student
-
-    loader = getattr(student, "load_labeler", None) or student.StudentLabeler.load
-    return loader(model, max_length=max_length)
+def load_student(model: str | Path, max_length: int, precision: str = "auto") -> Any:
+    """A labeler of either family (causal LM or cross-encoder) in the given precision."""
+    return load_labeler(model, max_length=max_length, dtype=resolve_dtype(precision))
 
 
 def peak_rss_mb() -> float:
@@ -657,7 +657,7 @@ def _label_chunks(out_dir: Path, manifest: dict[str, Any], source: PairSource, m
     """Validate the input once, then label and commit the chunks not committed yet."""
     for stale in [*out_dir.glob(".*.tmp"), *(out_dir / CHUNKS).glob(".*.tmp")]:  # writes cut short by a kill
         stale.unlink()
-    labeler = load_student(model, settings.max_length)
+    labeler = load_student(model, settings.max_length, settings.precision)
     labeler_name = manifest["identity"]["model"]
     store = WorkStore(out_dir / WORK_DB)
     try:

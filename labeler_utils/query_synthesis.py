@@ -183,8 +183,8 @@ Examples of real queries from employees (for style only, do not copy them):
 Write {n} different search queries that this document answers, one per line of this list:
 {requests}
 
-Do not copy whole sentences from the document. Answer with a JSON list like
-[{{"query_type": "{first_type}", "query": "..."}}]"""
+Do not copy whole sentences from the document. Answer with JSON like
+{{"queries": [{{"query_type": "{first_type}", "query": "..."}}]}}"""
 PERSONA_TEMPLATE = "\nWrite them as a {role}{department} would search.\n"
 PROMPT_HASH = hashlib.sha256(
     json.dumps([SYSTEM_PROMPT, USER_TEMPLATE, PERSONA_TEMPLATE,
@@ -214,6 +214,14 @@ def build_messages(
                                 persona=persona_line, n=len(query_types), requests=requests,
                                 first_type=query_types[0])  # fmt: skip
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def queries_schema(n: int) -> dict[str, Any]:
+    """JSON schema of a structured answer: an object whose ``queries`` list holds exactly ``n`` queries."""
+    item = {"type": "object", "properties": {"query_type": {"type": "string"}, "query": {"type": "string"}},
+            "required": ["query_type", "query"], "additionalProperties": False}  # fmt: skip
+    queries = {"type": "array", "items": item, "minItems": n, "maxItems": n}
+    return {"type": "object", "properties": {"queries": queries}, "required": ["queries"], "additionalProperties": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +334,7 @@ class GenerationSettings:
     temperature: float = 0.7
     max_tokens_per_query: int = 40
     parse_attempts: int = 2
+    structured_output: bool = True  # constrain answers to a JSON schema where the endpoint supports it
     seed: int = 0
 
 
@@ -380,6 +389,8 @@ def synthesize_queries(
     parse = functools.partial(parse_queries, echoes=prompt_reference_queries(examples))
     chat_kwargs = {"temperature": settings.temperature, "max_tokens": settings.max_tokens_per_query * n + 32,
                    "seed": settings.seed}  # fmt: skip
+    if settings.structured_output:
+        chat_kwargs["response_format"] = client.endpoint.response_format("search_queries", queries_schema(n))
 
     def generate(messages: list[Message]) -> tuple[Any | None, ChatResult] | LLMError:
         try:

@@ -31,6 +31,17 @@ STUDENT_INSTRUCTION = (
     "Reply with the grade digit only."
 )
 ADAPTER_MANIFEST = "labeler_manifest.json"
+#: Compute precisions a labeler can run in; "auto" is bfloat16 on a CUDA GPU and float32 elsewhere.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """The torch dtype for a precision name (see :data:`PRECISIONS`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, precision)
 
 
 @dataclass
@@ -95,6 +106,8 @@ def encode_prompt(tokenizer: Any, query: str, document: str, max_length: int) ->
 class StudentLabeler:
     """A loaded student (base model, merged model or LoRA adapter) that labels pairs in one pass."""
 
+    FAMILY = "causal_lm"
+
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -116,12 +129,19 @@ class StudentLabeler:
             base_name = manifest.get("base_model") or json.loads((path / "adapter_config.json").read_text())[
                 "base_model_name_or_path"
             ]
-            base, tokenizer = load_causal_lm(base_name, dtype=dtype)
+            # An adapter trained on a 4-bit base (QLoRA) is applied to the same 4-bit base, as in training.
+            quantized = manifest.get("method") == "qlora-nf4"
+            base, tokenizer = load_causal_lm(base_name, dtype=dtype, quantize_4bit=quantized,
+                                             device_map={"": 0} if quantized and torch.cuda.is_available() else None)
             model = PeftModel.from_pretrained(base, path)
             max_length = manifest.get("max_length", max_length)
         else:
             model, tokenizer = load_causal_lm(model_or_adapter, dtype=dtype)
         return cls(model, tokenizer, max_length=max_length)
+
+    def encode_pair(self, query: str, document: str) -> tuple[list[int], bool]:
+        """Token ids of one pair as the model reads it, and whether the document was cut to fit."""
+        return encode_prompt(self.tokenizer, query, document, self.max_length)
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:
@@ -166,10 +186,10 @@ class StudentLabeler:
         Pairs are read ``bucket_size`` at a time, sorted by length inside the bucket into batches
         of ``batch_size`` (little padding), scored, and yielded back in input order.
         """
-        bar = tqdm(total=total, desc="student labels", unit="pair", disable=not progress)
+        bar = tqdm(total=total, desc=f"{self.FAMILY} labels", unit="pair", disable=not progress)
         bucket: list[list[int]] = []
         for query, document in pairs:
-            ids, truncated = encode_prompt(self.tokenizer, query, document, self.max_length)
+            ids, truncated = self.encode_pair(query, document)
             self.truncated += truncated
             bucket.append(ids)
             if len(bucket) >= bucket_size:
@@ -209,6 +229,13 @@ class StudentLabeler:
         ]
 
 
+def distilled_student(folder: str | Path) -> Path | None:
+    """The folder holding a trained student's manifest: ``folder`` itself, its ``adapter/`` (causal LM) or its
+    ``model/`` (cross-encoder); None when there is none (e.g. a run whose stage 05 has not run)."""
+    path = Path(str(folder))
+    return next((f for f in (path, path / "adapter", path / "model") if (f / ADAPTER_MANIFEST).exists()), None)
+
+
 def load_labeler(path_or_name: str | Path, family: str | None = None, **kwargs: Any) -> StudentLabeler:
     """Load a student of either family with one call: a causal LM or a cross-encoder.
 
@@ -218,8 +245,7 @@ def load_labeler(path_or_name: str | Path, family: str | None = None, **kwargs: 
     manifest's ``family`` field, else ``"causal_lm"`` (manifests written before the field existed).
     ``kwargs`` go to :meth:`StudentLabeler.load` or :meth:`CrossEncoderLabeler.load`.
     """
-    path = Path(str(path_or_name))
-    holder = next((folder for folder in (path, path / "adapter", path / "model") if (folder / ADAPTER_MANIFEST).exists()), None)
+    holder = distilled_student(path_or_name)
     if holder is not None:
         path_or_name = holder
         family = family or json.loads((holder / ADAPTER_MANIFEST).read_text()).get("family", "causal_lm")

@@ -43,6 +43,18 @@ class LabelScale:
     def describe(self) -> str:
         return "\n".join(f"{g} = {self.descriptions[g]}" for g in sorted(self.grades, reverse=True))
 
+    @classmethod
+    def from_wording(cls, wording: dict[Any, str], source: str = "label_scale") -> LabelScale:
+        """A scale from ``{grade: description}`` (keys may be strings, as in JSON); every grade needs a non-empty text."""
+        try:
+            descriptions = {int(grade): str(text).strip() for grade, text in wording.items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{source}: expected a mapping of integer grades to descriptions, got {wording!r}") from exc
+        empty = sorted(g for g, text in descriptions.items() if not text)
+        if empty or len(descriptions) < 2:
+            raise ValueError(f"{source}: needs at least two grades, each with a description (empty: {empty})")
+        return cls(grades=tuple(sorted(descriptions)), descriptions=descriptions)
+
 
 RUBRIC_TEMPLATE = """You judge search results for a company's internal search engine.
 Given a search query and a document, decide how relevant the document is to the query.

@@ -19,6 +19,8 @@ measured here enters as a :func:`stated_teacher` row, always marked ``measured=F
 
 from __future__ import annotations
 
+import copy
+
 import datetime as _dt
 import json
 import os
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 from .config import DEMO_CORPUS_DIR
-from .student import GradeLabel, StudentLabeler, encode_prompt
+from .student import GradeLabel, StudentLabeler, encode_prompt, load_labeler
 
 STAGE = "07_throughput_cost"
 Pair = tuple[str, str]
@@ -525,7 +527,7 @@ def load_student(
     """
     if dtype is None and torch.cuda.is_available():
         dtype = torch.bfloat16
-    labeler = StudentLabeler.load(model_or_adapter, max_length=max_length, dtype=dtype)
+    labeler = load_labeler(model_or_adapter, max_length=max_length, dtype=dtype)
     if merge and hasattr(labeler.model, "merge_and_unload"):
         labeler = StudentLabeler(labeler.model.merge_and_unload(), labeler.tokenizer, max_length=labeler.max_length)
     return labeler
@@ -597,7 +599,7 @@ def measure_single_pass(
     """Time ``student.label`` (one forward pass per pair, length-bucketed batches) at ``batch_size``."""
     if warmup:  # one short pass: first-call set-up (allocator, kernels) is not labeling throughput
         list(student.label([(pairs[0][0], pairs[0][1][:200])], batch_size=1, progress=False))
-    prompt_tokens = sum(len(encode_prompt(student.tokenizer, q, d, student.max_length)[0]) for q, d in pairs)
+    prompt_tokens = sum(len(student.encode_pair(q, d)[0]) for q, d in pairs)
     load_before = load_average()
     with PeakMemory() as memory:
         cpu_start, start = time.process_time(), time.perf_counter()
@@ -687,6 +689,13 @@ def quantize_int8(labeler: StudentLabeler) -> StudentLabeler:
     model = copy.deepcopy(labeler._base_model())
     quantize_dynamic(model.get_decoder(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     return StudentLabeler(model, labeler.tokenizer, max_length=labeler.max_length, device="cpu")
+
+
+def in_precision(labeler: StudentLabeler, dtype: torch.dtype) -> StudentLabeler:
+    """A copy of the labeler whose model computes in ``dtype`` (the original is left as it is)."""
+    copied = copy.deepcopy(labeler)
+    copied.model.to(dtype)
+    return copied
 
 
 def label_agreement(reference: Sequence[GradeLabel], other: Sequence[GradeLabel]) -> dict[str, float]:
@@ -785,9 +794,31 @@ def summarize(
             "notes": stated.notes,
         },
         "targets": targets,
+        "other_students": other_students_summary(measurements, teacher),
         "flops": flops or {},
         "measurements": [m.to_dict() for m in measurements],
     }
+
+
+def other_students_summary(measurements: Sequence[Measurement], teacher: Measurement | None) -> dict[str, Any]:
+    """Per other student (rows of kind ``single_pass_other``): its fastest row and its ratios to the teacher."""
+    rows: dict[str, list[Measurement]] = {}
+    for m in measurements:
+        if m.kind == "single_pass_other" and m.measured:
+            rows.setdefault(m.name.split(" single pass")[0], []).append(m)
+    summary = {}
+    for name, timed in rows.items():
+        best = max(timed, key=lambda m: m.labels_per_second)
+        summary[name] = {
+            "best_row": best.name,
+            "labels_per_second": best.labels_per_second,
+            "cost_per_1000_labels": best.cost_per_1000_labels,
+            "peak_rss_mb": best.peak_rss_mb,
+            "speedup_vs_teacher": ratio(best.labels_per_second, teacher.labels_per_second if teacher else None),
+            "cost_ratio_teacher_vs_student": ratio(teacher.cost_per_1000_labels if teacher else None,
+                                                   best.cost_per_1000_labels),
+        }
+    return summary
 
 
 def _target(name: str, value: float | None, basis: str) -> dict[str, Any]:
@@ -883,6 +914,11 @@ def markdown_report(summary: dict[str, Any]) -> str:
                      "student measured, API throughput **stated** |")
         lines.append(f"| hosted API teacher vs student, cost | {_fmt(api['cost_ratio_vs_student'])}x | – | – | "
                      "student measured, API tokens measured locally, prices **stated** |")
+    for name, other in (summary.get("other_students") or {}).items():
+        lines.append(f"| {name} (best: {other['best_row']}) vs teacher, speed | {_fmt(other['speedup_vs_teacher'])}x | "
+                     f"{TARGETS['student_vs_teacher_speed']:.0f}x | – | measured |")
+        lines.append(f"| teacher vs {name}, cost | {_fmt(other['cost_ratio_teacher_vs_student'])}x | "
+                     f"{TARGETS['teacher_vs_student_cost']:.0f}x | – | measured throughput x stated prices |")
     variant = summary.get("student_best_variant")
     if variant and summary.get("speedup_best_variant_vs_naive_generate"):
         lines.append(f"| best engine variant ({variant['name']}) vs naive generate | "
@@ -988,17 +1024,24 @@ def run_all(
     variants: Sequence[str] = (),
     skip_naive: bool = False,
     teacher_threads: int | None = None,
+    other_students: Sequence[tuple[str, StudentLabeler]] = (),
     log: Callable[[str], None] = print,
 ) -> tuple[list[Measurement], dict[str, Any]]:
     """Measure naive generate, the single pass at each batch size, engine variants, and the teacher.
 
     Returns the measurements and extras (engine agreement of the variants with the plain engine).
-    ``variants``: ``"prefix_cache"`` and/or ``"int8"`` (CPU), each at the best plain batch size.
+    ``variants``: ``"prefix_cache"``, ``"int8"`` (CPU) and ``"bfloat16"``, each at the best plain batch
+    size; a variant that does not apply to the student's family is skipped with a message.
+    ``other_students``: (name, labeler) pairs, e.g. a cross-encoder student, timed at every batch size
+    on the same pairs, and in bfloat16 at their best batch size when ``"bfloat16"`` is among the variants.
     """
     measurements: list[Measurement] = []
     extras: dict[str, Any] = {"variant_agreement": {}}
     naive_pairs = pairs if naive_pairs is None else naive_pairs
-    if naive_pairs and not skip_naive:
+    causal = hasattr(student.model, "generate") and hasattr(student.model, "get_decoder")
+    if not causal:
+        log("the student is not a causal LM: naive generate() and the decoder variants do not apply")
+    if naive_pairs and not skip_naive and causal:
         log(f"naive generate() on {len(naive_pairs)} pairs ...")
         measurements.append(measure_naive_generate(student, naive_pairs, max_new_tokens=naive_new_tokens))
         log(f"  {measurements[-1].labels_per_second:.3f} labels/s (load {load_average()})")
@@ -1012,7 +1055,12 @@ def run_all(
     plain = [m for m in measurements if m.kind == "single_pass"]
     best_batch = max(plain, key=lambda m: m.labels_per_second).batch_size if plain else 8
     for variant in variants:
-        if variant == "prefix_cache":
+        if variant in ("prefix_cache", "int8") and not causal:
+            continue
+        if variant == "bfloat16":
+            engine = in_precision(student, torch.bfloat16)
+            name = f"student single pass, bfloat16, batch {best_batch}"
+        elif variant == "prefix_cache":
             engine: StudentLabeler = PrefixCachedStudentLabeler.from_labeler(student)
             name = f"student single pass + shared-prefix KV cache ({len(engine.prefix_ids)} tokens), batch {best_batch}"
         elif variant == "int8":
@@ -1022,7 +1070,7 @@ def run_all(
             engine = quantize_int8(student)
             name = f"student single pass, int8 dynamic quantisation, batch {best_batch}"
         else:
-            raise ValueError(f"Unknown engine variant {variant!r}: use 'prefix_cache' or 'int8'")
+            raise ValueError(f"Unknown engine variant {variant!r}: use 'prefix_cache', 'int8' or 'bfloat16'")
         log(f"{name} ...")
         measurement, labels = measure_single_pass(engine, pairs, int(best_batch or 8), name=name)
         measurement.variant = variant
@@ -1032,6 +1080,26 @@ def run_all(
             measurement.notes += f"; vs plain engine: {extras['variant_agreement'][variant]}"
         log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
         del engine
+    for other_name, other in other_students:
+        timed = []
+        for batch_size in batch_sizes:
+            log(f"{other_name} single pass, batch {batch_size} ...")
+            measurement, labels = measure_single_pass(other, pairs, batch_size, name=f"{other_name} single pass, batch {batch_size}")
+            measurement.kind = "single_pass_other"
+            measurements.append(measurement)
+            timed.append((measurement, labels))
+            log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
+        best, best_labels = max(timed, key=lambda item: item[0].labels_per_second)
+        if "bfloat16" in variants:
+            name = f"{other_name} single pass, bfloat16, batch {best.batch_size}"
+            log(f"{name} ...")
+            measurement, labels = measure_single_pass(in_precision(other, torch.bfloat16), pairs, int(best.batch_size or 8),
+                                                      name=name)  # fmt: skip
+            measurement.kind, measurement.variant = "single_pass_other", "bfloat16"
+            extras["variant_agreement"][f"{other_name} bfloat16"] = label_agreement(best_labels, labels)
+            measurement.notes += f"; vs float32: {extras['variant_agreement'][f'{other_name} bfloat16']}"
+            measurements.append(measurement)
+            log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
     teacher_pairs = pairs if teacher_pairs is None else teacher_pairs
     if teacher_pairs:
         log(f"teacher on {len(teacher_pairs)} pairs ({teacher_base_url or 'embedded llama.cpp server'}) ...")

@@ -200,8 +200,9 @@ def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
         manifest = trainer(records, folder, config, data)
-    stats_record = {"wall_seconds": time.perf_counter() - start, "peak_rss_mb": round(memory.peak_mb, 1),
-                    "load_before": load_before, "load_after": load_average()}  # fmt: skip
+    stats_record = {"wall_seconds": time.perf_counter() - start, "stopped_seconds": memory.stopped_seconds,
+                    "train_active_seconds": manifest["train_seconds"] - memory.stopped_seconds,
+                    "peak_rss_mb": round(memory.peak_mb, 1), "load_before": load_before, "load_after": load_average()}  # fmt: skip
     write_json(stats_path, stats_record)
     return {**manifest, **stats_record}
 
@@ -224,42 +225,22 @@ def timed_predictions(prepare: Callable[[], Labeling], path: Path, pairs: set[tu
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
         rows = label()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - memory.stopped_seconds  # a shared machine's tooling may SIGSTOP jobs
     write_predictions(path, pd.DataFrame(rows))
-    timing = {"pairs": len(rows), "seconds": seconds, "labels_per_second": len(rows) / seconds, "batch_size": batch_size,
-              "peak_rss_mb": round(memory.peak_mb, 1), "load_before": load_before, "load_after": load_average()}  # fmt: skip
+    timing = {"pairs": len(rows), "seconds": seconds, "stopped_seconds": memory.stopped_seconds,
+              "labels_per_second": len(rows) / seconds, "batch_size": batch_size, "peak_rss_mb": round(memory.peak_mb, 1),
+              "load_before": load_before, "load_after": load_average()}  # fmt: skip
     write_json(timing_path, timing)
     return timing
 
 
 def cosine_baseline(train_records: list[dict[str, Any]], test_records: list[dict[str, Any]], name: str,
                     batch_size: int) -> Labeling:  # fmt: skip
-    """Zero-shot MiniLM: bi-encoder cosine cut into grades at the teacher's grade shares (see module doc)."""
-    from sentence_transformers import SentenceTransformer
+    """Zero-shot MiniLM (see ``CosineBaseline``): thresholds fitted untimed, labelling timed."""
+    from labeler_utils.cross_encoder import CosineBaseline
 
-    from labeler_utils.cross_encoder import bundled_minilm_path
-
-    encoder = SentenceTransformer(bundled_minilm_path(), device="cpu")
-
-    def cosines(records: list[dict[str, Any]]) -> np.ndarray:
-        queries = sorted({r["query"] for r in records})
-        query_vectors = dict(zip(queries, encoder.encode(queries, batch_size=batch_size, normalize_embeddings=True)))
-        documents = encoder.encode([r["document"] for r in records], batch_size=batch_size, normalize_embeddings=True,
-                                   show_progress_bar=True)  # fmt: skip
-        return np.einsum("ij,ij->i", np.stack([query_vectors[r["query"]] for r in records]), documents)
-
-    shares = np.bincount([r["grade"] for r in train_records], minlength=len(GRADES)) / len(train_records)
-    thresholds = np.quantile(cosines(train_records), np.cumsum(shares)[:-1])
-
-    def label() -> list[dict[str, Any]]:
-        values = cosines(test_records)
-        grades = np.searchsorted(thresholds, values, side="right")
-        return [{"query_id": r["query_id"], "doc_id": r["doc_id"], "grade": int(g),
-                 "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
-                 "labeler": name}
-                for r, g, c in zip(test_records, grades, values)]  # fmt: skip
-
-    return label
+    baseline = CosineBaseline.fit(train_records, batch_size=batch_size)
+    return partial(baseline.label_records, test_records, name, batch_size=batch_size)
 
 
 def release_memory() -> None:
@@ -318,7 +299,7 @@ def student_predictions(
             "train_queries": len(split.train_ids), "train_pairs": len(train_records), "max_train_pairs": max_train}  # fmt: skip
     trained = train(spec, train_records, folder, config, data, args.force)
     outputs["train"] = {key: trained.get(key) for key in (
-        "train_seconds", "wall_seconds", "peak_rss_mb", "train_examples", "global_steps", "train_loss",
+        "train_seconds", "train_active_seconds", "stopped_seconds", "wall_seconds", "peak_rss_mb", "train_examples", "global_steps", "train_loss",
         "truncated_documents", "load_before", "load_after", "method", "max_length")}  # fmt: skip
     outputs["config"] = trained["config"]
     release_memory()
@@ -404,13 +385,14 @@ def markdown(report: dict[str, Any]) -> str:
                 shown.add(row)
                 timing = output["timing"]
                 train_cells = ([f"{train['train_examples']} x {result['config']['epochs']:g}", str(train["global_steps"]),
-                                f"{train['train_seconds'] / 60:.1f} min", str(train["peak_rss_mb"])]
+                                f"{train.get('train_active_seconds') or train['train_seconds']:.0f} s", str(train["peak_rss_mb"])]
                                if stage == "distilled" else ["–"] * 4)  # fmt: skip
                 lines.append(f"| {row} | {timing['labels_per_second']:.2f} ({timing['batch_size']}) | {timing['pairs']} | "
                              f"{timing['peak_rss_mb']} | " + " | ".join(train_cells) + " |")  # fmt: skip
     lines += ["", "Peak RSS is the whole process's resident memory during the phase (sampled every 50 ms), after "
-              "freeing the previous phase. Labels/s include tokenisation; the machine is shared, so the load "
-              "average is recorded with every timing in results.json.", ""]
+              "freeing the previous phase. Labels/s include tokenisation; train time is the trainer's wall time. "
+              "Time while the shared machine's tooling had the job stopped (SIGSTOP) is taken out of both; the "
+              "load average is recorded with every timing in results.json.", ""]
     zero_shot = {split["stages"]["zero-shot"]["labeler"]: student["zero_shot"]
                  for student in report["students"].values() for split in student["splits"].values()}  # fmt: skip
     lines += ["", "Zero-shot rows: " + "; ".join(f"{name}: {how}" for name, how in zero_shot.items()) + ".", ""]

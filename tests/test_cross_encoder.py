@@ -83,11 +83,13 @@ def test_label_records_rows_match_the_causal_student_format(labeler):
     assert set(rows[0]) == {"query_id", "doc_id", "grade", "expected_relevance", "distribution", "labeler"}
 
 
-def test_long_documents_are_cut_to_max_length(labeler):
+def test_long_documents_are_cut_to_max_length_and_counted(labeler):
+    ids, truncated = labeler.encode_pair("vpn error", "gateway timeout " * 200)
+    assert len(ids) == labeler.max_length and truncated and ids[-1] == labeler.tokenizer.sep_token_id
+    assert labeler.encode_pair("vpn error", "gateway timeout")[1] is False
     before = labeler.truncated
-    ids = labeler.encode_pair("vpn error", "gateway timeout " * 200)
-    assert len(ids) == labeler.max_length and labeler.truncated == before + 1
-    assert ids[-1] == labeler.tokenizer.sep_token_id
+    list(labeler.label([("vpn error", "gateway timeout " * 200), ("vpn error", "gateway timeout")], progress=False))
+    assert labeler.truncated == before + 1
 
 
 def test_regression_head_labels_through_the_same_interface(tmp_path):
@@ -173,3 +175,40 @@ def test_script_per_student_options(script):
     assert script.parse_per_student(None, students, int) == {}
     with pytest.raises(SystemExit):
         script.parse_per_student("gemma3-270m=5", students, int)
+
+
+def test_cosine_baseline_reproduces_the_teacher_grade_shares_on_its_training_pairs():
+    from labeler_utils.cross_encoder import CosineBaseline
+
+    baseline = CosineBaseline.fit(RECORDS)
+    rows = baseline.label_records(RECORDS, "cosine", progress=False)
+    assert sorted(r["grade"] for r in rows) == sorted(r["grade"] for r in RECORDS)  # quantile cut points
+    assert [(r["query_id"], r["doc_id"]) for r in rows] == [(r["query_id"], r["doc_id"]) for r in RECORDS]
+    relevant = [r["expected_relevance"] for r, record in zip(rows, RECORDS) if record["grade"] == 3]
+    unrelated = [r["expected_relevance"] for r, record in zip(rows, RECORDS) if record["grade"] == 0]
+    assert min(relevant) > max(unrelated)  # the pretrained encoder alone ranks these obvious pairs
+    with pytest.raises(ValueError, match="No training records"):
+        CosineBaseline.fit([])
+
+
+def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tiny_model_dir):
+    import torch
+
+    from labeler_utils import throughput as tp
+
+    pairs = [(r["query"], r["document"]) for r in RECORDS]
+    student = tp.load_student(tiny_model_dir, max_length=256)
+    measurements, extras = tp.run_all(pairs, student, batch_sizes=[4], teacher_pairs=[], naive_pairs=pairs[:1],
+                                      variants=["bfloat16"], other_students=[("minilm", labeler)], log=lambda _: None)
+    kinds = [(m.kind, m.variant) for m in measurements]
+    assert kinds == [("naive_generate", None), ("single_pass", None), ("single_pass", "bfloat16"),
+                     ("single_pass_other", None), ("single_pass_other", "bfloat16")]
+    other = measurements[3]
+    assert other.prompt_tokens_per_pair == pytest.approx(sum(len(labeler.encode_pair(q, d)[0]) for q, d in pairs) / len(pairs))
+    assert extras["variant_agreement"]["minilm bfloat16"]["grade_agreement"] >= 0.75
+    assert next(labeler.model.parameters()).dtype == torch.float32  # the bfloat16 copy left the original alone
+    summary = tp.summarize(measurements, tp.machine_info(), {})
+    assert summary["other_students"]["minilm"]["labels_per_second"] == max(m.labels_per_second for m in measurements[3:])
+    ce_only, _ = tp.run_all(pairs, labeler, batch_sizes=[4], teacher_pairs=[], variants=["prefix_cache", "int8"],
+                            log=lambda _: None)  # fmt: skip
+    assert [m.kind for m in ce_only] == ["single_pass"]  # no generate(), no decoder variants for an encoder

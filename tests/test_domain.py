@@ -332,8 +332,6 @@ def test_cli_pipeline_config_error_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.notebooks
-@pytest.mark.skip(reason="open work: with the bundled 135M generator, stage 02 keeps no query on the hospital "
-                  "corpus, so stage 03 has nothing to mine; needs a sturdier query-synthesis prompt (structured output)")
 def test_second_domain_runs_through_notebook_09(tmp_path):
     from labeler_utils.pipeline import execute_notebook
 

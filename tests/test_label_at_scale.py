@@ -114,6 +114,21 @@ def test_max_chunks_stops_and_the_same_call_resumes(tiny_model_dir, tmp_path):
     assert not (out_dir / "work.sqlite").exists()
 
 
+def test_bfloat16_precision_labels_close_to_float32_and_is_part_of_the_run_identity(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 20)
+    full = label_pairs(tiny_model_dir, pairs_path, tmp_path / "fp32", settings=SMALL, progress=False)
+    half = LabelSettings(batch_size=4, chunk_size=10, max_length=128, precision="bfloat16")
+    label_pairs(tiny_model_dir, pairs_path, tmp_path / "bf16", settings=half, progress=False)
+    fp32, bf16 = read_labels(tmp_path / "fp32"), read_labels(tmp_path / "bf16")
+    assert full["pairs_labeled"] == len(bf16) == 20
+    assert max(abs(a - b) for x, y in zip(fp32, bf16) for a, b in zip(x["distribution"], y["distribution"])) < 0.1
+    with pytest.raises(ResumeRefused, match="precision"):
+        label_pairs(tiny_model_dir, pairs_path, tmp_path / "fp32", settings=half, progress=False)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        LabelSettings(precision="fp8")
+
+
 def test_a_changed_argument_is_refused_unless_restart(tiny_model_dir, tmp_path):
     pairs_path = tmp_path / "pairs.jsonl"
     write_pairs(pairs_path, 30)

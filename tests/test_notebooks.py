@@ -8,6 +8,7 @@ assert on what each notebook records, not only that it ran.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,27 @@ def test_07_throughput_cost(run_path):
     assert throughput["student_labels_per_second"] > 0 and throughput["teacher_labels_per_second"] > 0
     assert throughput["speedup_vs_teacher"] == pytest.approx(
         throughput["student_labels_per_second"] / throughput["teacher_labels_per_second"], rel=1e-6)
+
+
+def test_cross_encoder_family_through_stages_05_and_07(run_path, tmp_path):
+    """One parameter switches stage 05 to the MiniLM cross-encoder; stage 07 then times that student."""
+    other_run = tmp_path / "cross_encoder_run"
+    for stage in STAGES[:5]:
+        shutil.copytree(run_path / stage, other_run / stage)
+    execute_notebook("05_distill", other_run, {"profile": "smoke", "student_family": "cross_encoder"})
+    metrics = stage_metrics(other_run, "05_distill")
+    assert metrics["family"] == "cross_encoder" and metrics["method"] == "cross-encoder-classification"
+    assert metrics["train_examples"] > 0 and metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert (other_run / "05_distill" / "model" / "model.safetensors").exists()
+    for name in ("student_zero_shot", "student_distilled"):
+        predictions = read_jsonl(other_run / "05_distill" / f"benchmark_predictions_{name}.jsonl")
+        assert len(predictions) == metrics["benchmark_pairs_labeled"]
+        assert all(p["grade"] in (0, 1, 2, 3) and abs(sum(p["distribution"]) - 1) < 1e-4 for p in predictions)
+    execute_notebook("07_throughput_cost", other_run, {"profile": "smoke", "teacher_pairs": 1})
+    throughput = json.loads((other_run / "07_throughput_cost" / "throughput.json").read_text())
+    assert throughput["settings"]["student_model"].endswith("05_distill/model")
+    assert throughput["naive_generate_labels_per_second"] is None  # an encoder has no generate()
+    assert throughput["student_labels_per_second"] > throughput["teacher_labels_per_second"] > 0
 
 
 def test_every_stage_has_a_test():

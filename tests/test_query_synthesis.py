@@ -185,6 +185,22 @@ def test_generation_rows_and_unparseable_answers_recorded(tmp_path):
     assert all(r["reason"].startswith("no queries found") for r in recorded)
 
 
+def test_structured_output_asks_for_exactly_n_queries(tmp_path):
+    answer = '{"queries": [{"query_type": "keyword", "query": "pay-4012 gateway"}, {"query_type": "x", "query": "who ran INC-1"}]}'
+    client = _client(tmp_path, [chat_response(answer)])
+    rows, counts = qs.synthesize_queries(client, [CODE_DOC], qs.GenerationSettings(queries_per_document=2),
+                                         qs.read_queries(DATA / "qs_user_queries.jsonl"))  # fmt: skip
+    assert [r["query"] for r in rows] == ["pay-4012 gateway", "who ran INC-1"]
+    request = client._client.chat.completions.requests[0]
+    schema = request["response_format"]["json_schema"]["schema"]
+    assert request["response_format"]["type"] == "json_schema"
+    assert schema["properties"]["queries"]["minItems"] == schema["properties"]["queries"]["maxItems"] == 2
+    assert schema["required"] == ["queries"]
+    plain = _client(tmp_path / "plain", [chat_response(answer)])
+    qs.synthesize_queries(plain, [CODE_DOC], qs.GenerationSettings(queries_per_document=2, structured_output=False))
+    assert "response_format" not in plain._client.chat.completions.requests[0]
+
+
 # ---------------------------------------------------------------------------------------- filters
 
 

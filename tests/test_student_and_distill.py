@@ -128,8 +128,19 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
     assert [lab.grade for lab in labeler.label(PAIRS, progress=False)] == [3, 0, 2, 1]
 
 
-def test_qlora_without_cuda_fails_clearly(tiny_model_dir, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        train_student([{"query": "q", "document": "d", "grade": 1}], tmp_path, DistillConfig(base_model=str(tiny_model_dir), qlora=True))
+def test_qlora_trains_lora_on_a_4bit_nf4_base(tiny_model_dir, tmp_path):
+    """The QLoRA path (NF4, double quantization, LoRA on every linear projection); bitsandbytes trains it on a CPU too."""
+    records = [{"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
+               for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))] * 4
+    config = DistillConfig(base_model=str(tiny_model_dir), qlora=True, max_steps=40, batch_size=8, max_length=128,
+                           learning_rate=1e-2, lora_rank=8, logging_steps=5, warmup_ratio=0.0)
+    manifest = train_student(records, tmp_path, config, {"source": "unit test"})
+    assert manifest["method"] == "qlora-nf4"
+    losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0] / 2
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    labeler = StudentLabeler.load(tmp_path / "adapter")  # applied to the same 4-bit base it was trained on
+    base = labeler.model.get_base_model()
+    assert base.is_loaded_in_4bit and base.config.quantization_config.bnb_4bit_use_double_quant

@@ -133,3 +133,13 @@ def test_labels_from_frame_skips_missing_grades():
                           "document": ["da", "db"], "recorded:judge": pd.array([2, None], dtype="Int64")})
     records = labels_from_frame(frame, "recorded:judge", "recorded:judge")
     assert [(r["doc_id"], r["grade"]) for r in records] == [("a", 2)]
+
+
+def test_label_scale_from_wording_accepts_json_keys_and_names_bad_input():
+    scale = LabelScale.from_wording({"3": "the procedure itself", "0": "unrelated", 1: "same topic", 2: " answers it "})
+    assert scale.grades == (0, 1, 2, 3)
+    assert scale.describe().splitlines() == ["3 = the procedure itself", "2 = answers it", "1 = same topic", "0 = unrelated"]
+    with pytest.raises(ValueError, match="label_scale: needs at least two grades.*empty: \\[1\\]"):
+        LabelScale.from_wording({0: "no", 1: "  "})
+    with pytest.raises(ValueError, match="my.yaml: expected a mapping of integer grades"):
+        LabelScale.from_wording({"high": "x"}, source="my.yaml")

@@ -170,6 +170,11 @@ def test_load_pairs_from_jsonl(tmp_path: Path):
     [
         {"labelers": {"teacher": {"qwk": 0.61}, "student_zero_shot": {"qwk": 0.12},
                       "student_distilled": {"qwk": {"estimate": 0.48, "low": 0.4}}}},
+        {  # stage 06's layout: labelers -> name -> metrics -> qwk -> estimate, then comparisons
+            "labelers": {name: {"n": 10, "metrics": {"kappa": {"estimate": 0.0}, "qwk": {"estimate": q, "ci_low": 0.0}}}
+                         for name, q in (("student_distilled", 0.48), ("student_zero_shot", 0.12), ("teacher", 0.61))},
+            "comparisons": {"student_distilled_vs_teacher": {"qwk": {"estimate": -0.13}}},
+        },
         {"rows": [{"labeler": "teacher", "qwk": 0.61}, {"labeler": "student_zero_shot", "qwk": 0.12},
                   {"labeler": "student_distilled", "quadratic_weighted_kappa": 0.48}]},
     ],
