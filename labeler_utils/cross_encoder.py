@@ -66,6 +66,7 @@ class CrossEncoderConfig:
     objective: Objective = "classification"
     soft_labels: bool = True  # train on the teacher's distribution when a record has one
     epochs: float = 2.0
+    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)
     learning_rate: float = 5e-5
     batch_size: int = 16
     max_length: int = 256
@@ -178,6 +179,7 @@ def train_cross_encoder(
     args = CrossEncoderTrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps

@@ -161,8 +161,15 @@ def _trainer_class() -> type:
             grades = inputs.pop("grade")
             teacher = inputs.pop("teacher_distribution")
             labels = inputs.pop("labels")
-            outputs = model(**inputs, use_cache=False)
-            loss = grade_loss(outputs.logits, labels, grades, teacher, self.grade_ids.to(labels.device),
+            # Vocabulary logits only where a grade is predicted (one position per row, not every token):
+            # with Gemma's 262k-token vocabulary they would otherwise cost more than the transformer itself.
+            rows = torch.arange(labels.shape[0], device=labels.device)
+            label_positions = (labels != -100).float().argmax(dim=1)
+            kept = torch.unique(label_positions - 1)
+            outputs = model(**inputs, use_cache=False, logits_to_keep=kept)
+            kept_labels = torch.full((labels.shape[0], len(kept) + 1), -100, dtype=labels.dtype, device=labels.device)
+            kept_labels[rows, torch.searchsorted(kept, label_positions - 1) + 1] = labels[rows, label_positions]
+            loss = grade_loss(outputs.logits, kept_labels, grades, teacher, self.grade_ids.to(labels.device),
                               self.soft_label_weight, self.class_weights)
             return (loss, outputs) if return_outputs else loss
 

@@ -230,10 +230,13 @@ class StudentLabeler:
 
 
 def distilled_student(folder: str | Path) -> Path | None:
-    """The folder holding a trained student's manifest: ``folder`` itself, its ``adapter/`` (causal LM) or its
-    ``model/`` (cross-encoder); None when there is none (e.g. a run whose stage 05 has not run)."""
+    """The folder holding a trained student's manifest: ``folder`` itself, else its ``adapter/`` (causal LM) or its
+    ``model/`` (cross-encoder), the more recently trained when both exist; None when there is none."""
     path = Path(str(folder))
-    return next((f for f in (path, path / "adapter", path / "model") if (f / ADAPTER_MANIFEST).exists()), None)
+    if (path / ADAPTER_MANIFEST).exists():
+        return path
+    found = [f for f in (path / "adapter", path / "model") if (f / ADAPTER_MANIFEST).exists()]
+    return max(found, key=lambda f: (f / ADAPTER_MANIFEST).stat().st_mtime_ns, default=None)
 
 
 def load_labeler(path_or_name: str | Path, family: str | None = None, **kwargs: Any) -> StudentLabeler:

@@ -263,7 +263,7 @@ class PeakMemory:
     On CUDA the peak allocated device memory is recorded too.
 
     It also keeps ``stopped_seconds``: time during which a watched process was stopped by a signal
-    (SIGSTOP / job control, as a shared machine's tooling may do) — seen either as the process in
+    (SIGSTOP, job control) — seen either as the process in
     state ``T`` or, for this process, as a gap of more than ``gap_seconds`` between two samples.
     That time is not labeling and is taken out of the throughput (and reported).
     """

@@ -225,7 +225,7 @@ def timed_predictions(prepare: Callable[[], Labeling], path: Path, pairs: set[tu
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
         rows = label()
-    seconds = time.perf_counter() - start - memory.stopped_seconds  # a shared machine's tooling may SIGSTOP jobs
+    seconds = time.perf_counter() - start - memory.stopped_seconds  # time stopped by a signal (job control) is not labeling
     write_predictions(path, pd.DataFrame(rows))
     timing = {"pairs": len(rows), "seconds": seconds, "stopped_seconds": memory.stopped_seconds,
               "labels_per_second": len(rows) / seconds, "batch_size": batch_size, "peak_rss_mb": round(memory.peak_mb, 1),
@@ -350,8 +350,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Date: {machine['date']}; machine: {machine['cpu']}, {machine['usable_cores']} cores, torch threads "
-        f"{machine['torch_threads']}, no GPU; load average at start {machine['load_average']} (shared machine: "
-        "timings are indicative).",
+        f"{machine['torch_threads']}, no GPU; load average at start {machine['load_average']} (each timing "
+        "keeps its own load average in results.json: a timing taken while other jobs ran is a lower bound).",
         "",
         f"Teacher: `{settings['teacher']}` (recorded grades of the training queries are the only training data). "
         f"Split by query, seed {settings['seed']}: {report['splits_summary']}. Intervals: 95% percentile bootstrap over "
@@ -391,7 +391,7 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{timing['peak_rss_mb']} | " + " | ".join(train_cells) + " |")  # fmt: skip
     lines += ["", "Peak RSS is the whole process's resident memory during the phase (sampled every 50 ms), after "
               "freeing the previous phase. Labels/s include tokenisation; train time is the trainer's wall time. "
-              "Time while the shared machine's tooling had the job stopped (SIGSTOP) is taken out of both; the "
+              "Time during which the job was stopped by a signal (job control) is taken out of both; the "
               "load average is recorded with every timing in results.json.", ""]
     zero_shot = {split["stages"]["zero-shot"]["labeler"]: student["zero_shot"]
                  for student in report["students"].values() for split in student["splits"].values()}  # fmt: skip

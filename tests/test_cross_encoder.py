@@ -212,3 +212,19 @@ def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tin
     ce_only, _ = tp.run_all(pairs, labeler, batch_sizes=[4], teacher_pairs=[], variants=["prefix_cache", "int8"],
                             log=lambda _: None)  # fmt: skip
     assert [m.kind for m in ce_only] == ["single_pass"]  # no generate(), no decoder variants for an encoder
+
+
+def test_distilled_student_finds_the_most_recently_trained_of_both_families(tmp_path):
+    import os
+
+    from labeler_utils.student import distilled_student
+
+    assert distilled_student(tmp_path) is None
+    for name, when in (("adapter", 1_000), ("model", 2_000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ADAPTER_MANIFEST).write_text("{}")
+        os.utime(tmp_path / name / ADAPTER_MANIFEST, (when, when))
+    assert distilled_student(tmp_path) == tmp_path / "model"
+    os.utime(tmp_path / "adapter" / ADAPTER_MANIFEST, (3_000, 3_000))
+    assert distilled_student(tmp_path) == tmp_path / "adapter"
+    assert distilled_student(tmp_path / "model") == tmp_path / "model"
