@@ -38,6 +38,7 @@ from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, C
 
 from .artifacts import read_json, write_json
 from .distill import _library_versions
+from .models import BUNDLED_MODELS
 from .student import ADAPTER_MANIFEST, GRADES, GradeLabel, StudentLabeler
 
 FAMILY = "cross_encoder"
@@ -78,6 +79,9 @@ class CrossEncoderConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.base_model in BUNDLED_MODELS:
+            raise ValueError(f"{self.base_model!r} is a bundled causal LM: train it with student_family='causal_lm', or "
+                             "give the cross-encoder an encoder (default: the bundled MiniLM)")
 
     @property
     def num_labels(self) -> int:

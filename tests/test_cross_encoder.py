@@ -228,3 +228,8 @@ def test_distilled_student_finds_the_most_recently_trained_of_both_families(tmp_
     os.utime(tmp_path / "adapter" / ADAPTER_MANIFEST, (3_000, 3_000))
     assert distilled_student(tmp_path) == tmp_path / "adapter"
     assert distilled_student(tmp_path / "model") == tmp_path / "model"
+
+
+def test_a_causal_lm_name_for_the_cross_encoder_is_refused_clearly():
+    with pytest.raises(ValueError, match="bundled causal LM: train it with student_family='causal_lm'"):
+        CrossEncoderConfig(base_model="smollm2-135m-instruct")
