@@ -46,8 +46,9 @@ class Profile:
     eval_max_pairs: int | None
     throughput_pairs: int
     lora_rank: int = 16
-    # "cross_encoder" (the bundled MiniLM, the default: about 30x the labels per second of SmolLM2-135M on this CPU at
-    # equal agreement with human grades on TREC DL 2019, see README) or "causal_lm" (LoRA/QLoRA on student_model)
+    # "cross_encoder" (the bundled MiniLM, the default: 9.4x the labels per second of SmolLM2-135M on a 2-core CPU
+    # at equally poor distilled agreement with TREC DL 2019's human grades, see README) or "causal_lm" (LoRA/QLoRA
+    # on student_model)
     student_family: str = "cross_encoder"
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
