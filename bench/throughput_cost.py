@@ -15,8 +15,7 @@ GPT-4o prices) is added as a STATED row: its throughput cannot be measured from 
 
 Writes ``throughput.json`` and ``throughput.md`` to --out.
 
-Example (the default run should take about 4 minutes on a quiet 2-core CPU -- an estimate: every run of
-this session shared the CPU with other jobs and took 15-25 minutes):
+Example (the 64-pair run recorded in bench/README.md took 176 s on a quiet 2-core CPU):
 
     .venv/bin/python bench/throughput_cost.py --out runs/throughput-bench
 """

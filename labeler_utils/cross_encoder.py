@@ -357,4 +357,3 @@ class CosineBaseline:
                  "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
                  "labeler": labeler}
                 for r, g, c in zip(records, grades, values)]  # fmt: skip
-

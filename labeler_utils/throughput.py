@@ -20,7 +20,6 @@ measured here enters as a :func:`stated_teacher` row, always marked ``measured=F
 from __future__ import annotations
 
 import copy
-
 import datetime as _dt
 import json
 import os
@@ -691,6 +690,11 @@ def quantize_int8(labeler: StudentLabeler) -> StudentLabeler:
     return StudentLabeler(model, labeler.tokenizer, max_length=labeler.max_length, device="cpu")
 
 
+def is_causal(labeler: StudentLabeler) -> bool:
+    """Whether the labeler's model is a causal LM (it can ``generate()`` and has a decoder to prefix-cache)."""
+    return hasattr(labeler.model, "generate") and hasattr(labeler.model, "get_decoder")
+
+
 def in_precision(labeler: StudentLabeler, dtype: torch.dtype) -> StudentLabeler:
     """A copy of the labeler whose model computes in ``dtype`` (the original is left as it is)."""
     copied = copy.deepcopy(labeler)
@@ -1032,74 +1036,63 @@ def run_all(
     Returns the measurements and extras (engine agreement of the variants with the plain engine).
     ``variants``: ``"prefix_cache"``, ``"int8"`` (CPU) and ``"bfloat16"``, each at the best plain batch
     size; a variant that does not apply to the student's family is skipped with a message.
-    ``other_students``: (name, labeler) pairs, e.g. a cross-encoder student, timed at every batch size
-    on the same pairs, and in bfloat16 at their best batch size when ``"bfloat16"`` is among the variants.
+    ``other_students``: (name, labeler) pairs, e.g. a cross-encoder student, timed the same way on the
+    same pairs (rows of kind ``single_pass_other``).
     """
     measurements: list[Measurement] = []
     extras: dict[str, Any] = {"variant_agreement": {}}
     naive_pairs = pairs if naive_pairs is None else naive_pairs
-    causal = hasattr(student.model, "generate") and hasattr(student.model, "get_decoder")
-    if not causal:
+    if not is_causal(student):
         log("the student is not a causal LM: naive generate() and the decoder variants do not apply")
-    if naive_pairs and not skip_naive and causal:
+    if naive_pairs and not skip_naive and is_causal(student):
         log(f"naive generate() on {len(naive_pairs)} pairs ...")
         measurements.append(measure_naive_generate(student, naive_pairs, max_new_tokens=naive_new_tokens))
         log(f"  {measurements[-1].labels_per_second:.3f} labels/s (load {load_average()})")
-    reference: list[GradeLabel] | None = None
-    for batch_size in batch_sizes:
-        log(f"single pass, batch {batch_size}, on {len(pairs)} pairs ...")
-        measurement, labels = measure_single_pass(student, pairs, batch_size)
-        reference = reference or labels
-        measurements.append(measurement)
-        log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
-    plain = [m for m in measurements if m.kind == "single_pass"]
-    best_batch = max(plain, key=lambda m: m.labels_per_second).batch_size if plain else 8
-    for variant in variants:
-        if variant in ("prefix_cache", "int8") and not causal:
-            continue
-        if variant == "bfloat16":
-            engine = in_precision(student, torch.bfloat16)
-            name = f"student single pass, bfloat16, batch {best_batch}"
-        elif variant == "prefix_cache":
-            engine: StudentLabeler = PrefixCachedStudentLabeler.from_labeler(student)
-            name = f"student single pass + shared-prefix KV cache ({len(engine.prefix_ids)} tokens), batch {best_batch}"
-        elif variant == "int8":
-            if torch.cuda.is_available():
-                log("int8 dynamic quantisation is a CPU variant; skipped on CUDA")
-                continue
-            engine = quantize_int8(student)
-            name = f"student single pass, int8 dynamic quantisation, batch {best_batch}"
-        else:
-            raise ValueError(f"Unknown engine variant {variant!r}: use 'prefix_cache', 'int8' or 'bfloat16'")
-        log(f"{name} ...")
-        measurement, labels = measure_single_pass(engine, pairs, int(best_batch or 8), name=name)
-        measurement.variant = variant
-        measurements.append(measurement)
-        if reference is not None:
-            extras["variant_agreement"][variant] = label_agreement(reference, labels)
-            measurement.notes += f"; vs plain engine: {extras['variant_agreement'][variant]}"
-        log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
-        del engine
-    for other_name, other in other_students:
+
+    def time_engines(prefix: str, labeler: StudentLabeler, kind: str) -> None:
+        """The plain single pass at every batch size, then each applicable variant at the fastest one."""
         timed = []
         for batch_size in batch_sizes:
-            log(f"{other_name} single pass, batch {batch_size} ...")
-            measurement, labels = measure_single_pass(other, pairs, batch_size, name=f"{other_name} single pass, batch {batch_size}")
-            measurement.kind = "single_pass_other"
+            name = f"{prefix} single pass, batch {batch_size}"
+            log(f"{name}, on {len(pairs)} pairs ...")
+            measurement, labels = measure_single_pass(labeler, pairs, batch_size, name=name)
+            measurement.kind = kind
             measurements.append(measurement)
             timed.append((measurement, labels))
             log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
-        best, best_labels = max(timed, key=lambda item: item[0].labels_per_second)
-        if "bfloat16" in variants:
-            name = f"{other_name} single pass, bfloat16, batch {best.batch_size}"
+        best, reference = max(timed, key=lambda item: item[0].labels_per_second) if timed else (None, None)
+        best_batch = int(best.batch_size or 8) if best else 8
+        for variant in variants:
+            if variant in ("prefix_cache", "int8") and not is_causal(labeler):
+                continue
+            if variant == "bfloat16":
+                engine = in_precision(labeler, torch.bfloat16)
+                name = f"{prefix} single pass, bfloat16, batch {best_batch}"
+            elif variant == "prefix_cache":
+                engine = PrefixCachedStudentLabeler.from_labeler(labeler)
+                name = f"{prefix} single pass + shared-prefix KV cache ({len(engine.prefix_ids)} tokens), batch {best_batch}"
+            elif variant == "int8":
+                if torch.cuda.is_available():
+                    log("int8 dynamic quantisation is a CPU variant; skipped on CUDA")
+                    continue
+                engine = quantize_int8(labeler)
+                name = f"{prefix} single pass, int8 dynamic quantisation, batch {best_batch}"
+            else:
+                raise ValueError(f"Unknown engine variant {variant!r}: use 'prefix_cache', 'int8' or 'bfloat16'")
             log(f"{name} ...")
-            measurement, labels = measure_single_pass(in_precision(other, torch.bfloat16), pairs, int(best.batch_size or 8),
-                                                      name=name)  # fmt: skip
-            measurement.kind, measurement.variant = "single_pass_other", "bfloat16"
-            extras["variant_agreement"][f"{other_name} bfloat16"] = label_agreement(best_labels, labels)
-            measurement.notes += f"; vs float32: {extras['variant_agreement'][f'{other_name} bfloat16']}"
+            measurement, labels = measure_single_pass(engine, pairs, best_batch, name=name)
+            measurement.kind, measurement.variant = kind, variant
             measurements.append(measurement)
+            if reference is not None:
+                key = variant if prefix == "student" else f"{prefix} {variant}"
+                extras["variant_agreement"][key] = label_agreement(reference, labels)
+                measurement.notes += f"; vs plain engine: {extras['variant_agreement'][key]}"
             log(f"  {measurement.labels_per_second:.3f} labels/s (load {load_average()})")
+            del engine
+
+    time_engines("student", student, "single_pass")
+    for other_name, other in other_students:
+        time_engines(other_name, other, "single_pass_other")
     teacher_pairs = pairs if teacher_pairs is None else teacher_pairs
     if teacher_pairs:
         log(f"teacher on {len(teacher_pairs)} pairs ({teacher_base_url or 'embedded llama.cpp server'}) ...")
