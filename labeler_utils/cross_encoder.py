@@ -39,7 +39,14 @@ from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, C
 from .artifacts import read_json, write_json
 from .distill import _library_versions
 from .models import BUNDLED_MODELS
-from .student import ADAPTER_MANIFEST, GRADES, GradeLabel, StudentLabeler
+from .student import (
+    ADAPTER_MANIFEST,
+    GRADES,
+    GradeLabel,
+    StudentLabeler,
+    grades_at_thresholds,
+    share_matching_thresholds,
+)
 
 FAMILY = "cross_encoder"
 MODEL_SUBDIR = "model"
@@ -336,8 +343,8 @@ class CosineBaseline:
         if not train_records:
             raise ValueError("No training records to set the cosine baseline's thresholds from")
         baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
-        shares = np.bincount([r["grade"] for r in train_records], minlength=len(GRADES)) / len(train_records)
-        baseline.thresholds = np.quantile(baseline.cosines(train_records, batch_size), np.cumsum(shares)[:-1])
+        counts = np.bincount([r["grade"] for r in train_records], minlength=len(GRADES))
+        baseline.thresholds = share_matching_thresholds(baseline.cosines(train_records, batch_size), counts)
         return baseline
 
     def cosines(self, records: Sequence[dict[str, Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
@@ -352,7 +359,7 @@ class CosineBaseline:
                       progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
         """Prediction rows in the students' format (one-hot distribution at the thresholded grade)."""
         values = self.cosines(records, batch_size, progress)
-        grades = np.searchsorted(self.thresholds, values, side="right")
+        grades = grades_at_thresholds(values, self.thresholds)
         return [{"query_id": r["query_id"], "doc_id": r["doc_id"], "grade": int(g),
                  "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
                  "labeler": labeler}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .artifacts import write_json
 from .models import load_causal_lm, resolve_model
-from .student import ADAPTER_MANIFEST, GRADES, encode_prompt, grade_token_ids
+from .student import ADAPTER_MANIFEST, GRADES, encode_prompt, grade_token_ids, shared_prompt_prefix
 
 LORA_TARGETS = "all-linear"
 
@@ -50,6 +50,9 @@ class DistillConfig:
     soft_label_weight: float = 0.0  # 0 = hard-label cross-entropy only; 1 = KL to the teacher only
     class_balance: bool = False  # weight the loss by inverse grade frequency
     gradient_checkpointing: bool | None = None  # None: on for QLoRA (memory), off on CPU (speed)
+    shared_prefix: bool | None = None  # instruction prefix run once per batch; None: on unless checkpointing
+    bf16: bool | None = None  # bfloat16 autocast; None: on for QLoRA on a bf16 GPU, off otherwise
+    group_by_length: bool = True  # batches of similar length (less padding)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
@@ -57,6 +60,20 @@ class DistillConfig:
 
     def use_qlora(self) -> bool:
         return torch.cuda.is_available() if self.qlora is None else self.qlora
+
+    def use_gradient_checkpointing(self) -> bool:
+        return self.use_qlora() if self.gradient_checkpointing is None else self.gradient_checkpointing
+
+    def use_shared_prefix(self) -> bool:
+        """Whether the shared prompt prefix is run once per batch (needs the KV cache: no checkpointing)."""
+        if self.shared_prefix and self.use_gradient_checkpointing():
+            raise ValueError("shared_prefix needs the KV cache, which gradient checkpointing turns off: set one to False")
+        return not self.use_gradient_checkpointing() if self.shared_prefix is None else self.shared_prefix
+
+    def use_bf16(self) -> bool:
+        if self.bf16 is None:
+            return self.use_qlora() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return self.bf16
 
 
 def build_examples(
@@ -116,8 +133,7 @@ class GradeCollator:
 
 
 def grade_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    answer_logits: torch.Tensor,
     grades: torch.Tensor,
     teacher_distribution: torch.Tensor,
     grade_ids: torch.Tensor,
@@ -126,13 +142,11 @@ def grade_loss(
 ) -> torch.Tensor:
     """Loss at the grade position only: (1-w) * CE(hard grade) + w * KL(teacher || student).
 
-    ``logits`` are the model's next-token logits ``[batch, seq, vocab]``; the grade token is the
-    single position whose label is not -100, predicted from the position before it.
+    ``answer_logits`` are the next-token logits ``[batch, vocab]`` at the position right before
+    each row's grade token; the hard target is the grade's token, ``grade_ids[grade]``.
     """
-    label_positions = (labels != -100).float().argmax(dim=1)
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    answer_logits = logits[rows, label_positions - 1].float()
-    hard = F.cross_entropy(answer_logits, labels[rows, label_positions], reduction="none")
+    answer_logits = answer_logits.float()
+    hard = F.cross_entropy(answer_logits, grade_ids[grades], reduction="none")
     if class_weights is not None:
         hard = hard * class_weights.to(hard.device)[grades]
     loss = hard.mean() * (1.0 - soft_label_weight)
@@ -143,6 +157,45 @@ def grade_loss(
     return loss
 
 
+def answer_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_positions: torch.Tensor,
+    prefix_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Next-token logits ``[batch, vocab]`` at each row's answer position, with gradients.
+
+    Vocabulary logits are computed only at the answer positions (``logits_to_keep``): with
+    Gemma's 262k-token vocabulary they would otherwise cost more than the transformer itself.
+    With ``prefix_ids`` (the instruction every prompt starts with), the prefix runs once and its
+    keys and values are shared by the batch's rows: the same result as running it in every row,
+    except that LoRA dropout draws one mask for the prefix instead of one per row. A batch whose
+    rows do not all start with the prefix runs whole.
+    """
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    p = len(prefix_ids)
+    prefix = torch.tensor([list(prefix_ids)], device=input_ids.device)
+    if not p or input_ids.shape[1] <= p or bool((answer_positions < p).any()) or not torch.equal(
+        input_ids[:, :p], prefix.expand(len(rows), -1)
+    ):
+        kept = torch.unique(answer_positions)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=kept)
+        return out.logits[rows, torch.searchsorted(kept, answer_positions)]
+    from transformers import DynamicCache
+
+    prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(len(rows), -1, -1, -1),
+                                          layer.values.expand(len(rows), -1, -1, -1)) for layer in prefix_cache.layers])
+    width = input_ids.shape[1] - p
+    positions = torch.arange(p, p + width, device=input_ids.device)
+    kept = torch.unique(answer_positions - p)
+    out = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                position_ids=positions.unsqueeze(0).expand(len(rows), -1), cache_position=positions,
+                logits_to_keep=kept)
+    return out.logits[rows, torch.searchsorted(kept, answer_positions - p)]
+
+
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
@@ -150,28 +203,24 @@ def _trainer_class() -> type:
         """SFTTrainer whose loss is :func:`grade_loss` on the grade token."""
 
         def __init__(self, *args: Any, grade_ids: list[int], soft_label_weight: float,
-                     class_weights: torch.Tensor | None, **kwargs: Any):
+                     class_weights: torch.Tensor | None, prefix_ids: Sequence[int], **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.grade_ids = torch.tensor(grade_ids)
             self.soft_label_weight = soft_label_weight
             self.class_weights = class_weights
+            self.prefix_ids = list(prefix_ids)
 
         def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             grades = inputs.pop("grade")
             teacher = inputs.pop("teacher_distribution")
             labels = inputs.pop("labels")
-            # Vocabulary logits only where a grade is predicted (one position per row, not every token):
-            # with Gemma's 262k-token vocabulary they would otherwise cost more than the transformer itself.
-            rows = torch.arange(labels.shape[0], device=labels.device)
-            label_positions = (labels != -100).float().argmax(dim=1)
-            kept = torch.unique(label_positions - 1)
-            outputs = model(**inputs, use_cache=False, logits_to_keep=kept)
-            kept_labels = torch.full((labels.shape[0], len(kept) + 1), -100, dtype=labels.dtype, device=labels.device)
-            kept_labels[rows, torch.searchsorted(kept, label_positions - 1) + 1] = labels[rows, label_positions]
-            loss = grade_loss(outputs.logits, kept_labels, grades, teacher, self.grade_ids.to(labels.device),
-                              self.soft_label_weight, self.class_weights)
-            return (loss, outputs) if return_outputs else loss
+            answer_positions = (labels != -100).float().argmax(dim=1) - 1  # the position that predicts the grade
+            logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], answer_positions,
+                                   self.prefix_ids)
+            loss = grade_loss(logits, grades, teacher, self.grade_ids.to(labels.device), self.soft_label_weight,
+                              self.class_weights)
+            return (loss, logits) if return_outputs else loss
 
     return GradeSFTTrainer
 
@@ -206,7 +255,8 @@ def train_student(
         quantize_4bit=qlora,
         device_map={"": 0} if qlora and torch.cuda.is_available() else None,  # bitsandbytes' NF4 also runs on a CPU
     )
-    checkpointing = qlora if config.gradient_checkpointing is None else config.gradient_checkpointing
+    checkpointing = config.use_gradient_checkpointing()
+    prefix_ids = shared_prompt_prefix(tokenizer, config.max_length) if config.use_shared_prefix() else []
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     examples, truncated = build_examples(tokenizer, records, config.max_length)
@@ -216,7 +266,6 @@ def train_student(
     if config.class_balance:
         counts = torch.bincount(torch.tensor([e["grade"] for e in examples]), minlength=len(GRADES)).float()
         class_weights = counts.sum() / (len(GRADES) * counts.clamp(min=1))
-    bf16 = qlora and torch.cuda.is_bf16_supported()
     args = SFTConfig(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=config.epochs,
@@ -227,11 +276,12 @@ def train_student(
         lr_scheduler_type="cosine",
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=config.weight_decay,
-        bf16=bf16,
+        bf16=config.use_bf16(),
         fp16=False,
         gradient_checkpointing=checkpointing,
         max_length=config.max_length,
         packing=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         logging_steps=config.logging_steps,
         save_strategy="no",
         report_to=[],
@@ -258,6 +308,7 @@ def train_student(
         grade_ids=grade_token_ids(tokenizer),
         soft_label_weight=config.soft_label_weight,
         class_weights=class_weights,
+        prefix_ids=prefix_ids,
     )
     start = time.perf_counter()
     result = trainer.train()
@@ -271,6 +322,7 @@ def train_student(
         "method": "qlora-nf4" if qlora else "lora",
         "config": dataclasses.asdict(config),
         "max_length": config.max_length,
+        "shared_prefix_tokens": len(prefix_ids),
         "train_examples": len(examples),
         "truncated_documents": truncated,
         "grade_counts": {g: sum(e["grade"] == g for e in examples) for g in GRADES},

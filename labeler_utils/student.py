@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -57,6 +58,24 @@ class GradeLabel:
         probs = [float(p) for p in probabilities]
         best = max(range(len(probs)), key=probs.__getitem__)
         return cls(grade=GRADES[best], distribution=probs, expected_relevance=sum(g * p for g, p in zip(GRADES, probs)))
+
+
+def share_matching_thresholds(scores: Sequence[float], grade_counts: Sequence[int]) -> np.ndarray:
+    """Three cut points on ``scores`` that split them into grades 0-3 in the shares of ``grade_counts``.
+
+    The calibrated-threshold alternative to the arg-max: cut a labeler's scores (a student's
+    expected relevance, a cosine) so that its grade mix equals a reference mix, e.g. the teacher's
+    grade counts on the training pairs. Only those counts are used, never a human grade.
+    """
+    counts = np.asarray(grade_counts, dtype=float)
+    if counts.shape != (len(GRADES),) or counts.sum() <= 0:
+        raise ValueError(f"grade_counts must be {len(GRADES)} counts with a positive sum, got {list(grade_counts)}")
+    return np.quantile(np.asarray(scores, dtype=float), np.cumsum(counts / counts.sum())[:-1])
+
+
+def grades_at_thresholds(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
+    """Grade of each score: how many of the (ascending) cut points it reaches."""
+    return np.searchsorted(np.asarray(thresholds, dtype=float), np.asarray(scores, dtype=float), side="right")
 
 
 def grade_token_ids(tokenizer: Any) -> list[int]:
@@ -101,6 +120,16 @@ def encode_prompt(tokenizer: Any, query: str, document: str, max_length: int) ->
     cut = tokenizer.decode(doc_ids)
     ids = tokenizer.encode(prompt_text(tokenizer, query, cut), add_special_tokens=False)
     return ids[: max_length - 1], True
+
+
+def shared_prompt_prefix(tokenizer: Any, max_length: int = 512) -> list[int]:
+    """The token ids every student prompt starts with (longest common prefix of two unrelated prompts)."""
+    probes = [encode_prompt(tokenizer, query, document, max_length)[0]
+              for query, document in (("1 alpha", "2 beta"), ("x zeta", "y eta"), ("Q", "D"))]
+    common = 0
+    while all(common < len(ids) for ids in probes) and len({ids[common] for ids in probes}) == 1:
+        common += 1
+    return probes[0][: max(common - 1, 0)]  # one token held back: it may merge with the query's first characters
 
 
 class StudentLabeler:

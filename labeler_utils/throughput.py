@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .config import DEMO_CORPUS_DIR
-from .student import GradeLabel, StudentLabeler, encode_prompt, load_labeler
+from .student import GradeLabel, StudentLabeler, encode_prompt, load_labeler, shared_prompt_prefix
 
 STAGE = "07_throughput_cost"
 Pair = tuple[str, str]
@@ -663,16 +663,6 @@ class PrefixCachedStudentLabeler(StudentLabeler):
         final = hidden[torch.arange(rows, device=self.device), last]
         logits = self._output_layer()(final)[:, self.grade_ids].float()
         return [GradeLabel.from_probabilities(probs) for probs in torch.softmax(logits, dim=-1).cpu().tolist()]
-
-
-def shared_prompt_prefix(tokenizer: Any, max_length: int = 512) -> list[int]:
-    """The token ids every student prompt starts with (longest common prefix of two unrelated prompts)."""
-    probes = [encode_prompt(tokenizer, query, document, max_length)[0]
-              for query, document in (("1 alpha", "2 beta"), ("x zeta", "y eta"), ("Q", "D"))]
-    common = 0
-    while all(common < len(ids) for ids in probes) and len({ids[common] for ids in probes}) == 1:
-        common += 1
-    return probes[0][: max(common - 1, 0)]  # one token held back: it may merge with the query's first characters
 
 
 def quantize_int8(labeler: StudentLabeler) -> StudentLabeler:

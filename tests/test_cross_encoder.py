@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -175,6 +176,33 @@ def test_script_per_student_options(script):
     assert script.parse_per_student(None, students, int) == {}
     with pytest.raises(SystemExit):
         script.parse_per_student("gemma3-270m=5", students, int)
+
+
+def test_share_matching_thresholds_give_the_reference_grade_mix():
+    from labeler_utils.student import grades_at_thresholds, share_matching_thresholds
+
+    scores = np.random.default_rng(0).normal(size=1000)
+    thresholds = share_matching_thresholds(scores, [500, 200, 200, 100])
+    assert np.all(np.diff(thresholds) > 0)
+    assert np.bincount(grades_at_thresholds(scores, thresholds), minlength=4).tolist() == [500, 200, 200, 100]
+    assert grades_at_thresholds([-9.0, 9.0], thresholds).tolist() == [0, 3]  # higher score, higher grade
+    with pytest.raises(ValueError, match="4 counts"):
+        share_matching_thresholds(scores, [1, 2, 3])
+
+
+def test_script_share_calibration_uses_only_the_teacher_training_grades(script):
+    frame = _synthetic_benchmark(n_queries=10, pairs_per_query=10)
+    frame["recorded:judge"] = [0] * 70 + [3] * 30  # the teacher's grades; "human" must not be read
+    (split,) = script.query_splits(frame, 0.5, 0)
+    held_out = frame[frame["query_id"].isin(split.test_ids)]
+    predictions = pd.DataFrame({"query_id": held_out["query_id"], "doc_id": held_out["doc_id"],
+                                "grade": pd.array([0] * len(held_out), dtype="Int64"),
+                                "expected_relevance": np.linspace(0, 1, len(held_out))})  # fmt: skip
+    calibrated = script.share_calibrated(predictions, frame.drop(columns="human"), [split], "recorded:judge")
+    counts = np.bincount(frame.loc[frame["query_id"].isin(split.train_ids), "recorded:judge"], minlength=4)
+    assert np.bincount(calibrated["grade"].astype(int), minlength=4).tolist() == (counts * len(held_out) // counts.sum()).tolist()
+    assert calibrated["expected_relevance"].equals(predictions["expected_relevance"])  # ranking unchanged
+    assert calibrated.loc[calibrated["expected_relevance"].idxmax(), "grade"] == 3
 
 
 def test_cosine_baseline_reproduces_the_teacher_grade_shares_on_its_training_pairs():

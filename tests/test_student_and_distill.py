@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from labeler_utils.distill import DistillConfig, GradeCollator, build_examples, grade_loss, train_student
+from labeler_utils.distill import (
+    DistillConfig,
+    GradeCollator,
+    answer_logits,
+    build_examples,
+    grade_loss,
+    train_student,
+)
 from labeler_utils.models import load_causal_lm
 from labeler_utils.student import (
     ADAPTER_MANIFEST,
@@ -16,6 +23,7 @@ from labeler_utils.student import (
     encode_prompt,
     grade_token_ids,
     prompt_text,
+    shared_prompt_prefix,
 )
 
 PAIRS = [
@@ -89,17 +97,48 @@ def test_examples_carry_one_label_the_grade_token(tiny_model_dir):
 
 def test_grade_loss_hard_and_soft():
     vocab, grade_ids = 10, torch.tensor([4, 5, 6, 7])
-    logits = torch.zeros(1, 3, vocab)
-    logits[0, 1, 6] = 2.0  # position 1 predicts the token at position 2 (the grade)
-    labels = torch.tensor([[-100, -100, 6]])
-    hard = grade_loss(logits, labels, torch.tensor([2]), torch.tensor([[0.0, 0.0, 1.0, 0.0]]), grade_ids, 0.0)
-    expected_hard = -torch.log_softmax(logits[0, 1], dim=-1)[6]
+    logits = torch.zeros(1, vocab)
+    logits[0, 6] = 2.0  # the answer position favours grade 2's token
+    hard = grade_loss(logits, torch.tensor([2]), torch.tensor([[0.0, 0.0, 1.0, 0.0]]), grade_ids, 0.0)
+    expected_hard = -torch.log_softmax(logits[0], dim=-1)[6]
     assert hard.item() == pytest.approx(expected_hard.item(), abs=1e-6)
     teacher = torch.tensor([[0.1, 0.2, 0.6, 0.1]])
-    soft = grade_loss(logits, labels, torch.tensor([2]), teacher, grade_ids, 1.0)
-    student = torch.softmax(logits[0, 1, grade_ids], dim=-1)
+    soft = grade_loss(logits, torch.tensor([2]), teacher, grade_ids, 1.0)
+    student = torch.softmax(logits[0, grade_ids], dim=-1)
     expected_kl = (teacher[0] * (teacher[0] / student).log()).sum()
     assert soft.item() == pytest.approx(expected_kl.item(), abs=1e-6)
+
+
+def test_shared_prefix_forward_equals_the_whole_forward_with_gradients(tiny_model_dir):
+    """Running the instruction prefix once per batch gives the same answer logits and LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = load_causal_lm(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.1)  # a trained-looking adapter, so its gradients are not trivial
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])]
+    examples, _ = build_examples(tokenizer, records, max_length=96)
+    batch = GradeCollator(tokenizer.pad_token_id)(examples)
+    positions = (batch["labels"] != -100).float().argmax(dim=1) - 1
+    prefix = shared_prompt_prefix(tokenizer, 96)
+    assert len(prefix) > 10 and all(e["input_ids"][: len(prefix)] == prefix for e in examples)
+    results = []
+    for prefix_ids in ([], prefix):
+        model.zero_grad()
+        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], positions, prefix_ids)
+        logits[:, grade_token_ids(tokenizer)].sum().backward()
+        grads = {n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None}
+        results.append((logits.detach(), grads))
+    (whole, whole_grads), (shared, shared_grads) = results
+    assert whole.shape == (4, model.config.vocab_size)
+    assert torch.allclose(whole, shared, atol=1e-4)
+    assert whole_grads.keys() == shared_grads.keys() and len(whole_grads) > 0
+    for name in whole_grads:
+        assert torch.allclose(whole_grads[name], shared_grads[name], atol=1e-4, rtol=1e-3), name
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        DistillConfig(shared_prefix=True, gradient_checkpointing=True).use_shared_prefix()
 
 
 def test_collator_pads_right_and_masks_padding():
