@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -53,6 +54,7 @@ class DistillConfig:
     shared_prefix: bool | None = None  # instruction prefix run once per batch; None: on unless checkpointing
     bf16: bool | None = None  # bfloat16 autocast; None: on for QLoRA on a bf16 GPU, off otherwise
     group_by_length: bool = True  # batches of similar length (less padding)
+    save_steps: int = 0  # > 0: checkpoint every save_steps steps; a rerun of the same training resumes from the last
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
@@ -236,6 +238,29 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+def _checkpoint_to_resume(folder: Path, config: DistillConfig, examples: Sequence[dict[str, Any]]) -> str | None:
+    """The newest checkpoint in ``folder`` if it belongs to this very training, else None.
+
+    A fingerprint of the configuration and the tokenised examples is kept beside the checkpoints;
+    checkpoints of another training in the same folder raise instead of being resumed.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    fingerprint = hashlib.sha256(json.dumps(
+        [dataclasses.asdict(config), [(e["input_ids"], e["teacher_distribution"]) for e in examples]]
+    ).encode()).hexdigest()
+    stamp = folder / "training_fingerprint.txt"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is not None and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+        raise ValueError(f"{folder} holds checkpoints of another training (other settings or data): "
+                         "delete the folder or train into another output folder")  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+    if last is not None:
+        print(f"resuming from {last}")
+    return last
+
+
 def train_student(
     records: Sequence[dict[str, Any]],
     output_dir: str | Path,
@@ -283,7 +308,9 @@ def train_student(
         packing=False,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
         seed=config.seed,
         remove_unused_columns=False,
@@ -310,8 +337,9 @@ def train_student(
         class_weights=class_weights,
         prefix_ids=prefix_ids,
     )
+    resume_from = _checkpoint_to_resume(output_dir / "checkpoints", config, examples) if config.save_steps else None
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
@@ -329,6 +357,7 @@ def train_student(
         "train_seconds": seconds,
         "train_loss": result.training_loss,
         "global_steps": result.global_step,
+        "resumed_from": resume_from,
         "log_history": trainer.state.log_history,
         "data": data_description or {},
         "versions": _library_versions(),

@@ -17,13 +17,17 @@ Protocol:
      reproduce the teacher's grade shares on the training pairs (teacher grades only, never the
      humans'); its expected relevance is ``3 * (cos + 1) / 2`` (ranking metrics only).
 
-4. On each evaluation set (all held-out pairs, and the per-query capped subsample of slow
+4. Each distilled student is also reported "share-calibrated": its expected relevance cut into grades at the
+   quantiles that give the teacher's grade shares on the training pairs, instead of the arg-max grade.
+5. On each evaluation set (all held-out pairs, and the per-query capped subsample of slow
    students) every labeler is scored against the human grades, DeepSeek-V3 on exactly the same
    pairs, with percentile bootstrap intervals over queries. Labels/s, training time and peak RSS
    are measured on this machine.
 
 Models, predictions and timings go to ``--work-dir`` (git-ignored ``runs/``); a student whose
-model (and predictions) are there already is reused unless ``--force``. Results go to
+model (and predictions) are there already is reused unless ``--force``. The causal students'
+training writes a checkpoint every 50 steps: running the same command again after a crash resumes
+it (``--force`` too resumes a checkpoint of the very same training). Results go to
 ``--output``: ``results.json``, ``results.md`` and ``forest_<set>.png``.
 
 Example (the MiniLM run of docs/results/trec_dl_2019):
@@ -110,6 +114,8 @@ class StudentSpec:
     zero_shot: str = ""
 
 
+CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
+BOOKKEEPING = {"save_steps", "logging_steps"}  # settings that do not change the trained model
 CE_ZERO_SHOT = "bi-encoder cosine of the same MiniLM, thresholds matching the teacher's grade shares on the training pairs"
 LM_ZERO_SHOT = "base model, same one-pass grade-token scoring"
 STUDENTS: dict[str, StudentSpec] = {
@@ -181,7 +187,12 @@ def _student_config(spec: StudentSpec, epochs: float, seed: int, soft_labels: bo
 
     return DistillConfig(base_model=spec.base_model, qlora=None, epochs=epochs, batch_size=spec.train_batch_size,
                          max_length=spec.max_length, soft_label_weight=0.5 if soft_labels else 0.0, seed=seed,
-                         bf16=bf16 or None)  # fmt: skip
+                         bf16=bf16 or None, save_steps=CHECKPOINT_STEPS)  # fmt: skip
+
+
+def _same_training(trained: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether two configurations train the same model (checkpoint and logging intervals aside)."""
+    return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {k: v for k, v in wanted.items() if k not in BOOKKEEPING}
 
 
 def _finished_model(folder: Path) -> Path | None:
@@ -195,7 +206,7 @@ def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config
     stats_path = folder / "train_stats.json"
     if model_dir is not None and not force:
         manifest = read_json(model_dir / ADAPTER_MANIFEST)
-        if manifest["config"] != json.loads(json.dumps(asdict(config))) or manifest["data"] != data:
+        if not _same_training(manifest["config"], json.loads(json.dumps(asdict(config)))) or manifest["data"] != data:
             raise SystemExit(f"{model_dir} was trained with other settings or data; pass --force or another --work-dir")
         print(f"reusing {model_dir}")
         return {**manifest, **(read_json(stats_path) if stats_path.exists() else {})}

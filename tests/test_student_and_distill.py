@@ -167,6 +167,24 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
     assert [lab.grade for lab in labeler.label(PAIRS, progress=False)] == [3, 0, 2, 1]
 
 
+def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings(tiny_model_dir, tmp_path):
+    import shutil
+
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])] * 4
+    config = DistillConfig(base_model=str(tiny_model_dir), qlora=False, max_steps=4, batch_size=8, max_length=128,
+                           learning_rate=1e-2, lora_rank=8, warmup_ratio=0.0, save_steps=2)
+    first = train_student(records, tmp_path, config)
+    assert first["resumed_from"] is None and first["global_steps"] == 4
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(checkpoints / "checkpoint-4")  # as if the run had been killed between steps 2 and 4
+    second = train_student(records, tmp_path, config)
+    assert second["resumed_from"].endswith("checkpoint-2") and second["global_steps"] == 4
+    assert (checkpoints / "checkpoint-4").is_dir()  # steps 3 and 4 ran again from the restored state
+    with pytest.raises(ValueError, match="checkpoints of another training"):
+        train_student(records, tmp_path, DistillConfig(**{**config.__dict__, "learning_rate": 5e-3}))
+
+
 def test_qlora_trains_lora_on_a_4bit_nf4_base(tiny_model_dir, tmp_path):
     """The QLoRA path (NF4, double quantization, LoRA on every linear projection); bitsandbytes trains it on a CPU too."""
     records = [{"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
