@@ -28,7 +28,14 @@ import torch.nn.functional as F
 
 from .artifacts import write_json
 from .models import load_causal_lm, resolve_model
-from .student import ADAPTER_MANIFEST, GRADES, encode_prompt, grade_token_ids, shared_prompt_prefix
+from .student import (
+    ADAPTER_MANIFEST,
+    GRADES,
+    encode_prompt,
+    grade_token_ids,
+    logits_after_prefix,
+    shared_prompt_prefix,
+)
 
 LORA_TARGETS = "all-linear"
 
@@ -168,34 +175,24 @@ def answer_logits(
 ) -> torch.Tensor:
     """Next-token logits ``[batch, vocab]`` at each row's answer position, with gradients.
 
-    Vocabulary logits are computed only at the answer positions (``logits_to_keep``): with
-    Gemma's 262k-token vocabulary they would otherwise cost more than the transformer itself.
-    With ``prefix_ids`` (the instruction every prompt starts with), the prefix runs once and its
-    keys and values are shared by the batch's rows: the same result as running it in every row,
-    except that LoRA dropout draws one mask for the prefix instead of one per row. A batch whose
-    rows do not all start with the prefix runs whole.
+    Vocabulary logits are computed only at the answer positions (``logits_to_keep``). With
+    ``prefix_ids`` (the instruction every prompt starts with), the prefix runs once and its keys
+    and values are shared by the batch's rows (:func:`logits_after_prefix`): the same result as
+    running it in every row, except that LoRA dropout draws one mask for the prefix instead of one
+    per row. A batch whose rows do not all start with the prefix runs whole.
     """
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     p = len(prefix_ids)
     prefix = torch.tensor([list(prefix_ids)], device=input_ids.device)
     if not p or input_ids.shape[1] <= p or bool((answer_positions < p).any()) or not torch.equal(
-        input_ids[:, :p], prefix.expand(len(rows), -1)
+        input_ids[:, :p], prefix.expand(input_ids.shape[0], -1)
     ):
         kept = torch.unique(answer_positions)
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=kept)
-        return out.logits[rows, torch.searchsorted(kept, answer_positions)]
-    from transformers import DynamicCache
-
+        return out.logits[torch.arange(input_ids.shape[0], device=input_ids.device),
+                          torch.searchsorted(kept, answer_positions)]  # fmt: skip
     prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
-    cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(len(rows), -1, -1, -1),
-                                          layer.values.expand(len(rows), -1, -1, -1)) for layer in prefix_cache.layers])
-    width = input_ids.shape[1] - p
-    positions = torch.arange(p, p + width, device=input_ids.device)
-    kept = torch.unique(answer_positions - p)
-    out = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                position_ids=positions.unsqueeze(0).expand(len(rows), -1), cache_position=positions,
-                logits_to_keep=kept)
-    return out.logits[rows, torch.searchsorted(kept, answer_positions - p)]
+    prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+    return logits_after_prefix(model, prefix_kv, input_ids[:, p:], attention_mask, answer_positions - p)
 
 
 def _trainer_class() -> type:

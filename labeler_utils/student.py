@@ -132,6 +132,33 @@ def shared_prompt_prefix(tokenizer: Any, max_length: int = 512) -> list[int]:
     return probes[0][: max(common - 1, 0)]  # one token held back: it may merge with the query's first characters
 
 
+def logits_after_prefix(
+    model: Any,
+    prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    suffix_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Next-token logits ``[batch, vocab]`` at each row's answer position, the shared prefix already run.
+
+    ``prefix_kv`` holds each layer's (keys, values) of the prefix for one row; every row of the
+    right-padded ``suffix_ids`` attends to it. ``attention_mask`` covers prefix and suffix;
+    ``answer_positions`` count from the start of the suffix. Vocabulary logits are computed only
+    there (``logits_to_keep``): with Gemma's 262k-token vocabulary they would otherwise cost more
+    than the transformer itself.
+    """
+    from transformers import DynamicCache
+
+    rows, width = suffix_ids.shape
+    p = prefix_kv[0][0].shape[-2]
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv])
+    positions = torch.arange(p, p + width, device=suffix_ids.device)
+    kept = torch.unique(answer_positions)
+    out = model(input_ids=suffix_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                position_ids=positions.unsqueeze(0).expand(rows, -1), cache_position=positions, logits_to_keep=kept)
+    return out.logits[torch.arange(rows, device=suffix_ids.device), torch.searchsorted(kept, answer_positions)]
+
+
 class StudentLabeler:
     """A loaded student (base model, merged model or LoRA adapter) that labels pairs in one pass."""
 

@@ -36,7 +36,14 @@ from typing import Any
 import torch
 
 from .config import DEMO_CORPUS_DIR
-from .student import GradeLabel, StudentLabeler, encode_prompt, load_labeler, shared_prompt_prefix
+from .student import (
+    GradeLabel,
+    StudentLabeler,
+    encode_prompt,
+    load_labeler,
+    logits_after_prefix,
+    shared_prompt_prefix,
+)
 
 STAGE = "07_throughput_cost"
 Pair = tuple[str, str]
@@ -637,8 +644,6 @@ class PrefixCachedStudentLabeler(StudentLabeler):
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:
-        from transformers import DynamicCache
-
         p = len(self.prefix_ids)
         if any(len(ids) <= p or ids[:p] != self.prefix_ids for ids in encoded):
             return super().score_batch(encoded)
@@ -653,15 +658,9 @@ class PrefixCachedStudentLabeler(StudentLabeler):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, p : p + len(ids)] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                             for k, v in self._prefix_kv])
-        positions = torch.arange(p, p + width, device=self.device)
-        body = self._base_model().get_decoder()
-        hidden = body(input_ids=input_ids, attention_mask=attention, past_key_values=cache, use_cache=True,
-                      position_ids=positions.unsqueeze(0).expand(rows, -1), cache_position=positions).last_hidden_state
         last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
-        final = hidden[torch.arange(rows, device=self.device), last]
-        logits = self._output_layer()(final)[:, self.grade_ids].float()
+        logits = logits_after_prefix(self._base_model(), self._prefix_kv, input_ids, attention, last)
+        logits = logits[:, self.grade_ids].float()
         return [GradeLabel.from_probabilities(probs) for probs in torch.softmax(logits, dim=-1).cpu().tolist()]
 
 
