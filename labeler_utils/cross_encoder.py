@@ -5,8 +5,9 @@ Query and document are read together by a small BERT-style encoder (default: the
 head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Two objectives:
 
 * ``"classification"`` — four logits, one per grade, trained with cross-entropy to the teacher's
-  grade, or to the teacher's distribution when the records carry one and ``soft_labels`` is on.
-  The label distribution is the softmax of the logits; the grade is its arg-max.
+  grade, or to the teacher's distribution when the records carry one and ``soft_labels`` is on
+  (optionally weighted by inverse grade frequency, ``class_balance``). The label distribution is
+  the softmax of the logits; the grade is its arg-max.
 * ``"regression"`` — one logit; ``sigmoid(logit)`` is trained (binary cross-entropy, the
   library's usual reranker loss) towards the expected grade divided by 3. At labelling time the
   expected relevance is ``e = 3 * sigmoid(logit)`` and the distribution puts its mass on the two
@@ -37,7 +38,7 @@ from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTraine
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, CrossEntropyLoss
 
 from .artifacts import read_json, write_json
-from .distill import _library_versions
+from .distill import _library_versions, inverse_frequency_weights
 from .models import BUNDLED_MODELS
 from .student import (
     ADAPTER_MANIFEST,
@@ -73,6 +74,7 @@ class CrossEncoderConfig:
     base_model: str = field(default_factory=bundled_minilm_path)
     objective: Objective = "classification"
     soft_labels: bool = True  # train on the teacher's distribution when a record has one
+    class_balance: bool = False  # classification: weight the loss by inverse grade frequency
     epochs: float = 2.0
     max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)
     learning_rate: float = 5e-5
@@ -86,6 +88,9 @@ class CrossEncoderConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.class_balance and self.objective != "classification":
+            raise ValueError("class_balance weights the grades of the classification objective; "
+                             "the regression objective has no per-grade loss to weight")
         if self.base_model in BUNDLED_MODELS:
             raise ValueError(f"{self.base_model!r} is a bundled causal LM: train it with student_family='causal_lm', or "
                              "give the cross-encoder an encoder (default: the bundled MiniLM)")
@@ -131,6 +136,15 @@ class GradeCrossEntropyLoss(CrossEntropyLoss):
         if isinstance(labels, list):
             labels = torch.stack(labels).float()
         return super().forward(inputs, labels, prompt=prompt, task=task)
+
+
+def training_loss(model: CrossEncoder, records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> torch.nn.Module:
+    """The objective's loss: binary cross-entropy (regression) or grade cross-entropy, weighted by inverse
+    grade frequency of ``records`` when ``class_balance`` is on."""
+    if config.objective == "regression":
+        return BinaryCrossEntropyLoss(model)
+    weights = inverse_frequency_weights([r["grade"] for r in records]) if config.class_balance else None
+    return GradeCrossEntropyLoss(model, weight=weights)
 
 
 class LengthGroupedBatchSampler(DefaultBatchSampler):
@@ -204,8 +218,7 @@ def train_cross_encoder(
         dataloader_num_workers=0,
         batch_sampler=LengthGroupedBatchSampler,
     )
-    loss = GradeCrossEntropyLoss(model) if config.objective == "classification" else BinaryCrossEntropyLoss(model)
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=training_loss(model, records, config))
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start

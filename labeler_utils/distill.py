@@ -141,6 +141,12 @@ class GradeCollator:
         }
 
 
+def inverse_frequency_weights(grades: Sequence[int]) -> torch.Tensor:
+    """One weight per grade, ``n / (4 * count)``: each grade weighs the same in total (absent grades count as 1)."""
+    counts = torch.bincount(torch.tensor(list(grades), dtype=torch.long), minlength=len(GRADES)).float()
+    return counts.sum() / (len(GRADES) * counts.clamp(min=1))
+
+
 def grade_loss(
     answer_logits: torch.Tensor,
     grades: torch.Tensor,
@@ -284,10 +290,7 @@ def train_student(
     examples, truncated = build_examples(tokenizer, records, config.max_length)
     if not examples:
         raise ValueError("No training records: the teacher stage produced no gradable pairs")
-    class_weights = None
-    if config.class_balance:
-        counts = torch.bincount(torch.tensor([e["grade"] for e in examples]), minlength=len(GRADES)).float()
-        class_weights = counts.sum() / (len(GRADES) * counts.clamp(min=1))
+    class_weights = inverse_frequency_weights([e["grade"] for e in examples]) if config.class_balance else None
     args = SFTConfig(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=config.epochs,

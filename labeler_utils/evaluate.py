@@ -1039,7 +1039,7 @@ def plot_forest(
     names = list(labeler_metrics)
     columns = 2
     rows = math.ceil(len(metrics) / columns)
-    fig = Figure(figsize=(11, 0.45 * len(names) * rows + 1.2 * rows))
+    fig = Figure(figsize=(11, 0.45 * len(names) * rows + 1.2 * rows), layout="constrained")  # room for the suptitle
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, metric in zip(axes, metrics):
         for y, name in enumerate(names):
@@ -1066,7 +1066,6 @@ def plot_forest(
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     fig.suptitle("Agreement with human grades (95% bootstrap intervals over queries)")
-    fig.tight_layout()
     return fig
 
 

@@ -47,7 +47,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ class StudentSpec:
     max_length: int
     objective: str = "classification"  # cross-encoder only
     zero_shot: str = ""
+    class_balance: bool = False  # loss weighted by inverse grade frequency of the teacher's training grades
 
 
 CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
@@ -120,6 +121,8 @@ CE_ZERO_SHOT = "bi-encoder cosine of the same MiniLM, thresholds matching the te
 LM_ZERO_SHOT = "base model, same one-pass grade-token scoring"
 STUDENTS: dict[str, StudentSpec] = {
     "minilm-cross-encoder": StudentSpec("cross_encoder", None, 2.0, 16, 256, "classification", CE_ZERO_SHOT),
+    "minilm-cross-encoder-balanced": StudentSpec("cross_encoder", None, 2.0, 16, 256, "classification", CE_ZERO_SHOT,
+                                                 class_balance=True),
     "minilm-cross-encoder-regression": StudentSpec("cross_encoder", None, 2.0, 16, 256, "regression", CE_ZERO_SHOT),
     "smollm2-135m-instruct": StudentSpec("causal_lm", "smollm2-135m-instruct", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT),
     "gemma3-270m": StudentSpec("causal_lm", "gemma3-270m", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT),
@@ -182,16 +185,23 @@ def _student_config(spec: StudentSpec, epochs: float, seed: int, soft_labels: bo
 
         base = {} if spec.base_model is None else {"base_model": spec.base_model}
         return CrossEncoderConfig(**base, objective=spec.objective, soft_labels=soft_labels, epochs=epochs,
-                                  batch_size=spec.train_batch_size, max_length=spec.max_length, seed=seed)  # fmt: skip
+                                  batch_size=spec.train_batch_size, max_length=spec.max_length, seed=seed,
+                                  class_balance=spec.class_balance)  # fmt: skip
     from labeler_utils.distill import DistillConfig
 
     return DistillConfig(base_model=spec.base_model, qlora=None, epochs=epochs, batch_size=spec.train_batch_size,
                          max_length=spec.max_length, soft_label_weight=0.5 if soft_labels else 0.0, seed=seed,
-                         bf16=bf16 or None, save_steps=CHECKPOINT_STEPS)  # fmt: skip
+                         bf16=bf16 or None, save_steps=CHECKPOINT_STEPS, class_balance=spec.class_balance)  # fmt: skip
 
 
-def _same_training(trained: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether two configurations train the same model (checkpoint and logging intervals aside)."""
+def _same_training(trained: dict[str, Any], config: Any) -> bool:
+    """Whether a manifest's config trains the same model as ``config`` (checkpoint and logging intervals aside).
+
+    A setting missing from the manifest (added to the config class later) counts as its default.
+    """
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    wanted = json.loads(json.dumps(asdict(config)))
+    trained = {**{k: v for k, v in defaults.items() if k in wanted}, **trained}
     return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {k: v for k, v in wanted.items() if k not in BOOKKEEPING}
 
 
@@ -206,7 +216,7 @@ def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config
     stats_path = folder / "train_stats.json"
     if model_dir is not None and not force:
         manifest = read_json(model_dir / ADAPTER_MANIFEST)
-        if not _same_training(manifest["config"], json.loads(json.dumps(asdict(config)))) or manifest["data"] != data:
+        if not _same_training(manifest["config"], config) or manifest["data"] != data:
             raise SystemExit(f"{model_dir} was trained with other settings or data; pass --force or another --work-dir")
         print(f"reusing {model_dir}")
         return {**manifest, **(read_json(stats_path) if stats_path.exists() else {})}
@@ -317,7 +327,7 @@ def student_predictions(
     trained = train(spec, train_records, folder, config, data, args.force)
     outputs["train"] = {key: trained.get(key) for key in (
         "train_seconds", "train_active_seconds", "stopped_seconds", "wall_seconds", "peak_rss_mb", "train_examples", "global_steps", "train_loss",
-        "truncated_documents", "load_before", "load_after", "method", "max_length")}  # fmt: skip
+        "truncated_documents", "load_before", "load_after", "method", "max_length", "resumed_from")}  # fmt: skip
     outputs["config"] = trained["config"]
     release_memory()
     record("distilled", f"{name} distilled", folder / f"distilled.{eval_tag}.predictions.jsonl",
@@ -377,6 +387,15 @@ def _interval(result: dict[str, Any]) -> str:
     return f"{result['estimate']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}]"
 
 
+def _train_time(train: dict[str, Any]) -> str:
+    """Training wall time; a training resumed from a checkpoint says which steps that time covers."""
+    seconds = f"{train.get('train_active_seconds') or train['train_seconds']:.0f} s"
+    if not train.get("resumed_from"):
+        return seconds
+    first = int(Path(train["resumed_from"]).name.rpartition("-")[2]) + 1
+    return f"{seconds} for steps {first}-{train['global_steps']} (resumed from a checkpoint)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """results.md: the agreement tables per evaluation set, then cost (training and labelling)."""
     settings, machine = report["settings"], report["machine"]
@@ -420,7 +439,7 @@ def markdown(report: dict[str, Any]) -> str:
                 shown.add(row)
                 timing = output["timing"]
                 train_cells = ([f"{train['train_examples']} x {result['config']['epochs']:g}", str(train["global_steps"]),
-                                f"{train.get('train_active_seconds') or train['train_seconds']:.0f} s", str(train["peak_rss_mb"])]
+                                _train_time(train), str(train["peak_rss_mb"])]
                                if stage == "distilled" else ["–"] * 4)  # fmt: skip
                 lines.append(f"| {row} | {timing['labels_per_second']:.2f} ({timing['batch_size']}) | {timing['pairs']} | "
                              f"{timing['peak_rss_mb']} | " + " | ".join(train_cells) + " |")  # fmt: skip

@@ -20,6 +20,7 @@ from labeler_utils.cross_encoder import (
     regression_label,
     train_cross_encoder,
     training_labels,
+    training_loss,
 )
 from labeler_utils.student import ADAPTER_MANIFEST, StudentLabeler, load_labeler
 
@@ -121,6 +122,28 @@ def test_training_targets_hard_soft_and_regression():
         CrossEncoderConfig(base_model="x", objective="ranking")
 
 
+def test_class_balance_weights_each_grade_by_its_inverse_frequency():
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(bundled_minilm_path(), num_labels=4, max_length=64)
+    records = RECORDS[:3] + [{**RECORDS[2], "doc_id": f"x{i}"} for i in range(5)]  # grades 3, 2, then six 0s
+    loss = training_loss(model, records, CrossEncoderConfig(class_balance=True))
+    grades = torch.tensor([r["grade"] for r in records])
+    weights = torch.tensor([8 / (4 * 6), 1.0, 8 / 4, 8 / 4])  # n / (4 * count); grade 1 absent counts as 1
+    with torch.no_grad():
+        logits = model.model(**model.tokenizer([r["query"] for r in records], [r["document"] for r in records],
+                                               padding=True, return_tensors="pt")).logits  # fmt: skip
+        balanced = loss([[r["query"] for r in records], [r["document"] for r in records]], grades)
+        plain = training_loss(model, records, CrossEncoderConfig())([[r["query"] for r in records],
+                                                                      [r["document"] for r in records]], grades)  # fmt: skip
+    per_pair = torch.nn.functional.cross_entropy(logits, grades, reduction="none")
+    assert balanced.item() == pytest.approx(((weights[grades] * per_pair).sum() / weights[grades].sum()).item(), rel=1e-4)
+    assert plain.item() == pytest.approx(per_pair.mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="class_balance weights the grades of the classification objective"):
+        CrossEncoderConfig(base_model="x", objective="regression", class_balance=True)
+
+
 def test_load_labeler_dispatches_the_causal_family(tiny_model_dir, tmp_path):
     assert type(load_labeler(tiny_model_dir, max_length=128)) is StudentLabeler
     legacy = tmp_path / "legacy"
@@ -176,6 +199,26 @@ def test_script_per_student_options(script):
     assert script.parse_per_student(None, students, int) == {}
     with pytest.raises(SystemExit):
         script.parse_per_student("gemma3-270m=5", students, int)
+
+
+def test_script_reuses_a_model_only_when_it_was_trained_the_same_way(script):
+    from dataclasses import asdict
+
+    from labeler_utils.distill import DistillConfig
+
+    config = DistillConfig(base_model="tiny", epochs=2.0, save_steps=50)
+    manifest = json.loads(json.dumps(asdict(config)))
+    assert script._same_training({**manifest, "save_steps": 0, "logging_steps": 1}, config)  # bookkeeping only
+    assert not script._same_training({**manifest, "epochs": 1.0}, config)
+    older = {k: v for k, v in manifest.items() if k != "class_balance"}  # written before the setting existed
+    assert script._same_training(older, config)
+    assert not script._same_training(older, DistillConfig(base_model="tiny", epochs=2.0, class_balance=True))
+
+
+def test_script_says_which_steps_a_resumed_training_time_covers(script):
+    assert script._train_time({"train_seconds": 100.4, "global_steps": 20, "resumed_from": None}) == "100 s"
+    resumed = {"train_seconds": 90.0, "train_active_seconds": 80.2, "global_steps": 20, "resumed_from": "/x/checkpoint-15"}
+    assert script._train_time(resumed) == "80 s for steps 16-20 (resumed from a checkpoint)"
 
 
 def test_share_matching_thresholds_give_the_reference_grade_mix():

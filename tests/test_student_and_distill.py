@@ -13,6 +13,7 @@ from labeler_utils.distill import (
     answer_logits,
     build_examples,
     grade_loss,
+    inverse_frequency_weights,
     train_student,
 )
 from labeler_utils.models import load_causal_lm
@@ -107,6 +108,18 @@ def test_grade_loss_hard_and_soft():
     student = torch.softmax(logits[0, grade_ids], dim=-1)
     expected_kl = (teacher[0] * (teacher[0] / student).log()).sum()
     assert soft.item() == pytest.approx(expected_kl.item(), abs=1e-6)
+
+
+def test_class_weights_give_every_grade_the_same_total_weight():
+    weights = inverse_frequency_weights([0, 0, 0, 2, 3, 3])
+    assert weights.tolist() == pytest.approx([6 / 12, 6 / 4, 6 / 4, 6 / 8])  # grade 1 absent: counted as 1
+    vocab, grade_ids = 10, torch.tensor([4, 5, 6, 7])
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    grades = torch.tensor([0, 3])
+    teacher = torch.nn.functional.one_hot(grades, 4).float()
+    per_row = torch.nn.functional.cross_entropy(logits, grade_ids[grades], reduction="none")
+    weighted = grade_loss(logits, grades, teacher, grade_ids, 0.0, class_weights=weights)
+    assert weighted.item() == pytest.approx((per_row * weights[grades]).mean().item(), abs=1e-6)
 
 
 def test_shared_prefix_forward_equals_the_whole_forward_with_gradients(tiny_model_dir):
