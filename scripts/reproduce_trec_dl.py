@@ -201,7 +201,7 @@ def _same_training(trained: dict[str, Any], config: Any) -> bool:
     """
     defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
     wanted = json.loads(json.dumps(asdict(config)))
-    trained = {**{k: v for k, v in defaults.items() if k in wanted}, **trained}
+    trained = {**defaults, **trained}
     return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {k: v for k, v in wanted.items() if k not in BOOKKEEPING}
 
 
