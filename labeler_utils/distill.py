@@ -31,6 +31,7 @@ from .models import load_causal_lm, resolve_model
 from .student import (
     ADAPTER_MANIFEST,
     GRADES,
+    PROMPT_FORMATS,
     encode_prompt,
     grade_token_ids,
     logits_after_prefix,
@@ -57,6 +58,7 @@ class DistillConfig:
     max_length: int = 512
     soft_label_weight: float = 0.0  # 0 = hard-label cross-entropy only; 1 = KL to the teacher only
     class_balance: bool = False  # weight the loss by inverse grade frequency
+    prompt_format: str = PROMPT_FORMATS[0]  # see student.PROMPT_FORMATS; the labeler reads it from the manifest
     gradient_checkpointing: bool | None = None  # None: on for QLoRA (memory), off on CPU (speed)
     shared_prefix: bool | None = None  # instruction prefix run once per batch; None: on unless checkpointing
     bf16: bool | None = None  # bfloat16 autocast; None: on for QLoRA on a bf16 GPU, off otherwise
@@ -86,7 +88,7 @@ class DistillConfig:
 
 
 def build_examples(
-    tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int
+    tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, prompt_format: str = PROMPT_FORMATS[0]
 ) -> tuple[list[dict[str, Any]], int]:
     """Tokenise labelled records into training examples whose only label is the grade token.
 
@@ -100,7 +102,7 @@ def build_examples(
         grade = record.get("grade")
         if grade not in GRADES:
             raise ValueError(f"record {index} ({record.get('query_id')}, {record.get('doc_id')}): grade {grade!r} not in 0-3")
-        prompt_ids, cut = encode_prompt(tokenizer, record["query"], record["document"], max_length)
+        prompt_ids, cut = encode_prompt(tokenizer, record["query"], record["document"], max_length, prompt_format)
         truncated += cut
         distribution = record.get("distribution") or [float(g == grade) for g in GRADES]
         if len(distribution) != len(GRADES) or not math.isclose(sum(distribution), 1.0, abs_tol=1e-3):
@@ -284,10 +286,10 @@ def train_student(
         device_map={"": 0} if qlora and torch.cuda.is_available() else None,  # bitsandbytes' NF4 also runs on a CPU
     )
     checkpointing = config.use_gradient_checkpointing()
-    prefix_ids = shared_prompt_prefix(tokenizer, config.max_length) if config.use_shared_prefix() else []
+    prefix_ids = shared_prompt_prefix(tokenizer, config.max_length, config.prompt_format) if config.use_shared_prefix() else []
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    examples, truncated = build_examples(tokenizer, records, config.max_length)
+    examples, truncated = build_examples(tokenizer, records, config.max_length, config.prompt_format)
     if not examples:
         raise ValueError("No training records: the teacher stage produced no gradable pairs")
     class_weights = inverse_frequency_weights([e["grade"] for e in examples]) if config.class_balance else None

@@ -31,6 +31,9 @@ STUDENT_INSTRUCTION = (
     "0 = irrelevant.\n"
     "Reply with the grade digit only."
 )
+#: Where the query stands in the prompt: before the document only (the default), or before and after it, so
+#: that the document is read knowing the query and the query is read again just before the grade.
+PROMPT_FORMATS = ("query-document", "query-document-query")
 ADAPTER_MANIFEST = "labeler_manifest.json"
 #: Compute precisions a labeler can run in; "auto" is bfloat16 on a CUDA GPU and float32 elsewhere.
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -93,9 +96,13 @@ def _uses_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_text(tokenizer: Any, query: str, document: str) -> str:
-    """The student's prompt, ending exactly where the grade digit goes."""
+def prompt_text(tokenizer: Any, query: str, document: str, prompt_format: str = PROMPT_FORMATS[0]) -> str:
+    """The student's prompt in ``prompt_format`` (see :data:`PROMPT_FORMATS`), ending exactly where the grade digit goes."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     body = f"{STUDENT_INSTRUCTION}\n\nQuery: {query}\n\nDocument:\n{document}"
+    if prompt_format == "query-document-query":
+        body += f"\n\nQuery: {query}"
     if _uses_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
@@ -103,28 +110,30 @@ def prompt_text(tokenizer: Any, query: str, document: str) -> str:
     return f"{body}\n\nGrade: "
 
 
-def encode_prompt(tokenizer: Any, query: str, document: str, max_length: int) -> tuple[list[int], bool]:
+def encode_prompt(
+    tokenizer: Any, query: str, document: str, max_length: int, prompt_format: str = PROMPT_FORMATS[0]
+) -> tuple[list[int], bool]:
     """Token ids of the prompt with the document cut to fit ``max_length``; returns (ids, truncated).
 
     Truncation policy: the instruction and the query are always kept whole; the document is cut
     from the end, token by token, so that the whole prompt plus the grade token fit.
     """
-    full = tokenizer.encode(prompt_text(tokenizer, query, document), add_special_tokens=False)
+    full = tokenizer.encode(prompt_text(tokenizer, query, document, prompt_format), add_special_tokens=False)
     if len(full) < max_length:
         return full, False
-    overhead = len(tokenizer.encode(prompt_text(tokenizer, query, ""), add_special_tokens=False))
+    overhead = len(tokenizer.encode(prompt_text(tokenizer, query, "", prompt_format), add_special_tokens=False))
     budget = max_length - overhead - 2
     if budget < 16:
         raise ValueError(f"max_length={max_length} leaves no room for the document (prompt alone is {overhead} tokens)")
     doc_ids = tokenizer.encode(document, add_special_tokens=False)[:budget]
     cut = tokenizer.decode(doc_ids)
-    ids = tokenizer.encode(prompt_text(tokenizer, query, cut), add_special_tokens=False)
+    ids = tokenizer.encode(prompt_text(tokenizer, query, cut, prompt_format), add_special_tokens=False)
     return ids[: max_length - 1], True
 
 
-def shared_prompt_prefix(tokenizer: Any, max_length: int = 512) -> list[int]:
-    """The token ids every student prompt starts with (longest common prefix of two unrelated prompts)."""
-    probes = [encode_prompt(tokenizer, query, document, max_length)[0]
+def shared_prompt_prefix(tokenizer: Any, max_length: int = 512, prompt_format: str = PROMPT_FORMATS[0]) -> list[int]:
+    """The token ids every student prompt starts with (longest common prefix of unrelated prompts)."""
+    probes = [encode_prompt(tokenizer, query, document, max_length, prompt_format)[0]
               for query, document in (("1 alpha", "2 beta"), ("x zeta", "y eta"), ("Q", "D"))]
     common = 0
     while all(common < len(ids) for ids in probes) and len({ids[common] for ids in probes}) == 1:
@@ -164,10 +173,12 @@ class StudentLabeler:
 
     FAMILY = "causal_lm"
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None):
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None,
+                 prompt_format: str = PROMPT_FORMATS[0]):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.prompt_format = prompt_format
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if not getattr(model, "hf_device_map", None) and not getattr(model, "is_loaded_in_4bit", False):
             self.model.to(self.device)
@@ -175,8 +186,13 @@ class StudentLabeler:
         self.truncated = 0
 
     @classmethod
-    def load(cls, model_or_adapter: str | Path, max_length: int = 512, dtype: Any = None) -> StudentLabeler:
-        """Load a bundled name, hub id, model folder, or an adapter folder written by the distill stage."""
+    def load(cls, model_or_adapter: str | Path, max_length: int = 512, dtype: Any = None,
+             prompt_format: str | None = None) -> StudentLabeler:
+        """Load a bundled name, hub id, model folder, or an adapter folder written by the distill stage.
+
+        An adapter is read in the prompt format it was trained with (its manifest); ``prompt_format``
+        sets it for a base model (default: the first of :data:`PROMPT_FORMATS`).
+        """
         path = Path(str(model_or_adapter))
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
@@ -191,13 +207,17 @@ class StudentLabeler:
                                              device_map={"": 0} if quantized and torch.cuda.is_available() else None)
             model = PeftModel.from_pretrained(base, path)
             max_length = manifest.get("max_length", max_length)
+            trained_format = manifest.get("config", {}).get("prompt_format", PROMPT_FORMATS[0])
+            if prompt_format not in (None, trained_format):
+                raise ValueError(f"{path} was trained with prompt_format {trained_format!r}, not {prompt_format!r}")
+            prompt_format = trained_format
         else:
             model, tokenizer = load_causal_lm(model_or_adapter, dtype=dtype)
-        return cls(model, tokenizer, max_length=max_length)
+        return cls(model, tokenizer, max_length=max_length, prompt_format=prompt_format or PROMPT_FORMATS[0])
 
     def encode_pair(self, query: str, document: str) -> tuple[list[int], bool]:
         """Token ids of one pair as the model reads it, and whether the document was cut to fit."""
-        return encode_prompt(self.tokenizer, query, document, self.max_length)
+        return encode_prompt(self.tokenizer, query, document, self.max_length, self.prompt_format)
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:

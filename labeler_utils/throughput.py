@@ -37,6 +37,7 @@ import torch
 
 from .config import DEMO_CORPUS_DIR
 from .student import (
+    PROMPT_FORMATS,
     GradeLabel,
     StudentLabeler,
     encode_prompt,
@@ -552,13 +553,14 @@ def parse_generated_grade(text: str, grades: Sequence[int] = (0, 1, 2, 3)) -> in
 
 def naive_generate_label(
     model: Any, tokenizer: Any, query: str, document: str, max_length: int = 512, max_new_tokens: int = 4,
+    prompt_format: str = PROMPT_FORMATS[0],
 ) -> tuple[int | None, str, int, int]:
     """One pair the naive way: ``model.generate`` (greedy) on the same prompt, then parse the digit.
 
     Returns (grade or None, generated text, prompt tokens, generated tokens). The prompt ids are
     the single-pass engine's (same template, same truncation) so that only the method differs.
     """
-    ids, _ = encode_prompt(tokenizer, query, document, max_length)
+    ids, _ = encode_prompt(tokenizer, query, document, max_length, prompt_format)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -578,7 +580,8 @@ def measure_naive_generate(
     """Time per-pair greedy ``generate()`` of ``max_new_tokens`` tokens with the student's model."""
     model, tokenizer = student.model, student.tokenizer
     if warmup:
-        naive_generate_label(model, tokenizer, "warm-up", "warm-up document", student.max_length, max_new_tokens)
+        naive_generate_label(model, tokenizer, "warm-up", "warm-up document", student.max_length, max_new_tokens,
+                             student.prompt_format)
     prompt_tokens = completion_tokens = 0
     grades: list[int | None] = []
     load_before = load_average()
@@ -586,7 +589,7 @@ def measure_naive_generate(
         cpu_start, start = time.process_time(), time.perf_counter()
         for query, document in pairs:
             grade, _, n_prompt, n_new = naive_generate_label(model, tokenizer, query, document, student.max_length,
-                                                             max_new_tokens)
+                                                             max_new_tokens, student.prompt_format)
             grades.append(grade)
             prompt_tokens += n_prompt
             completion_tokens += n_new
@@ -628,9 +631,10 @@ class PrefixCachedStudentLabeler(StudentLabeler):
     to the full forward pass. Results equal the plain engine's up to float rounding.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None):
-        super().__init__(model, tokenizer, max_length=max_length, device=device)
-        self.prefix_ids = shared_prompt_prefix(tokenizer, max_length)
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None,
+                 prompt_format: str = PROMPT_FORMATS[0]):
+        super().__init__(model, tokenizer, max_length=max_length, device=device, prompt_format=prompt_format)
+        self.prefix_ids = shared_prompt_prefix(tokenizer, max_length, prompt_format)
         body = self._base_model().get_decoder()
         with torch.inference_mode():
             out = body(input_ids=torch.tensor([self.prefix_ids], device=self.device), use_cache=True)
@@ -640,7 +644,8 @@ class PrefixCachedStudentLabeler(StudentLabeler):
 
     @classmethod
     def from_labeler(cls, labeler: StudentLabeler) -> PrefixCachedStudentLabeler:
-        return cls(labeler.model, labeler.tokenizer, max_length=labeler.max_length, device=str(labeler.device))
+        return cls(labeler.model, labeler.tokenizer, max_length=labeler.max_length, device=str(labeler.device),
+                   prompt_format=labeler.prompt_format)
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:

@@ -113,6 +113,7 @@ class StudentSpec:
     objective: str = "classification"  # cross-encoder only
     zero_shot: str = ""
     class_balance: bool = False  # loss weighted by inverse grade frequency of the teacher's training grades
+    prompt_format: str = "query-document"  # causal LM only: see labeler_utils.student.PROMPT_FORMATS
 
 
 CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
@@ -126,6 +127,8 @@ STUDENTS: dict[str, StudentSpec] = {
     "minilm-cross-encoder-regression": StudentSpec("cross_encoder", None, 2.0, 16, 256, "regression", CE_ZERO_SHOT),
     "smollm2-135m-instruct": StudentSpec("causal_lm", "smollm2-135m-instruct", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT),
     "gemma3-270m": StudentSpec("causal_lm", "gemma3-270m", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT),
+    "gemma3-270m-query-twice": StudentSpec("causal_lm", "gemma3-270m", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT,
+                                           prompt_format="query-document-query"),
 }
 
 
@@ -191,7 +194,8 @@ def _student_config(spec: StudentSpec, epochs: float, seed: int, soft_labels: bo
 
     return DistillConfig(base_model=spec.base_model, qlora=None, epochs=epochs, batch_size=spec.train_batch_size,
                          max_length=spec.max_length, soft_label_weight=0.5 if soft_labels else 0.0, seed=seed,
-                         bf16=bf16 or None, save_steps=CHECKPOINT_STEPS, class_balance=spec.class_balance)  # fmt: skip
+                         bf16=bf16 or None, save_steps=CHECKPOINT_STEPS, class_balance=spec.class_balance,
+                         prompt_format=spec.prompt_format)  # fmt: skip
 
 
 def _same_training(trained: dict[str, Any], config: Any) -> bool:
@@ -318,7 +322,8 @@ def student_predictions(
     else:
         path = folder / f"zero-shot.{eval_tag}.predictions.jsonl"
         record("zero-shot", f"{name} zero-shot", path,
-               lambda: prepare_student(spec.base_model, f"{name} zero-shot", max_length=spec.max_length))  # fmt: skip
+               lambda: prepare_student(spec.base_model, f"{name} zero-shot", max_length=spec.max_length,
+                                       prompt_format=spec.prompt_format))  # fmt: skip
 
     config = _student_config(spec, settings["epochs"].get(name, spec.epochs), args.seed, args.soft_labels, args.bf16)
     data = {"benchmark": str(args.pairs), "teacher": teacher, "split": split.name, "seed": args.seed,

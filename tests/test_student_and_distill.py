@@ -75,6 +75,20 @@ def test_long_documents_are_truncated_to_fit(tiny_model_dir):
                                                              add_special_tokens=False)
 
 
+def test_query_document_query_format_reads_the_query_again_before_the_grade(tiny_model_dir):
+    _, tokenizer = load_causal_lm(tiny_model_dir)
+    plain = prompt_text(tokenizer, "vpn error", "restart the gateway")
+    twice = prompt_text(tokenizer, "vpn error", "restart the gateway", "query-document-query")
+    assert plain.count("vpn error") == 1 and twice.count("vpn error") == 2
+    assert twice.index("restart the gateway") < twice.rindex("vpn error")
+    ids, truncated = encode_prompt(tokenizer, "expense report", "lunch menu " * 500, 96, "query-document-query")
+    assert truncated and len(ids) < 96 and tokenizer.decode(ids).count("expense report") == 2  # the cut is in the document
+    prefix = shared_prompt_prefix(tokenizer, 96, "query-document-query")
+    assert prefix == shared_prompt_prefix(tokenizer, 96) and ids[: len(prefix)] == prefix
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        prompt_text(tokenizer, "q", "d", "document-query")
+
+
 def test_grade_label_from_probabilities():
     label = GradeLabel.from_probabilities([0.1, 0.2, 0.3, 0.4])
     assert label.grade == 3 and label.expected_relevance == pytest.approx(2.0)
@@ -178,6 +192,21 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
     assert losses[-1] < losses[0] / 2  # it fits 4 distinct pairs
     labeler = StudentLabeler.load(adapter)
     assert [lab.grade for lab in labeler.label(PAIRS, progress=False)] == [3, 0, 2, 1]
+
+
+def test_an_adapter_is_read_in_the_prompt_format_it_was_trained_with(tiny_model_dir, tmp_path):
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])]
+    config = DistillConfig(base_model=str(tiny_model_dir), qlora=False, max_steps=2, batch_size=4, max_length=128,
+                           prompt_format="query-document-query")
+    assert train_student(records, tmp_path, config)["config"]["prompt_format"] == "query-document-query"
+    labeler = StudentLabeler.load(tmp_path / "adapter")
+    assert labeler.prompt_format == "query-document-query"
+    _, tokenizer = load_causal_lm(tiny_model_dir)
+    assert labeler.encode_pair("vpn", "restart")[0] == encode_prompt(tokenizer, "vpn", "restart", 128,
+                                                                     "query-document-query")[0]
+    with pytest.raises(ValueError, match="was trained with prompt_format 'query-document-query'"):
+        StudentLabeler.load(tmp_path / "adapter", prompt_format="query-document")
+    assert StudentLabeler.load(tiny_model_dir, prompt_format="query-document-query").prompt_format == "query-document-query"
 
 
 def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings(tiny_model_dir, tmp_path):
