@@ -190,14 +190,21 @@ class StudentLabeler:
              prompt_format: str | None = None) -> StudentLabeler:
         """Load a bundled name, hub id, model folder, or an adapter folder written by the distill stage.
 
-        An adapter is read in the prompt format it was trained with (its manifest); ``prompt_format``
-        sets it for a base model (default: the first of :data:`PROMPT_FORMATS`).
+        A trained student (an adapter, or a merged model, with its manifest) is read with the prompt
+        format and length it was trained with; ``prompt_format`` sets the format for a base model
+        (default: the first of :data:`PROMPT_FORMATS`).
         """
         path = Path(str(model_or_adapter))
+        manifest = json.loads((path / ADAPTER_MANIFEST).read_text()) if (path / ADAPTER_MANIFEST).exists() else {}
+        if manifest:
+            trained_format = manifest.get("config", {}).get("prompt_format", PROMPT_FORMATS[0])
+            if prompt_format not in (None, trained_format):
+                raise ValueError(f"{path} was trained with prompt_format {trained_format!r}, not {prompt_format!r}")
+            prompt_format = trained_format
+            max_length = manifest.get("max_length", max_length)
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
-            manifest = json.loads((path / ADAPTER_MANIFEST).read_text()) if (path / ADAPTER_MANIFEST).exists() else {}
             base_name = manifest.get("base_model") or json.loads((path / "adapter_config.json").read_text())[
                 "base_model_name_or_path"
             ]
@@ -206,11 +213,6 @@ class StudentLabeler:
             base, tokenizer = load_causal_lm(base_name, dtype=dtype, quantize_4bit=quantized,
                                              device_map={"": 0} if quantized and torch.cuda.is_available() else None)
             model = PeftModel.from_pretrained(base, path)
-            max_length = manifest.get("max_length", max_length)
-            trained_format = manifest.get("config", {}).get("prompt_format", PROMPT_FORMATS[0])
-            if prompt_format not in (None, trained_format):
-                raise ValueError(f"{path} was trained with prompt_format {trained_format!r}, not {prompt_format!r}")
-            prompt_format = trained_format
         else:
             model, tokenizer = load_causal_lm(model_or_adapter, dtype=dtype)
         return cls(model, tokenizer, max_length=max_length, prompt_format=prompt_format or PROMPT_FORMATS[0])

@@ -81,6 +81,7 @@ from labeler_utils.evaluate import (  # noqa: E402
 )
 from labeler_utils.student import (  # noqa: E402
     ADAPTER_MANIFEST,
+    PROMPT_FORMATS,
     grades_at_thresholds,
     load_labeler,
     share_matching_thresholds,
@@ -113,7 +114,7 @@ class StudentSpec:
     objective: str = "classification"  # cross-encoder only
     zero_shot: str = ""
     class_balance: bool = False  # loss weighted by inverse grade frequency of the teacher's training grades
-    prompt_format: str = "query-document"  # causal LM only: see labeler_utils.student.PROMPT_FORMATS
+    prompt_format: str = PROMPT_FORMATS[0]  # causal LM only: see labeler_utils.student.PROMPT_FORMATS
 
 
 CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun

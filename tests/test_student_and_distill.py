@@ -14,6 +14,7 @@ from labeler_utils.distill import (
     build_examples,
     grade_loss,
     inverse_frequency_weights,
+    merge_adapter,
     train_student,
 )
 from labeler_utils.models import load_causal_lm
@@ -206,6 +207,8 @@ def test_an_adapter_is_read_in_the_prompt_format_it_was_trained_with(tiny_model_
                                                                      "query-document-query")[0]
     with pytest.raises(ValueError, match="was trained with prompt_format 'query-document-query'"):
         StudentLabeler.load(tmp_path / "adapter", prompt_format="query-document")
+    merged = StudentLabeler.load(merge_adapter(tmp_path / "adapter", tmp_path / "merged"))  # the merged export too
+    assert merged.prompt_format == "query-document-query" and merged.max_length == 128
     assert StudentLabeler.load(tiny_model_dir, prompt_format="query-document-query").prompt_format == "query-document-query"
 
 
