@@ -48,14 +48,17 @@ def _label(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = LabelSettings(args.batch_size, args.chunk_size, args.max_length, args.skip_bad_lines, args.precision)
     try:
+        settings = LabelSettings(args.batch_size, args.chunk_size, args.max_length, args.skip_bad_lines, args.precision)
         summary = label_pairs(args.model, args.input, args.output, collection=args.collection, topics=args.topics,
                               input_format=args.input_format, settings=settings,
                               formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                               restart=args.restart, max_chunks=args.max_chunks)  # fmt: skip
-    except (InputError, ResumeRefused, FileNotFoundError, ValueError) as exc:
+    except (InputError, ResumeRefused, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an --output that is a file or not writable, a full disk; FileNotFoundError of inputs
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     if not summary["complete"]:

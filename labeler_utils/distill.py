@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import math
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +26,12 @@ import torch.nn.functional as F
 
 from .artifacts import write_json
 from .models import load_causal_lm, resolve_model
+from .labeler import MANIFEST, inverse_frequency_weights, write_manifest
 from .student import (
-    ADAPTER_MANIFEST,
+    FAMILY,
     GRADES,
     PROMPT_FORMATS,
+    StudentLabeler,
     encode_prompt,
     grade_token_ids,
     logits_after_prefix,
@@ -143,12 +143,6 @@ class GradeCollator:
         }
 
 
-def inverse_frequency_weights(grades: Sequence[int]) -> torch.Tensor:
-    """One weight per grade, ``n / (4 * count)``: each grade weighs the same in total (absent grades count as 1)."""
-    counts = torch.bincount(torch.tensor(list(grades), dtype=torch.long), minlength=len(GRADES)).float()
-    return counts.sum() / (len(GRADES) * counts.clamp(min=1))
-
-
 def grade_loss(
     answer_logits: torch.Tensor,
     grades: torch.Tensor,
@@ -230,17 +224,6 @@ def _trainer_class() -> type:
             return (loss, logits) if return_outputs else loss
 
     return GradeSFTTrainer
-
-
-def _library_versions() -> dict[str, str]:
-    names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _checkpoint_to_resume(folder: Path, config: DistillConfig, examples: Sequence[dict[str, Any]]) -> str | None:
@@ -346,28 +329,10 @@ def train_student(
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    manifest = {
-        "base_model": config.base_model,
-        "base_model_resolved": resolve_model(config.base_model),
-        "method": "qlora-nf4" if qlora else "lora",
-        "config": dataclasses.asdict(config),
-        "max_length": config.max_length,
-        "shared_prefix_tokens": len(prefix_ids),
-        "train_examples": len(examples),
-        "truncated_documents": truncated,
-        "grade_counts": {g: sum(e["grade"] == g for e in examples) for g in GRADES},
-        "train_seconds": seconds,
-        "train_loss": result.training_loss,
-        "global_steps": result.global_step,
-        "resumed_from": resume_from,
-        "log_history": trainer.state.log_history,
-        "data": data_description or {},
-        "versions": _library_versions(),
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
-    write_json(adapter_dir / ADAPTER_MANIFEST, manifest)
-    return manifest
+    return write_manifest(adapter_dir, FAMILY, config, "qlora-nf4" if qlora else "lora", trainer, result, seconds,
+                          [e["grade"] for e in examples], data_description,
+                          base_model_resolved=resolve_model(config.base_model), shared_prefix_tokens=len(prefix_ids),
+                          truncated_documents=truncated, resumed_from=resume_from)
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
@@ -375,10 +340,15 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
     from peft import PeftModel
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    manifest = json.loads((adapter_dir / ADAPTER_MANIFEST).read_text())
+    manifest = json.loads((adapter_dir / MANIFEST).read_text())
     base, tokenizer = load_causal_lm(manifest["base_model"])
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    write_json(output_dir / ADAPTER_MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
+    write_json(output_dir / MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
     return output_dir
+
+
+def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: DistillConfig) -> StudentLabeler:
+    """The base model read the way the distilled student is (same prompt format and length), without an adapter."""
+    return StudentLabeler.load(config.base_model, max_length=config.max_length, prompt_format=config.prompt_format)

@@ -12,8 +12,8 @@ check removes anything that overlaps the benchmark.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -37,7 +37,8 @@ from .documents import Document, document_card
 
 STAGE = "03_hard_negatives"
 CHUNK_MARKER = "#chunk"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 1 was a pickle; an index is JSON now, so that a run folder's file can hold data, never code
+INDEX_FILE = "bm25_index.json"
 MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 
 WORD_RE = re.compile(r"[^\W_]+")
@@ -160,23 +161,37 @@ class BM25Index:
         return self.ranks(query).get(doc_id)
 
     def save(self, path: str | Path) -> None:
-        """Pickle the index with its tokenizer settings and corpus fingerprint (atomic)."""
-        payload = {"format": INDEX_FORMAT, "bm25": self.bm25, "doc_ids": self.doc_ids,
-                   "settings": asdict(self.settings), "fingerprint": self.fingerprint}  # fmt: skip
-        with atomic_write(path, "wb") as handle:
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        """Write the index as JSON (atomic): each document's term counts, BM25 parameters, tokenizer settings
+        and corpus fingerprint. JSON, never pickle: loading a file from a run folder cannot run code."""
+        payload = {"format": INDEX_FORMAT, "k1": self.bm25.k1, "b": self.bm25.b, "epsilon": self.bm25.epsilon,
+                   "doc_ids": self.doc_ids, "settings": asdict(self.settings), "fingerprint": self.fingerprint,
+                   "term_counts": self.bm25.doc_freqs}  # fmt: skip
+        with atomic_write(path) as handle:
+            json.dump(payload, handle, ensure_ascii=False)
 
     @classmethod
     def load(
         cls, path: str | Path, settings: TokenizerSettings | None = None,
         documents: Sequence[Document] | None = None, k1: float | None = None, b: float | None = None,
     ) -> BM25Index:  # fmt: skip
-        """Load a saved index; raise ``ValueError`` when it was built with other settings or text."""
-        with Path(path).open("rb") as handle:
-            payload = pickle.load(handle)
+        """Load a saved index; raise ``ValueError`` when it is not one, or was built with other settings or text.
+
+        The file is read as JSON only: an index pickled by an older version is refused, never unpickled.
+        """
+        try:
+            payload = json.loads(Path(path).read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a JSON BM25 index (an older version's pickle is never unpickled, "
+                             "as unpickling can run code); rebuild it") from exc  # fmt: skip
         if not isinstance(payload, dict) or payload.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path} is not a BM25 index of format {INDEX_FORMAT}; rebuild it")
-        index = cls(payload["bm25"], payload["doc_ids"], TokenizerSettings(**payload["settings"]), payload["fingerprint"])
+            raise ValueError(f"{path}: not a BM25 index of format {INDEX_FORMAT}; rebuild it")
+        try:
+            # Each document's terms in first-occurrence order: BM25Okapi then rebuilds identical statistics.
+            corpus = [[term for term, count in counts.items() for _ in range(count)] for counts in payload["term_counts"]]
+            bm25 = BM25Okapi(corpus, k1=payload["k1"], b=payload["b"], epsilon=payload["epsilon"])
+            index = cls(bm25, list(payload["doc_ids"]), TokenizerSettings(**payload["settings"]), payload["fingerprint"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: a BM25 index with a missing or malformed field ({exc!r}); rebuild it") from exc
         if settings is not None and settings != index.settings:
             raise ValueError(f"{path} was built with tokenizer settings {index.settings}, not {settings}; rebuild it")
         for name, wanted in (("k1", k1), ("b", b)):
@@ -195,8 +210,8 @@ def load_or_build_index(
     if Path(path).exists():
         try:
             return BM25Index.load(path, settings, documents, k1, b)
-        except ValueError:
-            pass
+        except ValueError as exc:
+            print(f"rebuilding the BM25 index: {exc}")
     index = BM25Index.build(documents, settings, k1, b)
     index.save(path)
     return index

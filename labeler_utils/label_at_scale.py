@@ -18,6 +18,7 @@ with committed chunks are refused (``restart=True`` discards them).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -40,7 +41,8 @@ from tqdm.auto import tqdm
 from .artifacts import InputError, atomic_write, read_json, write_json
 from .benchmarks import GRADES, iter_delimited
 from .documents import Document, document_card
-from .student import load_labeler, resolve_dtype
+from .families import load_labeler
+from .labeler import resolve_dtype
 
 MANIFEST = "manifest.json"
 WORK_DB = "work.sqlite"
@@ -67,7 +69,8 @@ TRUNCATION_POLICY = (
 )
 BAD_INPUT_POLICY = (
     "Bad input (malformed JSON, missing or empty fields, non-UTF-8 bytes, wrong field types, ids absent "
-    "from --topics/--collection, over-long queries, a pair repeated in a JSONL/Parquet file): by default an "
+    "from --topics/--collection, over-long queries, a pair repeated in a JSONL/Parquet file, ids with "
+    "whitespace when qrels are among the --formats): by default an "
     "error naming the file and line (Parquet: row) before any labeling starts; with --skip-bad-lines the line "
     "is skipped, counted in summary.json and recorded with its reason in skipped.jsonl. Repeated "
     "(query, document) pairs of a TREC run (several systems) are labeled once and counted as duplicates."
@@ -91,7 +94,7 @@ class LabelSettings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "chunk_size", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         resolve_dtype(self.precision)
 
 
@@ -203,6 +206,14 @@ def _identifier(value: Any, name: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return _text(value, name).strip()
+
+
+def check_qrels_ids(query_id: str, doc_id: str) -> None:
+    """``ValueError`` naming the id when a pair's ids cannot be written as a TREC qrels line."""
+    for name, value in (("query_id", query_id), ("doc_id", doc_id)):
+        if any(c.isspace() for c in value):
+            raise ValueError(f"{name} {value!r} contains whitespace, which TREC qrels cannot hold; "
+                             "leave qrels out of --formats")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,9 +418,11 @@ def topic_rows(path: Path) -> Iterator[tuple[str, str, str]]:
 class UnitReader:
     """Turns a source's raw units into :data:`Unit` values, with texts looked up in the work store."""
 
-    def __init__(self, source: PairSource, store: WorkStore, tokenizer: Any, max_length: int):
+    def __init__(self, source: PairSource, store: WorkStore, tokenizer: Any, max_length: int, qrels: bool = False):
+        """``qrels``: ids must fit a TREC qrels line (no whitespace)."""
         self.source = source
         self.store = store
+        self.qrels = qrels
         self.max_query_tokens = max_length // MAX_QUERY_SHARE
         self.max_document_chars = max_length * CHARS_PER_TOKEN_BOUND
         self.query_tokens = lru_cache(maxsize=8192)(lambda q: len(tokenizer.encode(q, add_special_tokens=False)))
@@ -437,6 +450,8 @@ class UnitReader:
                 raise ValueError(f"missing field {name!r}")
         query_id = _identifier(fields["query_id"], "query_id")
         doc_id = _identifier(fields["doc_id"], "doc_id")
+        if self.qrels:
+            check_qrels_ids(query_id, doc_id)
         query = self._lookup(fields.get("query"), "query", "queries", query_id, "--topics")
         document = self._lookup(fields.get("document"), "document", "documents", doc_id, "--collection")
         tokens = self.query_tokens(query)
@@ -476,14 +491,29 @@ def committed_chunks(out_dir: Path) -> int:
 
 @contextmanager
 def exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold the folder's lock (released by the OS even on ``kill -9``)."""
+    """Hold the folder's lock (released by the OS even on ``kill -9``).
+
+    A lock file (and a folder) this call created is removed again when the folder holds no run
+    at the end: a refused foreign folder or a refused input leaves nothing behind.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(out_dir))
+    new_folder = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / LOCK).open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ResumeRefused(f"{out_dir}: another labeling process is writing to this folder") from None
-        yield
+    lock = out_dir / LOCK
+    new_lock = not lock.exists()
+    try:
+        with lock.open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ResumeRefused(f"{out_dir}: another labeling process is writing to this folder") from None
+            yield
+    finally:
+        if new_lock and not (out_dir / MANIFEST).exists():
+            lock.unlink(missing_ok=True)
+            if new_folder and not any(out_dir.iterdir()):
+                out_dir.rmdir()
 
 
 def clear_output(out_dir: Path) -> None:
@@ -638,23 +668,28 @@ def label_pairs(
         manifest = start_or_resume(out_dir, identity, restart)
         manifest["input_path"] = str(source.path.resolve())
         if not manifest["complete"]:
-            manifest = _label_chunks(out_dir, manifest, source, model, collection_path, topics_path, settings,
-                                     max_chunks, progress)  # fmt: skip
+            try:
+                manifest = _label_chunks(out_dir, manifest, source, model, collection_path, topics_path, settings,
+                                         "qrels" in formats, max_chunks, progress)  # fmt: skip
+            except InputError:
+                if manifest["total_units"] is None:  # refused before any labeling: nothing worth keeping
+                    clear_output(out_dir)
+                raise
             if not manifest["complete"]:
                 return summarize(out_dir, manifest)
         for suffix in ("", "-wal", "-shm"):  # the texts and pair index are needed no more
             (out_dir / f"{WORK_DB}{suffix}").unlink(missing_ok=True)
         summary = summarize(out_dir, manifest)
-        write_outputs(out_dir, formats)
+        write_outputs(out_dir, formats, source)
         summary["outputs"] = {fmt: str(out_dir / OUTPUT_FILES[fmt]) for fmt in formats}
         write_json(out_dir / SUMMARY, summary)
         return summary
 
 
 def _label_chunks(out_dir: Path, manifest: dict[str, Any], source: PairSource, model: str | Path,
-                  collection: Path | None, topics: Path | None, settings: LabelSettings,
+                  collection: Path | None, topics: Path | None, settings: LabelSettings, qrels: bool,
                   max_chunks: int | None, progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Validate the input once, then label and commit the chunks not committed yet."""
+    """Validate the input once (``qrels``: ids must fit qrels lines), then label and commit the chunks not committed yet."""
     for stale in [*out_dir.glob(".*.tmp"), *(out_dir / CHUNKS).glob(".*.tmp")]:  # writes cut short by a kill
         stale.unlink()
     labeler = load_student(model, settings.max_length, settings.precision)
@@ -663,7 +698,7 @@ def _label_chunks(out_dir: Path, manifest: dict[str, Any], source: PairSource, m
     try:
         store.load("documents", collection, manifest["identity"]["collection"], progress)
         store.load("queries", topics, manifest["identity"]["topics"], progress)
-        reader = UnitReader(source, store, labeler.tokenizer, labeler.max_length)
+        reader = UnitReader(source, store, labeler.tokenizer, labeler.max_length, qrels)
         if manifest["total_units"] is None:
             manifest["total_units"] = check_input(reader, settings.skip_bad_lines, progress)
             manifest["labeler_max_length"] = labeler.max_length
@@ -694,6 +729,8 @@ def _label_chunks(out_dir: Path, manifest: dict[str, Any], source: PairSource, m
                 manifest.update(chunks_done=done, complete=done == total_chunks)
                 write_json(out_dir / MANIFEST, manifest)
         manifest.update(chunks_done=done, complete=done == total_chunks)
+    except sqlite3.OperationalError as exc:  # "database or disk is full", "disk I/O error": name the file
+        raise OSError(None, str(exc), str(out_dir / WORK_DB)) from exc
     finally:
         store.close()
     return manifest
@@ -780,8 +817,12 @@ def iter_labels(out_dir: Path) -> Iterator[dict[str, Any]]:
             yield from (json.loads(line) for line in handle)
 
 
-def write_outputs(out_dir: Path, formats: tuple[str, ...]) -> None:
-    """Merge the chunks into the requested label files and ``skipped.jsonl``, each atomically, streaming."""
+def write_outputs(out_dir: Path, formats: tuple[str, ...], source: PairSource) -> None:
+    """Merge the chunks into the requested label files and ``skipped.jsonl``, each atomically, streaming.
+
+    Ids are checked for qrels before labeling; a run labeled without qrels and merged with them
+    now can still hold an id with whitespace: an error naming its input line.
+    """
     count = committed_chunks(out_dir)
     with atomic_write(out_dir / SKIPPED) as handle:
         for meta in chunk_metas(out_dir, count):
@@ -796,10 +837,10 @@ def write_outputs(out_dir: Path, formats: tuple[str, ...]) -> None:
     if "qrels" in formats:
         with atomic_write(out_dir / OUTPUT_FILES["qrels"]) as handle:
             for record in iter_labels(out_dir):
-                for name in ("query_id", "doc_id"):
-                    if any(c.isspace() for c in record[name]):
-                        raise InputError(f"input line {record['line']}: {name} {record[name]!r} contains whitespace, "
-                                         "which TREC qrels cannot hold; leave qrels out of --formats")  # fmt: skip
+                try:
+                    check_qrels_ids(record["query_id"], record["doc_id"])
+                except ValueError as exc:
+                    raise InputError(f"{source.where(record['line'])}: {exc}") from None
                 handle.write(f"{record['query_id']} 0 {record['doc_id']} {record['grade']}\n")
 
 

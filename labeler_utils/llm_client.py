@@ -2,21 +2,28 @@
 
 Every query-synthesis and teacher-labeling call goes through :class:`LLMClient`. Responses are
 kept in a SQLite cache keyed by a hash of (model, messages, parameters), so re-running a notebook
-makes no repeated calls; transient failures (timeouts, 429, 5xx, dropped connections) are retried
-with exponential backoff; a semaphore bounds concurrent requests; a :class:`UsageLedger` counts
-calls, cache hits, tokens and failures; answers that do not parse are recorded, never dropped.
+makes no repeated calls; transient failures (timeouts, 429, 5xx, dropped connections, a 200 whose
+body is not a chat completion) are retried with exponential backoff, or after the delay a 429/503
+asks for in ``Retry-After`` / ``retry-after-ms`` (capped); a semaphore bounds concurrent requests;
+a :class:`UsageLedger` counts calls, cache hits, tokens and failures; answers that do not parse are
+recorded, never dropped. Error texts never carry the API key: it and key- or token-like strings are
+masked.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,16 +33,29 @@ import openai
 from tqdm.auto import tqdm
 
 Message = dict[str, str]
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+NO_KEY = "not-needed-for-local-servers"
+# Key- and token-like strings in server error texts: OpenAI-style keys and bearer tokens.
+SECRET_PATTERNS = ((re.compile(r"\bsk-[\w-]{4,}"), "sk-***"), (re.compile(r"\bBearer\s+[^\s\"',;]+", re.I), "Bearer ***"))
+
+
+class LLMError(RuntimeError):
+    """An LLM call that failed for good (after retries, or for a non-retryable reason)."""
+
+
+class MalformedResponse(ValueError):
+    """A successful HTTP answer whose body is not a chat completion (no choices, not JSON)."""
+
+
 RETRYABLE_ERRORS = (
     openai.APITimeoutError,
     openai.APIConnectionError,
     openai.RateLimitError,
     openai.InternalServerError,
+    openai.APIResponseValidationError,
+    json.JSONDecodeError,  # a 200 with a truncated JSON body
+    MalformedResponse,
 )
-
-
-class LLMError(RuntimeError):
-    """An LLM call that failed for good (after retries, or for a non-retryable reason)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +87,30 @@ class Endpoint:
             return None
         raise ValueError(f"Unknown structured_output {self.structured_output!r}")
 
+    @property
+    def is_local(self) -> bool:
+        """Whether ``base_url`` is on this machine (127.0.0.1, localhost), where no key is needed."""
+        return urllib.parse.urlsplit(self.base_url).hostname in LOCAL_HOSTS
+
+    def api_key(self) -> str | None:
+        """The key in the ``api_key_env`` environment variable, None when it is unset or empty."""
+        return os.environ.get(self.api_key_env) or None
+
     def make_openai_client(self, timeout: float) -> openai.OpenAI:
-        """Build the underlying ``openai`` client (its own retries off: we retry ourselves)."""
-        key = os.environ.get(self.api_key_env) or "not-needed-for-local-servers"
+        """Build the underlying ``openai`` client (its own retries off: we retry ourselves).
+
+        A remote endpoint whose ``api_key_env`` variable is not set is an error naming the
+        variable; a local server gets a placeholder key.
+        """
+        if self.kind not in ("openai", "azure"):
+            raise ValueError(f"Unknown endpoint kind {self.kind!r}: use 'openai' or 'azure'")
+        key = self.api_key()
+        if key is None and not self.is_local:
+            raise ValueError(
+                f"api_key_env: the environment variable {self.api_key_env!r} is not set (or is empty), and "
+                f"{self.base_url} is not a local server; set it, or name the variable that holds the key"
+            )
+        key = key or NO_KEY
         if self.kind == "azure":
             return openai.AzureOpenAI(
                 azure_endpoint=self.base_url,
@@ -78,8 +119,6 @@ class Endpoint:
                 timeout=timeout,
                 max_retries=0,
             )
-        if self.kind != "openai":
-            raise ValueError(f"Unknown endpoint kind {self.kind!r}: use 'openai' or 'azure'")
         return openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=0)
 
 
@@ -187,12 +226,15 @@ class LLMClient:
         max_concurrency: int = 4,
         backoff_seconds: float = 1.0,
         openai_client: Any | None = None,
+        max_retry_after: float = 60.0,
     ):
+        """``max_retry_after`` caps the wait a 429/503 asks for (``Retry-After``, ``retry-after-ms``)."""
         self.endpoint = endpoint
         self.cache = ResponseCache(cache_path)
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
         self.backoff_seconds = backoff_seconds
+        self.max_retry_after = max_retry_after
         self.ledger = UsageLedger()
         self._client = openai_client or endpoint.make_openai_client(timeout)
         self._slots = threading.Semaphore(max_concurrency)
@@ -224,8 +266,7 @@ class LLMClient:
         if stored is not None:
             self.ledger.add(cache_hits=1)
             return ChatResult(**stored, cached=True)
-        response = self._call_with_retries(messages, params)
-        result = _to_result(response)
+        result = self._call_with_retries(messages, params)
         self.cache.put(key, {k: v for k, v in asdict(result).items() if k != "cached"})
         self.ledger.add(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
         return result
@@ -259,34 +300,74 @@ class LLMClient:
             + self.ledger.completion_tokens * self.endpoint.price_output_per_million
         ) / 1e6
 
-    def _call_with_retries(self, messages: Sequence[Message], params: dict[str, Any]) -> Any:
+    def _call_with_retries(self, messages: Sequence[Message], params: dict[str, Any]) -> ChatResult:
         kwargs = {k: v for k, v in params.items() if v is not None}
         for attempt in range(self.max_retries + 1):
             with self._slots:
                 start = time.perf_counter()
                 try:
-                    response = self._client.chat.completions.create(
+                    result = _to_result(self._client.chat.completions.create(
                         model=self.endpoint.model, messages=list(messages), **kwargs
-                    )
+                    ))  # fmt: skip
                     self.ledger.add(calls=1, seconds_in_calls=time.perf_counter() - start)
-                    return response
+                    return result
                 except RETRYABLE_ERRORS as exc:
                     self.ledger.add(calls=1, seconds_in_calls=time.perf_counter() - start)
                     error: Exception = exc
                 except openai.APIStatusError as exc:
                     self.ledger.add(calls=1, failures=1)
-                    raise LLMError(
+                    raise LLMError(self._masked(
                         f"{self.endpoint.base_url} refused the request for model {self.endpoint.model!r} "
                         f"(HTTP {exc.status_code}): {exc.message}"
-                    ) from exc
+                    )) from exc  # fmt: skip
             if attempt < self.max_retries:
                 self.ledger.add(retries=1)
-                time.sleep(self.backoff_seconds * (2**attempt) * (1 + random.random() * 0.25))
+                time.sleep(self._delay(error, attempt))
         self.ledger.add(failures=1)
-        raise LLMError(
+        raise LLMError(self._masked(
             f"{self.endpoint.base_url} failed {self.max_retries + 1} times for model {self.endpoint.model!r}: "
             f"{type(error).__name__}: {error}"
-        ) from error
+        )) from error  # fmt: skip
+
+    def _delay(self, error: Exception, attempt: int) -> float:
+        """Seconds before the next attempt: what the answer asked for (at most ``max_retry_after``), else backoff."""
+        response = getattr(error, "response", None)
+        asked = retry_after_seconds(response.headers) if response is not None else None
+        if asked is not None:
+            return min(asked, self.max_retry_after)
+        return self.backoff_seconds * (2**attempt) * (1 + random.random() * 0.25)
+
+    def _masked(self, text: str) -> str:
+        return mask_secrets(text, [self.endpoint.api_key() or ""])
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait an answer asks for: ``retry-after-ms``, else ``Retry-After`` in seconds or as an HTTP date."""
+    for name, unit in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * unit
+        except ValueError:
+            if name == "retry-after-ms":
+                continue
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                return None
+        return None if math.isnan(seconds) else max(0.0, seconds)
+    return None
+
+
+def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with each of ``secrets`` and anything shaped like an API key or a bearer token masked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    for pattern, replacement in SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def map_concurrent(
@@ -298,9 +379,13 @@ def map_concurrent(
 
 
 def _to_result(response: Any) -> ChatResult:
-    texts = [choice.message.content or "" for choice in response.choices]
+    """The parts of a chat completion kept; ``MalformedResponse`` when the answer is not one."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices or any(getattr(c, "message", None) is None for c in choices):
+        raise MalformedResponse(f"the answer holds no choices with a message: {str(response)[:200]!r}")
+    texts = [choice.message.content or "" for choice in choices]
     tokens, logprob_steps = None, None
-    first = response.choices[0]
+    first = choices[0]
     if getattr(first, "logprobs", None) is not None and first.logprobs.content:
         tokens = [step.token for step in first.logprobs.content]
         logprob_steps = [

@@ -4,6 +4,11 @@
 GGUF model, waits until ``/v1/models`` answers, and stops it again (context manager). Its
 :meth:`endpoint` is an :class:`~labeler_utils.llm_client.Endpoint` like any remote one, so
 the stages never know whether they talk to this server, OpenAI, Azure, vLLM or Ollama.
+
+On a shared CPU the server degrades gracefully: it starts as many threads as there are cores the
+other processes leave free (usable cores less the busy ones, sampled at start-up), and its OpenMP
+threads sleep at barriers instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), so that a thread that
+lost its core no longer makes the others burn theirs waiting for it (``bench/server_contention.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,33 @@ from .llm_client import Endpoint, LLMClient
 from .models import server_gguf_path
 
 
+def free_cpu_threads(limit: int = 8, sample_seconds: float = 0.25) -> int:
+    """Threads that fit the cores this process may use, less those other processes keep busy now (1..``limit``)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(limit, usable - round(busy_cores(sample_seconds))))
+
+
+def busy_cores(sample_seconds: float = 0.25) -> float:
+    """How many cores the machine keeps busy, sampled from ``/proc/stat`` over ``sample_seconds``.
+
+    Sampled rather than read from the load average, which lags by minutes (a job that just ended
+    still counts); where ``/proc/stat`` is missing, the 1-minute load average is the estimate.
+    """
+
+    def busy_and_total() -> tuple[int, int]:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+        total = user + nice + system + idle + iowait + irq + softirq + steal
+        return total - idle - iowait, total
+
+    try:
+        busy_before, total_before = busy_and_total()
+        time.sleep(sample_seconds)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError):
+        return os.getloadavg()[0]
+    return (busy_after - busy_before) / max(1, total_after - total_before) * (os.cpu_count() or 1)
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -44,11 +76,16 @@ class LocalLLMServer:
         port: int | None = None,
         startup_timeout: float = 180.0,
         log_path: str | Path | None = None,
+        wait_policy: str | None = "PASSIVE",
     ):
+        """``n_threads`` (generation and prompt processing) defaults to :func:`free_cpu_threads` at start-up;
+        ``wait_policy`` is the server's ``OMP_WAIT_POLICY`` (None: OpenMP's default, spinning a while;
+        an ``OMP_WAIT_POLICY`` in the environment wins)."""
         self.model = model
         self.gguf_path = server_gguf_path(model)
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or min(os.cpu_count() or 2, 8)
+        self.n_threads = n_threads or free_cpu_threads()
+        self.wait_policy = wait_policy
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path or CACHE_DIR / "logs" / f"llama-server-{self.port}.log")
@@ -90,10 +127,14 @@ class LocalLLMServer:
             "--port", str(self.port),
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),
             "--logits_all", "true",
         ]  # fmt: skip
+        env = dict(os.environ)
+        if self.wait_policy is not None:
+            env.setdefault("OMP_WAIT_POLICY", self.wait_policy)
         log = self.log_path.open("wb")
-        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self._wait_until_ready()
         return self
 

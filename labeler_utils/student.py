@@ -11,18 +11,26 @@ memory stays flat for any number of pairs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .labeler import (  # noqa: F401  (GRADES, PRECISIONS, the thresholds and resolve_dtype: re-exported)
+    GRADES,
+    MANIFEST,
+    PRECISIONS,
+    GradeLabel,
+    Labeler,
+    default_device,
+    grades_at_thresholds,
+    read_manifest,
+    resolve_dtype,
+    share_matching_thresholds,
+)
 from .models import load_causal_lm
 
-GRADES = (0, 1, 2, 3)
 STUDENT_INSTRUCTION = (
     "Rate how well the document answers the search query.\n"
     "3 = perfectly relevant: dedicated to the query and answers it fully.\n"
@@ -34,51 +42,8 @@ STUDENT_INSTRUCTION = (
 #: Where the query stands in the prompt: before the document only (the default), or before and after it, so
 #: that the document is read knowing the query and the query is read again just before the grade.
 PROMPT_FORMATS = ("query-document", "query-document-query")
-ADAPTER_MANIFEST = "labeler_manifest.json"
-#: Compute precisions a labeler can run in; "auto" is bfloat16 on a CUDA GPU and float32 elsewhere.
-PRECISIONS = ("auto", "float32", "bfloat16")
-
-
-def resolve_dtype(precision: str) -> torch.dtype:
-    """The torch dtype for a precision name (see :data:`PRECISIONS`)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, precision)
-
-
-@dataclass
-class GradeLabel:
-    """One label from a student: hard grade, distribution over grades, expected relevance."""
-
-    grade: int
-    distribution: list[float]
-    expected_relevance: float
-
-    @classmethod
-    def from_probabilities(cls, probabilities: Sequence[float]) -> GradeLabel:
-        probs = [float(p) for p in probabilities]
-        best = max(range(len(probs)), key=probs.__getitem__)
-        return cls(grade=GRADES[best], distribution=probs, expected_relevance=sum(g * p for g, p in zip(GRADES, probs)))
-
-
-def share_matching_thresholds(scores: Sequence[float], grade_counts: Sequence[int]) -> np.ndarray:
-    """Three cut points on ``scores`` that split them into grades 0-3 in the shares of ``grade_counts``.
-
-    The calibrated-threshold alternative to the arg-max: cut a labeler's scores (a student's
-    expected relevance, a cosine) so that its grade mix equals a reference mix, e.g. the teacher's
-    grade counts on the training pairs. Only those counts are used, never a human grade.
-    """
-    counts = np.asarray(grade_counts, dtype=float)
-    if counts.shape != (len(GRADES),) or counts.sum() <= 0:
-        raise ValueError(f"grade_counts must be {len(GRADES)} counts with a positive sum, got {list(grade_counts)}")
-    return np.quantile(np.asarray(scores, dtype=float), np.cumsum(counts / counts.sum())[:-1])
-
-
-def grades_at_thresholds(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
-    """Grade of each score: how many of the (ascending) cut points it reaches."""
-    return np.searchsorted(np.asarray(thresholds, dtype=float), np.asarray(scores, dtype=float), side="right")
+FAMILY = "causal_lm"
+ADAPTER_MANIFEST = MANIFEST  # the name older code and notebooks import from here
 
 
 def grade_token_ids(tokenizer: Any) -> list[int]:
@@ -168,22 +133,30 @@ def logits_after_prefix(
     return out.logits[torch.arange(rows, device=suffix_ids.device), torch.searchsorted(kept, answer_positions)]
 
 
-class StudentLabeler:
-    """A loaded student (base model, merged model or LoRA adapter) that labels pairs in one pass."""
+class StudentLabeler(Labeler):
+    """A causal-LM student (base model, merged model or LoRA adapter) that labels pairs in one pass."""
 
-    FAMILY = "causal_lm"
+    FAMILY = FAMILY
+    ENGINE_VARIANTS = ("naive_generate", "prefix_cache", "int8", "bfloat16")
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None,
                  prompt_format: str = PROMPT_FORMATS[0]):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prompt_format = prompt_format
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         if not getattr(model, "hf_device_map", None) and not getattr(model, "is_loaded_in_4bit", False):
             self.model.to(self.device)
         self.grade_ids = torch.tensor(grade_token_ids(tokenizer), device=self.device)
         self.truncated = 0
+
+    def with_model(self, model: Any, device: str | None = None) -> StudentLabeler:
+        """The same labeler (tokenizer, length, prompt format) around another model, e.g. a merged or quantised one."""
+        return type(self)(model, self.tokenizer, max_length=self.max_length, device=device or str(self.device),
+                          prompt_format=self.prompt_format)
 
     @classmethod
     def load(cls, model_or_adapter: str | Path, max_length: int = 512, dtype: Any = None,
@@ -195,7 +168,7 @@ class StudentLabeler:
         (default: the first of :data:`PROMPT_FORMATS`).
         """
         path = Path(str(model_or_adapter))
-        manifest = json.loads((path / ADAPTER_MANIFEST).read_text()) if (path / ADAPTER_MANIFEST).exists() else {}
+        manifest = read_manifest(path)
         if manifest:
             trained_format = manifest.get("config", {}).get("prompt_format", PROMPT_FORMATS[0])
             if prompt_format not in (None, trained_format):
@@ -239,102 +212,10 @@ class StudentLabeler:
         probabilities = torch.softmax(logits, dim=-1).cpu().tolist()
         return [GradeLabel.from_probabilities(p) for p in probabilities]
 
-    def _base_model(self) -> Any:
-        model = self.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
     def _last_hidden_states(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Hidden states of the decoder body: the vocabulary projection is then done for one position only."""
-        body = self._base_model().get_decoder()
+        body = self.transformer().get_decoder()
         return body(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
 
     def _output_layer(self) -> Any:
-        return self._base_model().get_output_embeddings()
-
-    def label(
-        self,
-        pairs: Iterable[tuple[str, str]],
-        batch_size: int = 16,
-        bucket_size: int = 512,
-        total: int | None = None,
-        progress: bool = True,
-    ) -> Iterator[GradeLabel]:
-        """Label (query, document) pairs in input order, streaming.
-
-        Pairs are read ``bucket_size`` at a time, sorted by length inside the bucket into batches
-        of ``batch_size`` (little padding), scored, and yielded back in input order.
-        """
-        bar = tqdm(total=total, desc=f"{self.FAMILY} labels", unit="pair", disable=not progress)
-        bucket: list[list[int]] = []
-        for query, document in pairs:
-            ids, truncated = self.encode_pair(query, document)
-            self.truncated += truncated
-            bucket.append(ids)
-            if len(bucket) >= bucket_size:
-                yield from self._score_bucket(bucket, batch_size, bar)
-                bucket = []
-        if bucket:
-            yield from self._score_bucket(bucket, batch_size, bar)
-        bar.close()
-
-    def _score_bucket(self, bucket: list[list[int]], batch_size: int, bar: Any) -> Iterator[GradeLabel]:
-        order = sorted(range(len(bucket)), key=lambda i: len(bucket[i]))
-        results: list[GradeLabel | None] = [None] * len(bucket)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for index, label in zip(chunk, self.score_batch([bucket[i] for i in chunk])):
-                results[index] = label
-            bar.update(len(chunk))
-        yield from (label for label in results if label is not None)
-
-    def label_records(
-        self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 16, progress: bool = True
-    ) -> list[dict[str, Any]]:
-        """Label records with ``query_id``, ``query``, ``doc_id``, ``document``; returns prediction rows."""
-        labels = self.label(
-            ((r["query"], r["document"]) for r in records), batch_size=batch_size, total=len(records), progress=progress
-        )
-        return [
-            {
-                "query_id": record["query_id"],
-                "doc_id": record["doc_id"],
-                "grade": label.grade,
-                "expected_relevance": label.expected_relevance,
-                "distribution": label.distribution,
-                "labeler": labeler,
-            }
-            for record, label in zip(records, labels)
-        ]
-
-
-def distilled_student(folder: str | Path) -> Path | None:
-    """The folder holding a trained student's manifest: ``folder`` itself, else its ``adapter/`` (causal LM) or its
-    ``model/`` (cross-encoder), the more recently trained when both exist; None when there is none."""
-    path = Path(str(folder))
-    if (path / ADAPTER_MANIFEST).exists():
-        return path
-    found = [f for f in (path / "adapter", path / "model") if (f / ADAPTER_MANIFEST).exists()]
-    return max(found, key=lambda f: (f / ADAPTER_MANIFEST).stat().st_mtime_ns, default=None)
-
-
-def load_labeler(path_or_name: str | Path, family: str | None = None, **kwargs: Any) -> StudentLabeler:
-    """Load a student of either family with one call: a causal LM or a cross-encoder.
-
-    ``path_or_name`` is a bundled name, hub id or folder; a folder may also be a training output
-    folder whose ``adapter/`` (distill stage) or ``model/`` (cross-encoder) holds the manifest.
-    The family is ``family`` when given (``"causal_lm"`` or ``"cross_encoder"``), else the
-    manifest's ``family`` field, else ``"causal_lm"`` (manifests written before the field existed).
-    ``kwargs`` go to :meth:`StudentLabeler.load` or :meth:`CrossEncoderLabeler.load`.
-    """
-    holder = distilled_student(path_or_name)
-    if holder is not None:
-        path_or_name = holder
-        family = family or json.loads((holder / ADAPTER_MANIFEST).read_text()).get("family", "causal_lm")
-    family = family or "causal_lm"
-    if family == "causal_lm":
-        return StudentLabeler.load(path_or_name, **kwargs)
-    if family == "cross_encoder":
-        from .cross_encoder import CrossEncoderLabeler
-
-        return CrossEncoderLabeler.load(path_or_name, **kwargs)
-    raise ValueError(f"Unknown student family {family!r}; choose 'causal_lm' or 'cross_encoder'")
+        return self.transformer().get_output_embeddings()

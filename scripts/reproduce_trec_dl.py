@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Distil DeepSeek-V3's recorded TREC DL 2019 grades into small students; compare them with NIST's humans.
+"""Distil DeepSeek-V3's recorded TREC DL grades into small students; compare them with NIST's humans.
 
 Protocol:
 
-1. Load the judged pairs (NIST human grades plus recorded LLM grades) and split them BY QUERY
-   with a fixed seed (``--test-fraction`` held out, or ``--kfold`` folds); no query is on both sides.
+1. Load the judged pairs of one or more files (``--pairs``: NIST human grades plus recorded LLM
+   grades; TREC DL 2019 and 2020 together hold 97 queries) and split them BY QUERY with a fixed
+   seed: ``--test-fraction`` held out, ``--kfold K`` folds over all queries (every query held out
+   once), or ``--cross-source`` (train on one file's queries, test on another's). No query is on
+   both sides. ``--max-train-pairs-per-query`` spends the training budget on distinct queries:
+   at most N pairs of each query, drawn within each teacher grade in proportion to its share.
 2. The teacher's recorded grades of the training queries are the training records. The human
    grades are never used for training, only to score every labeler on the held-out queries.
 3. Each student is trained (``labeler_utils.cross_encoder`` or ``labeler_utils.distill``) and
@@ -24,15 +28,23 @@ Protocol:
    pairs, with percentile bootstrap intervals over queries. Labels/s, training time and peak RSS
    are measured on this machine.
 
+``--learning-curve`` then retrains the students on growing subsets of each split's training queries
+(``--curve-queries``) and pairs per query (``--curve-pairs``) and plots held-out QWK and Spearman
+against them; ``--final-model DIR`` trains the first student on every query of the given files, for
+``python -m labeler_utils label --model DIR``. ``summary.json`` holds the headline numbers.
+
 Models, predictions and timings go to ``--work-dir`` (git-ignored ``runs/``); a student whose
 model (and predictions) are there already is reused unless ``--force``. The causal students'
 training writes a checkpoint every 50 steps: running the same command again after a crash resumes
 it (``--force`` too resumes a checkpoint of the very same training). Results go to
 ``--output``: ``results.json``, ``results.md`` and ``forest_<set>.png``.
 
-Example (the MiniLM run of docs/results/trec_dl_2019):
+Examples (docs/results/trec_dl_2019, and the 5-fold run over both years of docs/results/trec_dl_cv):
 
-    nice -n 10 .venv/bin/python scripts/reproduce_trec_dl.py --students minilm-cross-encoder
+    .venv/bin/python scripts/reproduce_trec_dl.py --students minilm-cross-encoder
+    .venv/bin/python scripts/reproduce_trec_dl.py --pairs ../shared/benchmarks/trec-dl-2019/pairs.jsonl \
+        ../shared/benchmarks/trec-dl-2020/pairs.jsonl --kfold 5 --students minilm-cross-encoder,minilm-bi-encoder \
+        --max-train-pairs-per-query 32 --output docs/results/trec_dl_cv
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,31 +77,36 @@ from labeler_utils.benchmarks import (  # noqa: E402
     GRADES,
     RECORDED_PREFIX,
     attach_predictions,
-    load_benchmark,
-    query_kfold,
-    query_split,
     read_predictions,
     write_predictions,
 )
+from labeler_utils.config import Profile  # noqa: E402
 from labeler_utils.evaluate import (  # noqa: E402
     NDCG_CUTOFF,
     bootstrap_ci,
     labeler_scores,
     paired_bootstrap,
     plot_forest,
+    plot_learning_curve,
     query_metric,
 )
-from labeler_utils.student import (  # noqa: E402
-    ADAPTER_MANIFEST,
-    PROMPT_FORMATS,
-    grades_at_thresholds,
-    load_labeler,
-    share_matching_thresholds,
+from labeler_utils.families import distilled_student, get_family  # noqa: E402
+from labeler_utils.folds import (  # noqa: E402
+    SOURCE_COLUMN,
+    Split,
+    cap_pairs_per_query,
+    cross_source_splits,
+    holdout_split,
+    kfold_splits,
+    load_pair_files,
+    nested_query_subsets,
 )
+from labeler_utils.labeler import MANIFEST, grades_at_thresholds, share_matching_thresholds  # noqa: E402
 from labeler_utils.teacher import labels_from_frame  # noqa: E402
 from labeler_utils.throughput import PeakMemory, load_average, machine_info  # noqa: E402
 
-DEFAULT_PAIRS = REPO_ROOT.parent / "shared" / "benchmarks" / "trec-dl-2019" / "pairs.jsonl"
+SHARED = REPO_ROOT.parent / "shared" / "benchmarks"
+DEFAULT_PAIRS = [SHARED / "trec-dl-2019" / "pairs.jsonl"]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "results" / "trec_dl_2019"
 DEFAULT_WORK_DIR = REPO_ROOT / "runs" / "reproduce_trec_dl"
 #: Metrics of evaluate.py (bootstrapped from per-query statistics) reported for every labeler.
@@ -104,54 +121,56 @@ METRIC_TITLES = {"accuracy": "acc", "kappa": "kappa", "qwk": "QWK", "kappa_binar
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """A student the script can train: its family, base model and default training settings."""
+    """A student the script can train: its family, the family config's settings, and its zero-shot row.
 
-    family: str  # "cross_encoder" or "causal_lm"
-    base_model: str | None  # None: the bundled MiniLM (cross-encoder default)
-    epochs: float
-    train_batch_size: int
-    max_length: int
-    objective: str = "classification"  # cross-encoder only
+    ``zero_shot`` names a baseline shared by several students (their predictions are computed
+    once), or is empty for the student's own untrained model.
+    """
+
+    family: str
+    settings: dict[str, Any] = field(default_factory=dict)
     zero_shot: str = ""
-    class_balance: bool = False  # loss weighted by inverse grade frequency of the teacher's training grades
-    prompt_format: str = PROMPT_FORMATS[0]  # causal LM only: see labeler_utils.student.PROMPT_FORMATS
+    description: str = ""
 
 
 CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
 BOOKKEEPING = {"save_steps", "logging_steps"}  # settings that do not change the trained model
-CE_ZERO_SHOT = "bi-encoder cosine of the same MiniLM, thresholds matching the teacher's grade shares on the training pairs"
-LM_ZERO_SHOT = "base model, same one-pass grade-token scoring"
-STUDENTS: dict[str, StudentSpec] = {
-    "minilm-cross-encoder": StudentSpec("cross_encoder", None, 2.0, 16, 256, "classification", CE_ZERO_SHOT),
-    "minilm-cross-encoder-balanced": StudentSpec("cross_encoder", None, 2.0, 16, 256, "classification", CE_ZERO_SHOT,
-                                                 class_balance=True),
-    "minilm-cross-encoder-regression": StudentSpec("cross_encoder", None, 2.0, 16, 256, "regression", CE_ZERO_SHOT),
-    "smollm2-135m-instruct": StudentSpec("causal_lm", "smollm2-135m-instruct", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT),
-    "gemma3-270m": StudentSpec("causal_lm", "gemma3-270m", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT),
-    "gemma3-270m-query-twice": StudentSpec("causal_lm", "gemma3-270m", 2.0, 8, 256, zero_shot=LM_ZERO_SHOT,
-                                           prompt_format="query-document-query"),
+COSINE = "minilm-bi-encoder-cosine"
+COSINE_LABELER = "minilm bi-encoder cosine zero-shot"
+COSINE_FIT_PAIRS = 2000  # the cosine's cut points: quantiles over at most this many random training pairs
+ZERO_SHOT_DESCRIPTIONS = {
+    COSINE: "bi-encoder cosine of the same MiniLM, thresholds matching the teacher's grade shares on the training pairs "
+            f"(at most {COSINE_FIT_PAIRS} of them, drawn at random)",
+    "": "base model, same one-pass grade-token scoring",
 }
+ENCODER = {"epochs": 2.0, "batch_size": 16, "max_length": 256}
+CAUSAL = {"epochs": 2.0, "batch_size": 8, "max_length": 256, "qlora": None}
+STUDENTS: dict[str, StudentSpec] = {
+    "minilm-cross-encoder": StudentSpec("cross_encoder", ENCODER, COSINE),
+    "minilm-cross-encoder-balanced": StudentSpec("cross_encoder", {**ENCODER, "class_balance": True}, COSINE),
+    "minilm-cross-encoder-regression": StudentSpec("cross_encoder", {**ENCODER, "objective": "regression"}, COSINE,
+                                                   "one logit, binary cross-entropy to the expected grade / 3"),
+    "minilm-cross-encoder-ordinal": StudentSpec("cross_encoder", {**ENCODER, "objective": "ordinal"}, COSINE,
+                                                "cumulative-link head: three logits towards P(grade > k)"),
+    "minilm-bi-encoder": StudentSpec("bi_encoder", {**ENCODER, "epochs": 1.0}, COSINE,
+                                     "CoSENT, each batch one query's pairs (ranking within a query)"),
+    "minilm-bi-encoder-mixed": StudentSpec("bi_encoder", {**ENCODER, "epochs": 1.0, "batching": "random"}, COSINE,
+                                           "CoSENT, batches mixing queries"),
+    "smollm2-135m-instruct": StudentSpec("causal_lm", {**CAUSAL, "base_model": "smollm2-135m-instruct"}),
+    "gemma3-270m": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m"}),
+    "gemma3-270m-query-twice": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m",
+                                                         "prompt_format": "query-document-query"}),
+}
+#: The student of the project's default family (``Profile.student_family``): summary.json's "default_student".
+DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family == Profile.student_family)
 
 
-@dataclass(frozen=True)
-class Split:
-    """One train/test division of the queries."""
-
-    name: str
-    train_ids: frozenset[str]
-    test_ids: frozenset[str]
-
-
-def query_splits(frame: pd.DataFrame, test_fraction: float, seed: int, kfold: int | None = None) -> list[Split]:
-    """The hold-out split (or ``kfold`` folds) by query; raises if a query would be on both sides."""
-    divisions = query_kfold(frame, kfold, seed) if kfold else [query_split(frame, test_fraction, seed)]
-    splits = []
-    for index, (train_ids, test_ids) in enumerate(divisions, start=1):
-        shared = set(train_ids) & set(test_ids)
-        if shared:
-            raise AssertionError(f"queries {sorted(shared)[:5]} are in both the training and the test queries")
-        splits.append(Split(f"fold{index}of{kfold}" if kfold else "holdout", frozenset(train_ids), frozenset(test_ids)))
-    return splits
+def query_splits(frame: pd.DataFrame, test_fraction: float, seed: int, kfold: int | None = None,
+                 cross_source: bool = False) -> list[Split]:  # fmt: skip
+    """The hold-out split, ``kfold`` folds, or the train-on-one-file / test-on-another splits, by query."""
+    if cross_source:
+        return cross_source_splits(frame)
+    return kfold_splits(frame, kfold, seed) if kfold else holdout_split(frame, test_fraction, seed)
 
 
 def evaluation_pairs(frame: pd.DataFrame, split: Split, max_pairs_per_query: int | None, seed: int) -> pd.DataFrame:
@@ -178,25 +197,22 @@ def parse_per_student(text: str | None, students: Sequence[str], cast: Callable[
     return values
 
 
+def parse_sizes(text: str) -> list[int | None]:
+    """``"5,10,all"`` -> [5, 10, None]."""
+    return [None if item.strip() == "all" else int(item) for item in text.split(",") if item.strip()]
+
+
 # --------------------------------------------------------------------------------------------
 # Training and labelling, each cached in the work folder
 # --------------------------------------------------------------------------------------------
 
 
-def _student_config(spec: StudentSpec, epochs: float, seed: int, soft_labels: bool, bf16: bool) -> Any:
-    if spec.family == "cross_encoder":
-        from labeler_utils.cross_encoder import CrossEncoderConfig
-
-        base = {} if spec.base_model is None else {"base_model": spec.base_model}
-        return CrossEncoderConfig(**base, objective=spec.objective, soft_labels=soft_labels, epochs=epochs,
-                                  batch_size=spec.train_batch_size, max_length=spec.max_length, seed=seed,
-                                  class_balance=spec.class_balance)  # fmt: skip
-    from labeler_utils.distill import DistillConfig
-
-    return DistillConfig(base_model=spec.base_model, qlora=None, epochs=epochs, batch_size=spec.train_batch_size,
-                         max_length=spec.max_length, soft_label_weight=0.5 if soft_labels else 0.0, seed=seed,
-                         bf16=bf16 or None, save_steps=CHECKPOINT_STEPS, class_balance=spec.class_balance,
-                         prompt_format=spec.prompt_format)  # fmt: skip
+def student_config(spec: StudentSpec, epochs: float | None, seed: int, soft_labels: bool, bf16: bool) -> Any:
+    """The family's config for this student; flags that apply to some families only are set where they exist."""
+    settings = {**spec.settings, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+    return get_family(spec.family).make_config(settings, where_defined={
+        "soft_labels": soft_labels, "soft_label_weight": 0.5 if soft_labels else 0.0, "bf16": bf16 or None,
+        "save_steps": CHECKPOINT_STEPS})  # fmt: skip
 
 
 def _same_training(trained: dict[str, Any], config: Any) -> bool:
@@ -210,28 +226,20 @@ def _same_training(trained: dict[str, Any], config: Any) -> bool:
     return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {k: v for k, v in wanted.items() if k not in BOOKKEEPING}
 
 
-def _finished_model(folder: Path) -> Path | None:
-    return next((f for f in (folder / "model", folder / "adapter") if (f / ADAPTER_MANIFEST).exists()), None)
-
-
 def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config: Any, data: dict[str, Any],
           force: bool) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) one student; returns its manifest plus measured wall time and peak RSS."""
-    model_dir = _finished_model(folder)
+    model_dir = distilled_student(folder)
     stats_path = folder / "train_stats.json"
     if model_dir is not None and not force:
-        manifest = read_json(model_dir / ADAPTER_MANIFEST)
+        manifest = read_json(model_dir / MANIFEST)
         if not _same_training(manifest["config"], config) or manifest["data"] != data:
             raise SystemExit(f"{model_dir} was trained with other settings or data; pass --force or another --work-dir")
         print(f"reusing {model_dir}")
         return {**manifest, **(read_json(stats_path) if stats_path.exists() else {})}
-    if spec.family == "cross_encoder":
-        from labeler_utils.cross_encoder import train_cross_encoder as trainer
-    else:
-        from labeler_utils.distill import train_student as trainer
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
-        manifest = trainer(records, folder, config, data)
+        manifest = get_family(spec.family).train(records, folder, config, data)
     stats_record = {"wall_seconds": time.perf_counter() - start, "stopped_seconds": memory.stopped_seconds,
                     "train_active_seconds": manifest["train_seconds"] - memory.stopped_seconds,
                     "peak_rss_mb": round(memory.peak_mb, 1), "load_before": load_before, "load_after": load_average()}  # fmt: skip
@@ -266,15 +274,6 @@ def timed_predictions(prepare: Callable[[], Labeling], path: Path, pairs: set[tu
     return timing
 
 
-def cosine_baseline(train_records: list[dict[str, Any]], test_records: list[dict[str, Any]], name: str,
-                    batch_size: int) -> Labeling:  # fmt: skip
-    """Zero-shot MiniLM (see ``CosineBaseline``): thresholds fitted untimed, labelling timed."""
-    from labeler_utils.cross_encoder import CosineBaseline
-
-    baseline = CosineBaseline.fit(train_records, batch_size=batch_size)
-    return partial(baseline.label_records, test_records, name, batch_size=batch_size)
-
-
 def release_memory() -> None:
     """Free what the last phase left behind, so the next phase's peak RSS is its own (glibc: give heap back)."""
     gc.collect()
@@ -284,52 +283,59 @@ def release_memory() -> None:
         pass
 
 
+def training_records(frame: pd.DataFrame, train_ids: frozenset[str], teacher: str, name: str,
+                     settings: dict[str, dict[str, Any]], seed: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The teacher's graded records of the training queries, capped per query (stratified) and in total."""
+    records = labels_from_frame(frame[frame["query_id"].isin(train_ids)], teacher, teacher)
+    records = cap_pairs_per_query(records, settings["max_train_pairs_per_query"].get(name), seed)
+    max_train = settings["max_train_pairs"].get(name)
+    if max_train is not None and max_train < len(records):
+        records = random.Random(seed).sample(records, max_train)
+    return records
+
+
 def student_predictions(
     name: str, spec: StudentSpec, split: Split, frame: pd.DataFrame, teacher: str, args: argparse.Namespace,
-    settings: dict[str, dict[str, Any]],
+    settings: dict[str, dict[str, Any]], zero_shot: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Label one split's evaluation pairs zero-shot, train the student, label them distilled.
-
-    Returns the training record and, per stage, the labeler name, predictions path and timing.
-    The cross-encoders' zero-shot baseline (bi-encoder cosine) is shared by every MiniLM variant.
+    """Label one split's evaluation pairs zero-shot (unless ``zero_shot`` is off), train the student, label them
+    distilled. Returns the training record and, per stage, the labeler name, predictions path and timing.
+    A shared zero-shot baseline (the bi-encoder cosine of the MiniLM students) is labelled once per split.
     """
     folder = args.work_dir / name / split.name
-    teacher_records = labels_from_frame(frame[frame["query_id"].isin(split.train_ids)], teacher, teacher)
-    max_train = settings["max_train_pairs"].get(name)
-    train_records = teacher_records
-    if max_train is not None and max_train < len(teacher_records):
-        train_records = random.Random(args.seed).sample(teacher_records, max_train)
+    train_records = training_records(frame, split.train_ids, teacher, name, settings, args.seed)
     cap = settings["max_eval_pairs_per_query"].get(name)
     test_records = evaluation_pairs(frame, split, cap, args.seed).to_dict("records")
     eval_tag, batch = (f"cap{cap}" if cap else "all"), args.eval_batch_size
     outputs: dict[str, Any] = {"eval_set": eval_tag, "stages": {}}
-
+    family = get_family(spec.family)
+    config = student_config(spec, settings["epochs"].get(name), args.seed, args.soft_labels, args.bf16)
     pairs = {(r["query_id"], r["doc_id"]) for r in test_records}
 
-    def record(stage: str, labeler_name: str, path: Path, prepare: Callable[[], Labeling]) -> None:
-        timing = timed_predictions(prepare, path, pairs, batch, args.force)
+    def record(stage: str, labeler_name: str, path: Path, prepare: Callable[[], Any]) -> None:
+        timing = timed_predictions(lambda: partial(prepare().label_records, test_records, labeler_name, batch_size=batch),
+                                   path, pairs, batch, args.force)  # fmt: skip
         outputs["stages"][stage] = {"labeler": labeler_name, "path": str(path), "timing": timing}
         release_memory()
 
-    def prepare_student(source: str | Path, labeler_name: str, **kwargs: Any) -> Labeling:
-        labeler = load_labeler(source, family=spec.family, **kwargs)
-        return partial(labeler.label_records, test_records, labeler_name, batch_size=batch)
-
-    if spec.family == "cross_encoder":
-        cosine_name = "minilm bi-encoder cosine zero-shot"
+    if zero_shot and spec.zero_shot:
         thresholds_from = teacher.removeprefix(RECORDED_PREFIX)  # the cut points come from the teacher's grade shares
-        path = args.work_dir / "minilm-bi-encoder-cosine" / split.name / f"zero-shot.{thresholds_from}.{eval_tag}.predictions.jsonl"
-        record("zero-shot", cosine_name, path, lambda: cosine_baseline(teacher_records, test_records, cosine_name, batch))
-    else:
-        path = folder / f"zero-shot.{eval_tag}.predictions.jsonl"
-        record("zero-shot", f"{name} zero-shot", path,
-               lambda: prepare_student(spec.base_model, f"{name} zero-shot", max_length=spec.max_length,
-                                       prompt_format=spec.prompt_format))  # fmt: skip
+        path = args.work_dir / spec.zero_shot / split.name / f"zero-shot.{thresholds_from}.{eval_tag}.predictions.jsonl"
+        fit_records = labels_from_frame(frame[frame["query_id"].isin(split.train_ids)], teacher, teacher)
+        if len(fit_records) > COSINE_FIT_PAIRS:
+            fit_records = random.Random(args.seed).sample(fit_records, COSINE_FIT_PAIRS)
+        record("zero-shot", COSINE_LABELER, path, lambda: family.zero_shot(fit_records, config))
+    elif zero_shot:
+        record("zero-shot", f"{name} zero-shot", folder / f"zero-shot.{eval_tag}.predictions.jsonl",
+               lambda: family.zero_shot(train_records, config))
 
-    config = _student_config(spec, settings["epochs"].get(name, spec.epochs), args.seed, args.soft_labels, args.bf16)
-    data = {"benchmark": str(args.pairs), "teacher": teacher, "split": split.name, "seed": args.seed,
-            "test_fraction": None if args.kfold else args.test_fraction, "kfold": args.kfold,
-            "train_queries": len(split.train_ids), "train_pairs": len(train_records), "max_train_pairs": max_train}  # fmt: skip
+    data = {"benchmark": " ".join(str(p) for p in args.pairs) if len(args.pairs) > 1 else str(args.pairs[0]),
+            "teacher": teacher, "split": split.name, "seed": args.seed,
+            "test_fraction": None if args.kfold or args.cross_source else args.test_fraction, "kfold": args.kfold,
+            "train_queries": len(split.train_ids), "train_pairs": len(train_records),
+            "max_train_pairs": settings["max_train_pairs"].get(name),
+            **({"max_train_pairs_per_query": settings["max_train_pairs_per_query"][name]}
+               if name in settings["max_train_pairs_per_query"] else {})}  # fmt: skip
     trained = train(spec, train_records, folder, config, data, args.force)
     outputs["train"] = {key: trained.get(key) for key in (
         "train_seconds", "train_active_seconds", "stopped_seconds", "wall_seconds", "peak_rss_mb", "train_examples", "global_steps", "train_loss",
@@ -337,7 +343,7 @@ def student_predictions(
     outputs["config"] = trained["config"]
     release_memory()
     record("distilled", f"{name} distilled", folder / f"distilled.{eval_tag}.predictions.jsonl",
-           lambda: prepare_student(folder, f"{name} distilled"))
+           lambda: family.load(folder))
     return outputs
 
 
@@ -406,7 +412,7 @@ def markdown(report: dict[str, Any]) -> str:
     """results.md: the agreement tables per evaluation set, then cost (training and labelling)."""
     settings, machine = report["settings"], report["machine"]
     lines = [
-        "# TREC DL 2019: distilled students vs DeepSeek-V3, scored against NIST human grades",
+        f"# {report['sources_title']}: distilled students vs DeepSeek-V3, scored against NIST human grades",
         "",
         f"Command: `{report['command']}`  ",
         f"Date: {machine['date']}; machine: {machine['cpu']}, {machine['usable_cores']} cores, torch threads "
@@ -431,6 +437,16 @@ def markdown(report: dict[str, Any]) -> str:
             shown = f"{labeler} (teacher)" if labeler == report["settings"]["teacher"] else labeler
             lines.append(f"| {shown} | {result['n']} | " + " | ".join(cells) + f" | {diff_text} |")
         lines.append("")
+        if len(eval_set["per_split"]) > 1:
+            names = list(eval_set["per_split"])
+            lines += [f"Per split: QWK [95% CI] on each split's held-out queries ({eval_set['title'].lower()}).", "",
+                      "| labeler | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+            for labeler in eval_set["labelers"]:
+                lines.append(f"| {labeler} | " + " | ".join(_interval(eval_set["per_split"][n][labeler]["qwk"])
+                                                         for n in names) + " |")  # fmt: skip
+            lines.append("")
+    if report.get("learning_curve"):
+        lines += learning_curve_markdown(report["learning_curve"])
     lines += ["## Cost on this CPU", "",
               "| labeler (split) | labels/s (batch) | labelled pairs | labelling peak RSS MB | train pairs x epochs | "
               "train steps | train time | train peak RSS MB |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -459,21 +475,44 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def learning_curve_markdown(curve: dict[str, Any]) -> list[str]:
+    """The learning-curve section of results.md: pooled held-out QWK and Spearman per training size."""
+    lines = ["## Learning curve", "",
+             f"Each point: the student retrained on the first N training queries of every split (nested, seeded) "
+             f"with at most P teacher-labelled pairs per query (stratified by grade), scored on the held-out pairs of "
+             f"the splits (the 'eval pairs' column), pooled. Plot: `{curve['plot']}`.", "",
+             "| student | training queries per split | pairs per query (cap) | training pairs (mean per split) | eval pairs | "
+             "QWK [95% CI] | QWK share-calibrated | Spearman E[rel] |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for point in curve["points"]:
+        lines.append(f"| {point['student']} | {point['queries']} | {point['pairs_per_query'] or 'all'} | "
+                     f"{point['mean_train_pairs']:.0f} | {point['eval_pairs']} | {_interval(point['qwk'])} | {_interval(point['qwk_calibrated'])} | "
+                     f"{_interval(point['spearman'])} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     per_student = "a number for every student, or name=value,name=value"
-    parser.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS, help="TREC DL 2019 pairs.jsonl (default: %(default)s)")
+    parser.add_argument("--pairs", type=Path, nargs="+", default=DEFAULT_PAIRS,
+                        help="judged pair files (TREC DL pairs.jsonl schema); several are read as one table with "
+                             "distinct query ids (default: %(default)s)")  # fmt: skip
     parser.add_argument("--teacher-column", default="deepseek_v3_umbrela",
                         help="recorded labeler whose grades are distilled (llm_labels.<name>; default: %(default)s)")
     parser.add_argument("--test-fraction", type=float, default=0.5, help="share of queries held out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="split, subsample, training and bootstrap seed (default: %(default)s)")
-    parser.add_argument("--kfold", type=int, default=None,
-                        help="K folds by query instead of one hold-out split; metrics pool the K held-out folds")
+    protocol = parser.add_mutually_exclusive_group()
+    protocol.add_argument("--kfold", type=int, default=None,
+                          help="K folds by query instead of one hold-out split; metrics pool the K held-out folds")
+    protocol.add_argument("--cross-source", action="store_true",
+                          help="train on the queries of each --pairs file, test on those of each other file")
     parser.add_argument("--students", default="minilm-cross-encoder",
                         help=f"comma list among {', '.join(STUDENTS)} (default: %(default)s)")
     parser.add_argument("--epochs", help=f"training epochs ({per_student}); default per student: "
-                        + ", ".join(f"{n} {s.epochs:g}" for n, s in STUDENTS.items()))  # fmt: skip
+                        + ", ".join(f"{n} {s.settings['epochs']:g}" for n, s in STUDENTS.items()))  # fmt: skip
     parser.add_argument("--max-train-pairs", help=f"random subsample of the training pairs ({per_student}); default all")
+    parser.add_argument("--max-train-pairs-per-query",
+                        help=f"at most this many training pairs of each query, drawn within each teacher grade in "
+                             f"proportion to its share ({per_student}); default all")  # fmt: skip
     parser.add_argument("--max-eval-pairs-per-query", help=f"random held-out pairs per query ({per_student}); default all. "
                         "DeepSeek-V3 and the other students are then also scored on exactly these pairs")  # fmt: skip
     parser.add_argument("--soft-labels", action="store_true",
@@ -482,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast while training the causal LM students (a GPU, or a CPU with AVX512-BF16: "
                              "1.2x faster than float32 here); default: float32 on a CPU, bfloat16 for QLoRA on a GPU")  # fmt: skip
+    parser.add_argument("--learning-curve", action="store_true",
+                        help="also retrain each student on growing subsets of every split's training data")
+    parser.add_argument("--curve-queries", default="5,10,20,40,all",
+                        help="learning curve: training queries per split (default: %(default)s)")
+    parser.add_argument("--curve-pairs", default="20,50",
+                        help="learning curve: pairs per query, 'all' for no cap (default: %(default)s)")
+    parser.add_argument("--curve-eval-pairs-per-query", type=int,
+                        help="learning curve: score each point on at most this many random held-out pairs per query "
+                             "(default: the student's --max-eval-pairs-per-query)")  # fmt: skip
+    parser.add_argument("--final-model", type=Path,
+                        help="after the splits, train the first student on every query of --pairs into this folder")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="labelling batch size (default: %(default)s)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over queries (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results folder (default: %(default)s)")
@@ -491,32 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    students = [name.strip() for name in args.students.split(",") if name.strip()]
-    unknown = [name for name in students if name not in STUDENTS]
-    if unknown:
-        raise SystemExit(f"unknown student(s) {unknown}; choose among {list(STUDENTS)}")
-    settings = {"epochs": parse_per_student(args.epochs, students, float),
-                "max_train_pairs": parse_per_student(args.max_train_pairs, students, int),
-                "max_eval_pairs_per_query": parse_per_student(args.max_eval_pairs_per_query, students, int)}  # fmt: skip
-    teacher = args.teacher_column if args.teacher_column.startswith(RECORDED_PREFIX) else RECORDED_PREFIX + args.teacher_column
-    machine = machine_info()
-    frame = load_benchmark(args.pairs)
-    if teacher not in frame.columns:
-        raise SystemExit(f"{args.pairs} has no recorded labeler {teacher!r}; it has {[c for c in frame if c.startswith(RECORDED_PREFIX)]}")
-    splits = query_splits(frame, args.test_fraction, args.seed, args.kfold)
+def pooled_predictions(outputs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One labeler's predictions over every split's held-out pairs."""
+    return pd.concat([read_predictions(output["path"]) for output in outputs])
 
-    report_students: dict[str, Any] = {}
-    for name in students:
-        spec = STUDENTS[name]
-        report_students[name] = {"family": spec.family, "zero_shot": spec.zero_shot, "splits": {}}
-        for split in splits:
-            print(f"== {name}, {split.name}")
-            report_students[name]["splits"][split.name] = student_predictions(name, spec, split, frame, teacher, args, settings)
 
+def evaluation_sets(frame: pd.DataFrame, splits: Sequence[Split], students: Sequence[str], report_students: dict[str, Any],
+                    teacher: str, settings: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
+    """Pooled and per-split agreement tables, one per evaluation set (all held-out pairs, or a per-query cap)."""
     caps = sorted({settings["max_eval_pairs_per_query"].get(n) for n in students}, key=lambda c: (c is not None, c or 0))
-    evaluation_sets = []
+    sets = []
     for cap in caps:
         table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
         labelers = [teacher]
@@ -526,8 +560,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stage in ("zero-shot", "distilled"):
                 outputs = [report_students[name]["splits"][s.name]["stages"][stage] for s in splits]
                 if outputs[0]["labeler"] in labelers:
-                    continue  # the shared cosine baseline of the MiniLM variants
-                predictions = pd.concat([read_predictions(output["path"]) for output in outputs])
+                    continue  # a shared zero-shot baseline
+                predictions = pooled_predictions(outputs)
                 table = attach_predictions(table, predictions, outputs[0]["labeler"])
                 labelers.append(outputs[0]["labeler"])
                 if stage == "distilled":
@@ -537,21 +571,151 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         title = "All held-out pairs" if cap is None else f"At most {cap} random held-out pairs per query"
         print(f"== evaluating: {title}")
         results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed)
+        per_split = {s.name: {labeler: {"qwk": bootstrap_ci(part, query_metric("qwk", labeler), args.n_boot, args.seed),
+                                        SPEARMAN: bootstrap_ci(part, spearman_of_scores(labeler), args.n_boot, args.seed)}
+                              for labeler in labelers}
+                     for s in splits for part in [table[table["query_id"].isin(s.test_ids)]]} if len(splits) > 1 else {}  # fmt: skip
         tag = "all" if cap is None else f"cap{cap}"
         figure = plot_forest({n: r["metrics"] for n, r in results.items()}, METRICS)
         args.output.mkdir(parents=True, exist_ok=True)
         with atomic_write(args.output / f"forest_{tag}.png", "wb") as handle:
             figure.savefig(handle, format="png", dpi=110)
-        evaluation_sets.append({"tag": tag, "title": title, "pairs": len(table), "queries": int(table["query_id"].nunique()),
-                                "human_grade_counts": np.bincount(table["human"], minlength=len(GRADES)).tolist(),
-                                "labelers": results, "forest_plot": f"forest_{tag}.png"})  # fmt: skip
+        sets.append({"tag": tag, "title": title, "pairs": len(table), "queries": int(table["query_id"].nunique()),
+                     "human_grade_counts": np.bincount(table["human"], minlength=len(GRADES)).tolist(),
+                     "labelers": results, "per_split": per_split, "forest_plot": f"forest_{tag}.png"})  # fmt: skip
+    return sets
 
+
+def learning_curve(frame: pd.DataFrame, splits: Sequence[Split], students: Sequence[str], teacher: str,
+                   settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """Each student retrained on nested subsets of every split's training queries, at each pairs-per-query cap."""
+    points = []
+    for name in students:
+        spec = STUDENTS[name]
+        for pairs_per_query in parse_sizes(args.curve_pairs):
+            cap = args.curve_eval_pairs_per_query or settings["max_eval_pairs_per_query"].get(name)
+            point_settings = {**settings,
+                              "max_train_pairs_per_query": {**settings["max_train_pairs_per_query"], name: pairs_per_query},
+                              "max_eval_pairs_per_query": {**settings["max_eval_pairs_per_query"], name: cap}}  # fmt: skip
+            if pairs_per_query is None:
+                point_settings["max_train_pairs_per_query"].pop(name)
+            if cap is None:
+                point_settings["max_eval_pairs_per_query"].pop(name)
+            for size in parse_sizes(args.curve_queries):
+                outputs, train_pairs = [], []
+                for split in splits:
+                    n, subset = next(iter(nested_query_subsets(sorted(split.train_ids), [size], args.seed).items()))
+                    same = (subset == split.train_ids and pairs_per_query == settings["max_train_pairs_per_query"].get(name)
+                            and cap == settings["max_eval_pairs_per_query"].get(name))
+                    sub = split if same else Split(f"{split.name}-q{n}-p{pairs_per_query or 'all'}", subset, split.test_ids)
+                    print(f"== learning curve: {name}, {sub.name}")
+                    result = student_predictions(name, spec, sub, frame, teacher, args, point_settings, zero_shot=False)
+                    outputs.append(result["stages"]["distilled"])
+                    train_pairs.append(result["train"]["train_examples"])
+                table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
+                predictions = pooled_predictions(outputs)
+                table = attach_predictions(table, predictions, "student")
+                table = attach_predictions(table, share_calibrated(predictions, frame, splits, teacher), "calibrated")
+                points.append({"student": name, "queries": size or "all", "pairs_per_query": pairs_per_query,
+                               "eval_pairs": len(table),
+                               "mean_train_pairs": float(np.mean(train_pairs)),
+                               "qwk": bootstrap_ci(table, query_metric("qwk", "student"), args.n_boot, args.seed),
+                               "qwk_calibrated": bootstrap_ci(table, query_metric("qwk", "calibrated"), args.n_boot, args.seed),
+                               "spearman": bootstrap_ci(table, spearman_of_scores("student"), args.n_boot, args.seed)})  # fmt: skip
+    figure = plot_learning_curve(points, float(np.mean([len(s.train_ids) for s in splits])))
+    with atomic_write(args.output / "learning_curve.png", "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    return {"points": points, "plot": "learning_curve.png"}
+
+
+def final_model(name: str, frame: pd.DataFrame, teacher: str, settings: dict[str, Any], args: argparse.Namespace
+                ) -> dict[str, Any]:  # fmt: skip
+    """Train ``name`` on every query of the files into ``--final-model``, ready for the ``label`` command."""
+    spec = STUDENTS[name]
+    everything = frozenset(frame["query_id"])
+    records = training_records(frame, everything, teacher, name, settings, args.seed)
+    config = student_config(spec, settings["epochs"].get(name), args.seed, args.soft_labels, args.bf16)
+    data = {"benchmark": [str(p) for p in args.pairs], "teacher": teacher, "split": "all queries",
+            "train_queries": len(everything), "train_pairs": len(records),
+            "max_train_pairs_per_query": settings["max_train_pairs_per_query"].get(name)}  # fmt: skip
+    print(f"== final model: {name} on all {len(everything)} queries ({len(records)} pairs) -> {args.final_model}")
+    trained = train(spec, records, args.final_model, config, data, args.force)
+    print(f"label with: python -m labeler_utils label --model {args.final_model} --input PAIRS --output OUT")
+    return {"student": name, "folder": str(args.final_model), "train_examples": trained["train_examples"],
+            "train_seconds": trained["train_seconds"], "peak_rss_mb": trained.get("peak_rss_mb")}
+
+
+def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> dict[str, Any]:
+    """The headline numbers (summary.json), from the evaluation set over all held-out pairs when there is one."""
+    eval_set = next((e for e in report["evaluation_sets"] if e["tag"] == "all"), report["evaluation_sets"][0])
+    labelers = eval_set["labelers"]
+
+    def qwk(labeler: str) -> float | None:
+        return labelers[labeler]["metrics"]["qwk"]["estimate"] if labeler in labelers else None
+
+    rows = {name: {"qwk": qwk(f"{name} distilled"), "qwk_share_calibrated": qwk(f"{name} distilled, share-calibrated"),
+                   "spearman": labelers.get(f"{name} distilled", {}).get("metrics", {}).get(SPEARMAN, {}).get("estimate"),
+                   "qwk_minus_teacher": labelers.get(f"{name} distilled", {}).get("qwk_minus_teacher")}
+            for name in students}  # fmt: skip
+    default = DEFAULT_STUDENT if DEFAULT_STUDENT in students else None
+    return {
+        "protocol": report["protocol"],
+        "queries": int(len({q for s in report["splits"] for q in s["test_queries"]})),
+        "folds": len(report["splits"]),
+        "evaluation_set": eval_set["title"],
+        "pairs": eval_set["pairs"],
+        "teacher": teacher,
+        "teacher_qwk": qwk(teacher),
+        "cosine_qwk": qwk(COSINE_LABELER),
+        "default_student": default,
+        "default_student_qwk": rows[default]["qwk"] if default else None,
+        "students": rows,
+        "best_student": max(rows, key=lambda n: max(v for v in (rows[n]["qwk"], rows[n]["qwk_share_calibrated"], -1.0)
+                                                    if v is not None)),
+        "command": report["command"],
+        "date": report["date"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    students = [name.strip() for name in args.students.split(",") if name.strip()]
+    unknown = [name for name in students if name not in STUDENTS]
+    if unknown:
+        raise SystemExit(f"unknown student(s) {unknown}; choose among {list(STUDENTS)}")
+    for name in students:  # import every family used now: a run of hours never picks up half-edited code later
+        get_family(STUDENTS[name].family).labeler_class
+    settings = {"epochs": parse_per_student(args.epochs, students, float),
+                "max_train_pairs": parse_per_student(args.max_train_pairs, students, int),
+                "max_train_pairs_per_query": parse_per_student(args.max_train_pairs_per_query, students, int),
+                "max_eval_pairs_per_query": parse_per_student(args.max_eval_pairs_per_query, students, int)}  # fmt: skip
+    teacher = args.teacher_column if args.teacher_column.startswith(RECORDED_PREFIX) else RECORDED_PREFIX + args.teacher_column
+    machine = machine_info()
+    frame = load_pair_files(args.pairs)
+    if teacher not in frame.columns:
+        raise SystemExit(f"{args.pairs} have no recorded labeler {teacher!r}; they have {[c for c in frame if c.startswith(RECORDED_PREFIX)]}")
+    splits = query_splits(frame, args.test_fraction, args.seed, args.kfold, args.cross_source)
+    protocol = "cross-source" if args.cross_source else f"{args.kfold}-fold" if args.kfold else "holdout"
+
+    report_students: dict[str, Any] = {}
+    for name in students:
+        spec = STUDENTS[name]
+        report_students[name] = {"family": spec.family, "zero_shot": ZERO_SHOT_DESCRIPTIONS[spec.zero_shot],
+                                 "description": spec.description, "splits": {}}  # fmt: skip
+        for split in splits:
+            print(f"== {name}, {split.name}")
+            report_students[name]["splits"][split.name] = student_predictions(name, spec, split, frame, teacher, args, settings)
+
+    sources = list(dict.fromkeys(frame[SOURCE_COLUMN]))
     report = {
         "command": "python scripts/reproduce_trec_dl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "teacher": teacher,
-                     "per_student": settings},  # fmt: skip
+        "protocol": protocol,
+        "sources": sources,
+        "sources_title": " + ".join(sources),
+        "settings": {**{k: [str(p) for p in v] if k == "pairs" else str(v) if isinstance(v, Path) else v
+                        for k, v in vars(args).items()}, "teacher": teacher, "per_student": settings},  # fmt: skip
         "splits": [{"name": s.name, "train_queries": sorted(s.train_ids), "test_queries": sorted(s.test_ids),
                     "train_pairs": int(frame["query_id"].isin(s.train_ids).sum()),
                     "test_pairs": int(frame["query_id"].isin(s.test_ids).sum())} for s in splits],  # fmt: skip
@@ -559,9 +723,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     f"({int(frame['query_id'].isin(s.train_ids).sum())} pairs), {len(s.test_ids)} held out "
                                     f"({int(frame['query_id'].isin(s.test_ids).sum())} pairs)" for s in splits),  # fmt: skip
         "students": report_students,
-        "evaluation_sets": evaluation_sets,
+        "evaluation_sets": evaluation_sets(frame, splits, students, report_students, teacher, settings, args),
     }
+    if args.learning_curve:
+        report["learning_curve"] = learning_curve(frame, splits, students, teacher, settings, args)
+    if args.final_model:
+        report["final_model"] = final_model(students[0], frame, teacher, settings, args)
     write_json(args.output / "results.json", report)
+    write_json(args.output / "summary.json", summary(report, students, teacher))
     with atomic_write(args.output / "results.md") as handle:
         handle.write(markdown(report))
     print(markdown(report))

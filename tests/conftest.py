@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny causal LM built from a config (no download) and a scripted OpenAI client."""
+"""Shared fixtures: a tiny causal LM built from a config (no download), a scripted OpenAI client, a test HTTP server."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -78,3 +83,70 @@ def chat_response(text: str, tokens: list[tuple[str, dict[str, float]]] | None =
 def scripted_client(script: list[Any]) -> Any:
     completions = ScriptedCompletions(script)
     return SimpleNamespace(chat=SimpleNamespace(completions=completions))
+
+
+def completion_body(text: str, prompt_tokens: int = 10, completion_tokens: int = 2) -> dict[str, Any]:
+    """The JSON body of an OpenAI chat completion answering ``text``."""
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "test-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}  # fmt: skip
+
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+class ScriptedHTTPServer:
+    """A real HTTP server on 127.0.0.1: every POST is answered by ``respond(request JSON)``.
+
+    ``respond`` returns ``(status, headers, body)``; the server records each request and the
+    wall-clock time it arrived, so tests can check what a client sent and when.
+    """
+
+    def __init__(self, respond: Callable[[dict[str, Any]], Reply]):
+        self.requests: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
+                server.arrivals.append(time.time())
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(request)
+                status, headers, body = respond(request)
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> ScriptedHTTPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def replies(*script: Reply) -> Callable[[dict[str, Any]], Reply]:
+    """A ``respond`` function giving the scripted replies in turn (the last one from then on)."""
+    remaining = list(script)
+    return lambda request: remaining.pop(0) if len(remaining) > 1 else remaining[0]
+
+
+def ok(text: str) -> Reply:
+    """A 200 answering ``text``."""
+    return 200, {}, json.dumps(completion_body(text)).encode()

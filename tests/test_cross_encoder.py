@@ -16,13 +16,15 @@ import pytest
 from labeler_utils.cross_encoder import (
     CrossEncoderConfig,
     CrossEncoderLabeler,
-    bundled_minilm_path,
-    regression_label,
     train_cross_encoder,
     training_labels,
     training_loss,
 )
-from labeler_utils.student import ADAPTER_MANIFEST, StudentLabeler, load_labeler
+from labeler_utils.families import load_labeler
+from labeler_utils.models import bundled_minilm_path
+from labeler_utils.labeler import MANIFEST as ADAPTER_MANIFEST
+from labeler_utils.labeler import GradeLabel
+from labeler_utils.student import StudentLabeler
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_trec_dl.py"
 TOPICS = {
@@ -105,11 +107,11 @@ def test_regression_head_labels_through_the_same_interface(tmp_path):
 
 
 def test_regression_score_maps_to_the_two_nearest_grades():
-    label = regression_label(1.25)
+    label = GradeLabel.from_expected(1.25)
     assert label.distribution == pytest.approx([0, 0.75, 0.25, 0]) and label.grade == 1
     assert label.expected_relevance == pytest.approx(1.25)
-    assert regression_label(2.6).grade == 3 and regression_label(3.0).distribution == pytest.approx([0, 0, 0, 1])
-    assert regression_label(-0.2).distribution == pytest.approx([1, 0, 0, 0])
+    assert GradeLabel.from_expected(2.6).grade == 3 and GradeLabel.from_expected(3.0).distribution == pytest.approx([0, 0, 0, 1])
+    assert GradeLabel.from_expected(-0.2).distribution == pytest.approx([1, 0, 0, 0])
 
 
 def test_training_targets_hard_soft_and_regression():
@@ -249,7 +251,7 @@ def test_script_share_calibration_uses_only_the_teacher_training_grades(script):
 
 
 def test_cosine_baseline_reproduces_the_teacher_grade_shares_on_its_training_pairs():
-    from labeler_utils.cross_encoder import CosineBaseline
+    from labeler_utils.bi_encoder import CosineBaseline
 
     baseline = CosineBaseline.fit(RECORDS)
     rows = baseline.label_records(RECORDS, "cosine", progress=False)
@@ -288,7 +290,7 @@ def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tin
 def test_distilled_student_finds_the_most_recently_trained_of_both_families(tmp_path):
     import os
 
-    from labeler_utils.student import distilled_student
+    from labeler_utils.families import distilled_student
 
     assert distilled_student(tmp_path) is None
     for name, when in (("adapter", 1_000), ("model", 2_000)):
@@ -304,3 +306,48 @@ def test_distilled_student_finds_the_most_recently_trained_of_both_families(tmp_
 def test_a_causal_lm_name_for_the_cross_encoder_is_refused_clearly():
     with pytest.raises(ValueError, match="bundled causal LM: train it with student_family='causal_lm'"):
         CrossEncoderConfig(base_model="smollm2-135m-instruct")
+
+
+def test_ordinal_targets_are_the_probabilities_of_exceeding_each_grade():
+    records = [{"grade": 2, "distribution": [0.1, 0.2, 0.6, 0.1]}, {"grade": 0}, {"grade": 3}]
+    ordinal = training_labels(records, CrossEncoderConfig(base_model="x", objective="ordinal"))
+    np.testing.assert_allclose(ordinal, [[0.9, 0.7, 0.1], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    hard = training_labels(records, CrossEncoderConfig(base_model="x", objective="ordinal", soft_labels=False))
+    np.testing.assert_allclose(hard, [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+def test_ordinal_loss_is_the_mean_binary_cross_entropy_of_the_cumulative_logits():
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(bundled_minilm_path(), num_labels=3, max_length=64)
+    records = RECORDS[:4]
+    config = CrossEncoderConfig(objective="ordinal")
+    targets = torch.tensor(training_labels(records, config))
+    loss = training_loss(model, records, config)([[r["query"] for r in records], [r["document"] for r in records]],
+                                                 list(targets))
+    logits = torch.tensor(model.predict([(r["query"], r["document"]) for r in records], activation_fn=torch.nn.Identity()))
+    by_hand = -(targets * torch.nn.functional.logsigmoid(logits) + (1 - targets) * torch.nn.functional.logsigmoid(-logits))
+    assert loss.item() == pytest.approx(by_hand.mean().item(), rel=1e-4)
+
+
+def test_cumulative_probabilities_give_a_distribution_even_when_not_monotone():
+    import torch
+
+    from labeler_utils.cross_encoder import cumulative_distribution
+
+    probabilities = cumulative_distribution(torch.tensor([[0.9, 0.5, 0.2], [0.3, 0.6, 0.1]]))
+    assert probabilities[0].tolist() == pytest.approx([0.1, 0.4, 0.3, 0.2])
+    assert probabilities[1].tolist() == pytest.approx([0.7, 0.0, 0.2, 0.1])  # 0.6 capped at 0.3 (cumulative minimum)
+    assert torch.all(probabilities >= 0) and torch.allclose(probabilities.sum(-1), torch.ones(2))
+
+
+def test_ordinal_head_trains_and_labels_through_the_shared_interface(tmp_path):
+    manifest = train_cross_encoder(RECORDS, tmp_path, CrossEncoderConfig(objective="ordinal", max_steps=2, batch_size=4,
+                                                                         max_length=64, logging_steps=1))
+    assert manifest["method"] == "cross-encoder-ordinal"
+    labeler = load_labeler(tmp_path)
+    assert labeler.objective == "ordinal"
+    rows = labeler.label_records(RECORDS, "ordinal", progress=False)
+    assert all(math.isclose(sum(r["distribution"]), 1.0, abs_tol=1e-6) and 0 <= r["expected_relevance"] <= 3 for r in rows)
+    assert [r["grade"] for r in rows] == [int(np.argmax(r["distribution"])) for r in rows]

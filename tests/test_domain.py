@@ -320,6 +320,19 @@ def test_the_shipped_configs_load_and_route_to_the_real_notebooks():
         assert routed["01_seed_documents"]["corpus_dir"] == config.parameters["corpus_dir"]
 
 
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb")))
+def test_papermill_reads_every_parameter_with_a_name_type_and_default(notebook, caplog):
+    import papermill
+
+    path = PROJECT_ROOT / "notebooks" / notebook
+    with caplog.at_level("WARNING", logger="papermill"):
+        inspected = papermill.inspect_notebook(str(path))
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert list(inspected) == list(declared_parameters(path.stem))  # papermill skips no assignment
+    for name, parameter in inspected.items():
+        assert parameter["inferred_type_name"] not in ("", "None") and parameter["default"], (notebook, name)
+
+
 def test_cli_pipeline_config_error_exits_2(tmp_path, capsys):
     path = write_config(tmp_path, "corpus_dir: ../missing\n")
     assert main(["pipeline", "--config", str(path)]) == 2

@@ -22,3 +22,9 @@ def test_environment_yml_agrees_with_pyproject():
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     listed = {r for r in pip_section if not r.startswith("-e")}
     assert {_name(r): r for r in listed} == {_name(r): r for r in wanted}
+
+
+def test_install_script_lets_pip_cache_the_llama_cpp_wheel():
+    script = (PROJECT_ROOT / "scripts" / "install.sh").read_text()
+    build = re.search(r'CMAKE_ARGS="[^"]*-DGGML_NATIVE=OFF[^"]*" \\\n\s*(.*llama-cpp-python\[server\].*)', script)
+    assert build and "--no-cache-dir" not in build.group(1)  # pip's wheel cache keeps the 6-minute build

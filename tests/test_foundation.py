@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +81,37 @@ def test_atomic_write_leaves_the_old_file_on_a_crash(tmp_path):
             handle.write('{"v": 2')
             raise RuntimeError("crash mid-write")
     assert read_json(path) == {"v": 1} and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_mode_the_umask_allows(umask, tmp_path):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "manifest.json", {"v": 1})
+        with atomic_write(tmp_path / "weights.bin", "wb") as handle:
+            handle.write(b"\0")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
+        "manifest.json": 0o666 & ~umask, "weights.bin": 0o666 & ~umask}
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(fd: int) -> None:  # error path only: a real full disk is not portable in a test
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as failure:
+        write_json(tmp_path / "labels.json", {"v": 1})
+    assert (failure.value.errno, failure.value.filename) == (errno.ENOSPC, str(tmp_path / "labels.json"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_peft_prints_no_bitsandbytes_kernels_notice():
+    """peft imports bitsandbytes even when no 4-bit model is used; its notice about ``kernels`` is dropped."""
+    done = subprocess.run([sys.executable, "-c", "import labeler_utils, peft"], capture_output=True, text=True,
+                          timeout=300, check=True)  # fmt: skip
+    assert "kernels" not in done.stderr, done.stderr
 
 
 def test_parse_document_takes_metadata_from_front_matter_and_path():
@@ -150,3 +187,14 @@ def test_pipeline_report_lists_stages_and_metrics(tmp_path):
     report = render_report({"profile": "smoke", "run_dir": str(tmp_path), "machine": "test", "total_seconds": 3.0,
                             "seconds": {"05_distill": 3.0}, "metrics": {"05_distill": stage_metrics(tmp_path, "05_distill")}})
     assert "| 05_distill | 3 | train_loss=0.500, method=lora |" in report
+
+
+def test_pipeline_report_says_what_the_agreement_figures_mean(tmp_path):
+    run = config.PROJECT_ROOT / "runs" / "smoke-test"
+    report = render_report({"profile": "smoke", "run_dir": str(run), "machine": "test", "total_seconds": 3.0,
+                            "seconds": {"06_evaluate": 3.0}, "metrics": {"06_evaluate": {"teacher qwk": 0.1}}})
+    assert "exercise the pipeline" in report and "not how good the labels are" in report
+    link = re.search(r"\[Reproducing the central claim[^\]]*\]\(([^)#]+)#reproducing-the-central-claim-on-trec-dl-2019\)",
+                     report)  # fmt: skip
+    assert link and (run / link.group(1)).resolve() == config.PROJECT_ROOT / "README.md"
+    assert "## Reproducing the central claim on TREC DL 2019" in (config.PROJECT_ROOT / "README.md").read_text()

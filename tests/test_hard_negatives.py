@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,7 @@ def test_index_ranks_metadata_and_identifiers():
 
 def test_index_save_load_checks_settings_and_corpus(tmp_path):
     docs = ranked_corpus()
-    path = tmp_path / "bm25_index.pkl"
+    path = tmp_path / hn.INDEX_FILE
     index = hn.BM25Index.build(docs)
     index.save(path)
     loaded = hn.BM25Index.load(path, hn.TokenizerSettings(), docs)
@@ -75,6 +77,31 @@ def test_index_save_load_checks_settings_and_corpus(tmp_path):
         hn.BM25Index.load(path, documents=docs[:-1])
     rebuilt = hn.load_or_build_index(path, docs, hn.TokenizerSettings(stem=False))
     assert rebuilt.settings.stem is False and hn.BM25Index.load(path).settings.stem is False
+    assert loaded.scores("alpha beta").tolist() == index.scores("alpha beta").tolist()
+
+
+class RunsCode:
+    """A pickle payload: unpickling it creates ``marker`` (any code would run the same way)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_pickled_index_is_never_unpickled_and_is_rebuilt(tmp_path, capsys):
+    docs = ranked_corpus()
+    marker = tmp_path / "code-ran"
+    for name in ("bm25_index.pkl", hn.INDEX_FILE):  # an old run's file, and a crafted file under the new name
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps({"format": 1, "bm25": RunsCode(marker)}))
+        with pytest.raises(ValueError, match=f"{path}: not a JSON BM25 index.*never unpickled.*rebuild it"):
+            hn.BM25Index.load(path)
+        index = hn.load_or_build_index(path, docs)
+        assert "rebuilding the BM25 index" in capsys.readouterr().out
+        assert not marker.exists() and index.search("alpha") == hn.BM25Index.build(docs).search("alpha")
+        assert hn.BM25Index.load(path, documents=docs).search("alpha") == index.search("alpha")
 
 
 # ---------------------------------------------------------------------------------------- false-negative guard

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import signal
+import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +26,7 @@ from labeler_utils.label_at_scale import (
     CHUNKS,
     LabelSettings,
     ResumeRefused,
+    WorkStore,
     committed_chunks,
     label_pairs,
 )
@@ -223,14 +227,127 @@ def test_outputs_jsonl_parquet_qrels_agree_and_read_as_predictions(tiny_model_di
     assert set(summary["outputs"]) == {"jsonl", "parquet", "qrels"}
 
 
-def test_formats_subset_and_whitespace_ids_refused_only_for_qrels(tiny_model_dir, tmp_path):
+def test_whitespace_ids_are_refused_before_labeling_and_only_for_qrels(tiny_model_dir, tmp_path):
     pairs_path = tmp_path / "pairs.jsonl"
-    pairs_path.write_text(json.dumps({**GOOD, "doc_id": "My Documents/report.md"}) + "\n")
-    with pytest.raises(InputError, match="input line 1: doc_id 'My Documents/report.md' contains whitespace"):
+    pairs_path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "doc_id": "My Documents/report.md"}) + "\n")
+    with pytest.raises(InputError, match=f"{re.escape(str(pairs_path))}:2: doc_id 'My Documents/report.md' "
+                                         "contains whitespace, which TREC qrels cannot hold"):  # fmt: skip
         label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before labeling: nothing labeled, nothing left behind
+    skip = LabelSettings(batch_size=4, chunk_size=10, max_length=128, skip_bad_lines=True)
+    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "skip", settings=skip, progress=False)
+    assert summary["pairs_labeled"] == 1 and summary["skipped_lines"] == 1
+    grade = read_labels(tmp_path / "skip")[0]["grade"]
+    assert (tmp_path / "skip" / "labels.qrels").read_text().split() == ["q1", "0", "d1", str(grade)]
+
     summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, formats=("jsonl",),
                           progress=False)  # fmt: skip
-    assert summary["pairs_labeled"] == 1 and not (tmp_path / "out" / "labels.qrels").exists()
+    assert summary["pairs_labeled"] == 2 and not (tmp_path / "out" / "labels.qrels").exists()
+    with pytest.raises(InputError, match=f"{re.escape(str(pairs_path))}:2: doc_id"):  # qrels asked for only now
+        label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
+
+
+def cli_label(model: Path, pairs_path: Path, output: Path, *options: str) -> int:
+    return main(["label", "--model", str(model), "--input", str(pairs_path), "--output", str(output),
+                 "--max-length", "128", "--chunk-size", "5", *options])  # fmt: skip
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_cli_output_that_is_a_file_or_unwritable_and_a_zero_chunk_size_exit_2(tiny_model_dir, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    a_file = tmp_path / "labels.txt"
+    a_file.write_text("mine")
+    assert cli_label(tiny_model_dir, pairs_path, a_file) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {a_file}: exists and is not a folder"]
+
+    assert cli_label(tiny_model_dir, pairs_path, tmp_path / "out", "--chunk-size", "0") == 2
+    assert error_lines(capsys.readouterr().err) == ["error: chunk_size: must be at least 1, got 0"]
+    assert not (tmp_path / "out").exists()
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    if os.access(read_only, os.W_OK):  # root writes anyway: refuse the lock file the way the OS would
+        real_open = Path.open
+
+        def refuse(path: Path, *args, **kwargs):
+            if path.parent == read_only:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    assert cli_label(tiny_model_dir, pairs_path, read_only) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {read_only / '.lock'}: Permission denied"]
+
+
+def test_cli_full_disk_is_one_error_line_exit_2_and_the_run_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    out_dir = tmp_path / "out"
+    real_replace = os.replace
+
+    def full_disk(source, target):  # error path only: the second chunk's commit finds the disk full
+        if Path(target).name == "chunk-000001.jsonl":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert cli_label(tiny_model_dir, pairs_path, out_dir) == 2
+    target = out_dir / CHUNKS / "chunk-000001.jsonl"
+    assert error_lines(capsys.readouterr().err) == [f"error: {target}: No space left on device"]
+    assert committed_chunks(out_dir) == 1 and not list((out_dir / CHUNKS).glob(".*.tmp"))
+    monkeypatch.undo()
+    assert cli_label(tiny_model_dir, pairs_path, out_dir) == 0
+    assert json.loads((out_dir / "summary.json").read_text())["pairs_labeled"] == 12
+
+
+def test_cli_full_disk_while_indexing_texts_names_the_work_file(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):  # error path only: what SQLite raises when the disk fills up
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(WorkStore, "load", full_disk)
+    out_dir = tmp_path / "out"
+    assert cli_label(tiny_model_dir, DATA / "scale_run.trec", out_dir, "--collection", str(DATA / "scale_collection.tsv"),
+                     "--topics", str(DATA / "scale_topics.tsv")) == 2  # fmt: skip
+    assert error_lines(capsys.readouterr().err) == [f"error: {out_dir / 'work.sqlite'}: database or disk is full"]
+
+
+def test_refused_runs_leave_nothing_behind(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match=f"{re.escape(str(empty))}: no input lines"):
+        label_pairs(tiny_model_dir, empty, tmp_path / "new", settings=SMALL, progress=False)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(InputError, match="no input lines"):
+        label_pairs(tiny_model_dir, empty, kept, settings=SMALL, progress=False)
+    assert list(kept.iterdir()) == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ResumeRefused, match="not empty"):
+        label_pairs(tiny_model_dir, empty, foreign, settings=SMALL, progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_outputs_get_the_mode_the_umask_allows(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    old = os.umask(0o027)
+    try:
+        label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path / "out").as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in (tmp_path / "out").rglob("*") if p.is_file()}  # fmt: skip
+    assert {"manifest.json", "summary.json", "labels.jsonl", "labels.parquet", "chunks/chunk-000000.jsonl"} <= set(modes)
+    assert set(modes.values()) == {0o640}
 
 
 def test_parquet_input_is_read_by_batches_and_labels_like_jsonl(tiny_model_dir, tmp_path):

