@@ -38,14 +38,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{args.source}:{line_no}: not a pair record ({exc})") from exc
     available = len(queries) * len(passages)
     if args.pairs > available:
-        raise SystemExit(f"{args.source} gives {len(queries)} x {len(passages)} = {available} pairs, fewer than {args.pairs}")
+        raise SystemExit(
+            f"{args.source} gives {len(queries)} x {len(passages)} = {available} pairs, fewer than {args.pairs}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     combinations = itertools.islice(((d, q) for d in passages for q in queries), args.pairs)
     with args.out.open("w", encoding="utf-8") as out:
         for doc_id, query_id in combinations:
-            out.write(json.dumps({"query_id": query_id, "query": queries[query_id], "doc_id": doc_id,
-                                  "document": passages[doc_id]}, ensure_ascii=False) + "\n")  # fmt: skip
-    print(f"wrote {args.pairs} pairs ({len(queries)} queries x {-(-args.pairs // len(queries))} passages) to {args.out}")
+            out.write(
+                json.dumps(
+                    {"query_id": query_id, "query": queries[query_id], "doc_id": doc_id, "document": passages[doc_id]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    print(
+        f"wrote {args.pairs} pairs ({len(queries)} queries x {-(-args.pairs // len(queries))} passages) to {args.out}"
+    )
     return 0
 
 

@@ -85,13 +85,20 @@ def process_cpu_seconds(*pids: int) -> float:
     return total
 
 
-def time_batch(setting: str, server: LocalLLMServer, batch: list[list[Message]], competitor: subprocess.Popen | None,
-               budget: float, max_tokens: int) -> Row:  # fmt: skip
+def time_batch(
+    setting: str,
+    server: LocalLLMServer,
+    batch: list[list[Message]],
+    competitor: subprocess.Popen | None,
+    budget: float,
+    max_tokens: int,
+) -> Row:
     """Warm up on the first conversation, then time the others one at a time (at most ``budget`` seconds)."""
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as cache:
-        client = LLMClient(server.endpoint(), Path(cache) / "cache.sqlite", max_concurrency=1, max_retries=0,
-                           timeout=600)  # fmt: skip
+        client = LLMClient(
+            server.endpoint(), Path(cache) / "cache.sqlite", max_concurrency=1, max_retries=0, timeout=600
+        )
         client.chat(batch[0], max_tokens=max_tokens)
         pids = [server._process.pid, os.getpid(), *([competitor.pid] if competitor else [])]
         busy_before, ours_before = busy_cpu_seconds(), process_cpu_seconds(*pids)
@@ -104,26 +111,45 @@ def time_batch(setting: str, server: LocalLLMServer, batch: list[list[Message]],
                 break
         seconds = time.perf_counter() - start
         others = (busy_cpu_seconds() - busy_before) - (process_cpu_seconds(*pids) - ours_before)
-    return Row(setting, server.n_threads, server.wait_policy or "OpenMP default", competitor is not None,
-               load, max(0.0, others) / seconds, done, seconds)  # fmt: skip
+    return Row(
+        setting,
+        server.n_threads,
+        server.wait_policy or "OpenMP default",
+        competitor is not None,
+        load,
+        max(0.0, others) / seconds,
+        done,
+        seconds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled model or .gguf (default: %(default)s)")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="bundled model or .gguf (default: %(default)s)"
+    )
     parser.add_argument("--requests", type=int, default=3, help="timed requests per batch (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=8, help="answer tokens per request (default: %(default)s)")
-    parser.add_argument("--document-chars", type=int, default=800, help="document text per prompt (default: %(default)s)")
-    parser.add_argument("--budget", type=float, default=40.0,
-                        help="stop a batch after the request that passes this many seconds (default: %(default)s)")
+    parser.add_argument(
+        "--document-chars", type=int, default=800, help="document text per prompt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=40.0,
+        help="stop a batch after the request that passes this many seconds (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     batch = conversations(args.requests, args.document_chars)
     old_threads = min(os.cpu_count() or 2, 8)
     settings = {"old": {"n_threads": old_threads, "wait_policy": None}, "new": {}}
-    print(f"{cpu_model()}, {os.cpu_count()} logical cores, {len(os.sched_getaffinity(0))} usable; "
-          f"load average before the run {load_average()}; free_cpu_threads() now {free_cpu_threads()}; "
-          f"OMP_WAIT_POLICY in this environment: {os.environ.get('OMP_WAIT_POLICY', 'unset')}", flush=True)  # fmt: skip
+    print(
+        f"{cpu_model()}, {os.cpu_count()} logical cores, {len(os.sched_getaffinity(0))} usable; "
+        f"load average before the run {load_average()}; free_cpu_threads() now {free_cpu_threads()}; "
+        f"OMP_WAIT_POLICY in this environment: {os.environ.get('OMP_WAIT_POLICY', 'unset')}",
+        flush=True,
+    )
     rows: list[Row] = []
     for contended in (False, True):
         competitor = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if contended else None
@@ -138,13 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                 competitor.wait()
     quiet = {row.setting: row.per_request for row in rows if not row.competitor}
     print(f"\nload average after the run {load_average()}\n")
-    print("| server setting | threads | wait policy | competing busy process | load avg at start | other processes' "
-          "CPU while timed (cores) | requests timed | s / request | vs quiet |")  # fmt: skip
+    print(
+        "| server setting | threads | wait policy | competing busy process | load avg at start | other processes' "
+        "CPU while timed (cores) | requests timed | s / request | vs quiet |"
+    )
     print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row.setting} | {row.threads} | {row.wait_policy} | {'yes' if row.competitor else 'no'} | "
-              f"{row.load_at_start:.2f} | {row.other_cores:.2f} | {row.requests} | {row.per_request:.2f} | "
-              f"{row.per_request / quiet[row.setting]:.1f}x |")  # fmt: skip
+        print(
+            f"| {row.setting} | {row.threads} | {row.wait_policy} | {'yes' if row.competitor else 'no'} | "
+            f"{row.load_at_start:.2f} | {row.other_cores:.2f} | {row.requests} | {row.per_request:.2f} | "
+            f"{row.per_request / quiet[row.setting]:.1f}x |"
+        )
     return 0
 
 

@@ -32,8 +32,9 @@ def _pipeline(args: argparse.Namespace) -> int:
         except (ConfigError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        run_path = run_pipeline(args.profile or config.profile, args.run_id or config.new_run_id(), stages,
-                                stage_parameters=routed)  # fmt: skip
+        run_path = run_pipeline(
+            args.profile or config.profile, args.run_id or config.new_run_id(), stages, stage_parameters=routed
+        )
     else:
         run_path = run_pipeline(args.profile or "smoke", args.run_id, stages or STAGES, parameters)
     print((run_path / "report.md").read_text())
@@ -50,10 +51,18 @@ def _label(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         settings = LabelSettings(args.batch_size, args.chunk_size, args.max_length, args.skip_bad_lines, args.precision)
-        summary = label_pairs(args.model, args.input, args.output, collection=args.collection, topics=args.topics,
-                              input_format=args.input_format, settings=settings,
-                              formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
-                              restart=args.restart, max_chunks=args.max_chunks)  # fmt: skip
+        summary = label_pairs(
+            args.model,
+            args.input,
+            args.output,
+            collection=args.collection,
+            topics=args.topics,
+            input_format=args.input_format,
+            settings=settings,
+            formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+            restart=args.restart,
+            max_chunks=args.max_chunks,
+        )
     except (InputError, ResumeRefused, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -75,51 +84,85 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=_prepare_models)
 
     pipeline = commands.add_parser("pipeline", help="run the notebooks 00-07 into runs/<run-id>/")
-    pipeline.add_argument("--config", help="YAML pipeline config (e.g. configs/second_domain.yaml); the options "
-                                           "below override it")
+    pipeline.add_argument(
+        "--config", help="YAML pipeline config (e.g. configs/second_domain.yaml); the options below override it"
+    )
     pipeline.add_argument("--profile", choices=sorted(PROFILES), help="default: the config's, else smoke")
     pipeline.add_argument("--run-id", help="run folder name under runs/ (default: <profile>-<timestamp>)")
     pipeline.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
-    pipeline.add_argument("--parameters", help='JSON object of extra notebook parameters, e.g. \'{"llm_base_url": "..."}\'')
+    pipeline.add_argument(
+        "--parameters", help='JSON object of extra notebook parameters, e.g. \'{"llm_base_url": "..."}\''
+    )
     pipeline.set_defaults(handler=_pipeline)
 
-    from .label_at_scale import BAD_INPUT_POLICY, INPUT_FORMATS, OUTPUT_FILES, TRUNCATION_POLICY, LabelSettings
+    from .label_at_scale import OUTPUT_FILES, LabelSettings
+    from .label_inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY
     from .student import PRECISIONS
 
     defaults = LabelSettings()
     label = commands.add_parser(
-        "label", help="label a large pair file with a student, resumably",
+        "label",
+        help="label a large pair file with a student, resumably",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Label every pair of --input with a student, in chunks committed atomically to --output.\n"
-                    "Killed and started again with the same arguments, it resumes after the last committed chunk.",
+        "Killed and started again with the same arguments, it resumes after the last committed chunk.",
         epilog="\n\n".join(textwrap.fill(text, 100) for text in (TRUNCATION_POLICY, BAD_INPUT_POLICY)),
-    )  # fmt: skip
-    label.add_argument("--model", required=True,
-                       help="distilled adapter folder (<run>/05_distill/adapter), merged model folder, cross-encoder "
-                            "folder, bundled name (smollm2-135m-instruct) or hub id")
-    label.add_argument("--input", required=True,
-                       help="pairs: JSONL or Parquet with query_id, query, doc_id, document (document may come from "
-                            "--collection, query from --topics), or a TREC run (qid Q0 docid rank score tag)")
-    label.add_argument("--input-format", choices=sorted(set(INPUT_FORMATS.values())),
-                       help=f"default: from the suffix ({', '.join(f'{k}={v}' for k, v in INPUT_FORMATS.items())})")
-    label.add_argument("--collection", help="document texts by id: TSV docid<TAB>text, or JSONL (doc_id/docid/_id/id "
-                                            "+ document/text/contents/body, optional title)")
+    )
+    label.add_argument(
+        "--model",
+        required=True,
+        help="a trained student of any family (<run>/05_distill, its adapter/, model/ or bi_encoder/ "
+        "folder, a merged model folder, a final model of the TREC DL reproduction), or a causal "
+        "LM's bundled name (smollm2-135m-instruct) or hub id",
+    )
+    label.add_argument(
+        "--input",
+        required=True,
+        help="pairs: JSONL or Parquet with query_id, query, doc_id, document (document may come from "
+        "--collection, query from --topics), or a TREC run (qid Q0 docid rank score tag)",
+    )
+    label.add_argument(
+        "--input-format",
+        choices=sorted(set(INPUT_FORMATS.values())),
+        help=f"default: from the suffix ({', '.join(f'{k}={v}' for k, v in INPUT_FORMATS.items())})",
+    )
+    label.add_argument(
+        "--collection",
+        help="document texts by id: TSV docid<TAB>text, or JSONL (doc_id/docid/_id/id "
+        "+ document/text/contents/body, optional title)",
+    )
     label.add_argument("--topics", help="query texts by id: TSV qid<TAB>query (needed for TREC runs)")
     label.add_argument("--output", required=True, help="output folder (chunks, manifest, merged labels, summary)")
     label.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    label.add_argument("--chunk-size", type=int, default=defaults.chunk_size,
-                       help="input lines per committed chunk (held in memory at once)")
-    label.add_argument("--max-length", type=int, default=defaults.max_length,
-                       help="prompt tokens per pair (a distilled adapter's own max_length wins)")
-    label.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                       help="compute precision: auto = bfloat16 on a CUDA GPU, float32 on a CPU; bfloat16 on a CPU "
-                            "with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)")
+    label.add_argument(
+        "--chunk-size",
+        type=int,
+        default=defaults.chunk_size,
+        help="input lines per committed chunk (held in memory at once)",
+    )
+    label.add_argument(
+        "--max-length",
+        type=int,
+        default=defaults.max_length,
+        help="prompt tokens per pair (a distilled adapter's own max_length wins)",
+    )
+    label.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="compute precision: auto = bfloat16 on a CUDA GPU, float32 on a CPU; bfloat16 on a CPU "
+        "with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)",
+    )
     label.add_argument("--skip-bad-lines", action="store_true", help="skip and record bad lines instead of stopping")
-    label.add_argument("--formats", default=",".join(OUTPUT_FILES), help="comma-separated subset of "
-                                                                         f"{','.join(OUTPUT_FILES)}")
+    label.add_argument(
+        "--formats", default=",".join(OUTPUT_FILES), help=f"comma-separated subset of {','.join(OUTPUT_FILES)}"
+    )
     label.add_argument("--restart", action="store_true", help="discard what --output holds and start again")
-    label.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core); on a busy shared "
-                                                  "machine 1 can be faster for small models")
+    label.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: one per core); on a busy shared machine 1 can be faster for small models",
+    )
     label.add_argument("--max-chunks", type=int, help="stop after committing this many chunks (resume later)")
     label.set_defaults(handler=_label)
     return parser

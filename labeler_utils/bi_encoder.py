@@ -81,8 +81,10 @@ class BiEncoderConfig:
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
         if self.base_model in BUNDLED_MODELS:
-            raise ValueError(f"{self.base_model!r} is a bundled causal LM: a bi-encoder needs a sentence encoder "
-                             "(default: the bundled MiniLM)")
+            raise ValueError(
+                f"{self.base_model!r} is a bundled causal LM: a bi-encoder needs a sentence encoder "
+                "(default: the bundled MiniLM)"
+            )
 
 
 def training_targets(records: Sequence[dict[str, Any]], soft_labels: bool) -> list[float]:
@@ -107,10 +109,23 @@ class QueryBatchSampler(DefaultBatchSampler):
     the same query and never one query's documents with another's.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: list[str] | None = None,
-                 generator: torch.Generator | None = None, seed: int = 0) -> None:
-        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
-                         valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        drop_last: bool,
+        valid_label_columns: list[str] | None = None,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            valid_label_columns=valid_label_columns,
+            generator=generator,
+            seed=seed,
+        )
         groups: dict[str, list[int]] = {}
         for index, query in enumerate(dataset["query"]):
             groups.setdefault(query, []).append(index)
@@ -129,13 +144,19 @@ class QueryBatchSampler(DefaultBatchSampler):
         return sum(-(-len(g) // self.batch_size) for g in self.groups)
 
 
-def cosines(model: SentenceTransformer, queries: Sequence[str], documents: Sequence[str], batch_size: int = 32,
-            progress: bool = False) -> np.ndarray:
+def cosines(
+    model: SentenceTransformer,
+    queries: Sequence[str],
+    documents: Sequence[str],
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
     """Cosine similarity of each (query, document) pair; each distinct query is embedded once."""
     distinct = sorted(set(queries))
     vectors = dict(zip(distinct, model.encode(distinct, batch_size=batch_size, normalize_embeddings=True)))
-    document_vectors = model.encode(list(documents), batch_size=batch_size, normalize_embeddings=True,
-                                    show_progress_bar=progress)
+    document_vectors = model.encode(
+        list(documents), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=progress
+    )
     return np.einsum("ij,ij->i", np.stack([vectors[q] for q in queries]), document_vectors)
 
 
@@ -158,12 +179,18 @@ def train_bi_encoder(
     model = SentenceTransformer(config.base_model, device=str(default_device()))
     model.max_seq_length = config.max_length
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
-    dataset = Dataset.from_dict({"query": queries, "document": documents,
-                                 "score": training_targets(records, config.soft_labels)})
-    args = encoder_training_arguments(SentenceTransformerTrainingArguments, output_dir, config,
-                                      **({"batch_sampler": QueryBatchSampler} if config.batching == "query" else {}))
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
-                                         loss=training_loss(model, config.loss))
+    dataset = Dataset.from_dict(
+        {"query": queries, "document": documents, "score": training_targets(records, config.soft_labels)}
+    )
+    args = encoder_training_arguments(
+        SentenceTransformerTrainingArguments,
+        output_dir,
+        config,
+        **({"batch_sampler": QueryBatchSampler} if config.batching == "query" else {}),
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=training_loss(model, config.loss)
+    )
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
@@ -171,10 +198,19 @@ def train_bi_encoder(
     thresholds = share_matching_thresholds(cosines(model, queries, documents), grade_counts(records))
     model_dir = output_dir / MODEL_SUBDIR
     model.save(str(model_dir))
-    return write_manifest(model_dir, FAMILY, config, f"bi-encoder-{config.loss}", trainer, result, seconds,
-                          [r["grade"] for r in records], data_description, thresholds=[float(t) for t in thresholds],
-                          truncated_documents=sum(len(ids) > config.max_length
-                                                  for ids in model.tokenizer(documents)["input_ids"]))
+    return write_manifest(
+        model_dir,
+        FAMILY,
+        config,
+        f"bi-encoder-{config.loss}",
+        trainer,
+        result,
+        seconds,
+        [r["grade"] for r in records],
+        data_description,
+        thresholds=[float(t) for t in thresholds],
+        truncated_documents=sum(len(ids) > config.max_length for ids in model.tokenizer(documents)["input_ids"]),
+    )
 
 
 def expected_from_cosine(values: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
@@ -189,8 +225,9 @@ class BiEncoderLabeler(Labeler):
 
     FAMILY = FAMILY
 
-    def __init__(self, model: SentenceTransformer, thresholds: Sequence[float], max_length: int = 256,
-                 device: str | None = None):
+    def __init__(
+        self, model: SentenceTransformer, thresholds: Sequence[float], max_length: int = 256, device: str | None = None
+    ):
         if len(thresholds) != len(GRADES) - 1:
             raise ValueError(f"a bi-encoder labeler needs {len(GRADES) - 1} cut points, got {list(thresholds)}")
         self.model = model.eval()
@@ -210,22 +247,45 @@ class BiEncoderLabeler(Labeler):
             path = path / MODEL_SUBDIR
         manifest = read_manifest(path)
         if "thresholds" not in manifest:
-            raise ValueError(f"{folder}: not a trained bi-encoder (no {MANIFEST} with thresholds); "
-                             "train one with train_bi_encoder, or use CosineBaseline for an untrained encoder")
-        model = SentenceTransformer(str(path), device="cpu", model_kwargs={"dtype": dtype} if dtype is not None else None)
+            raise ValueError(
+                f"{folder}: not a trained bi-encoder (no {MANIFEST} with thresholds); "
+                "train one with train_bi_encoder, or use CosineBaseline for an untrained encoder"
+            )
+        model = SentenceTransformer(
+            str(path), device="cpu", model_kwargs={"dtype": dtype} if dtype is not None else None
+        )
         return cls(model, manifest["thresholds"], max_length=manifest.get("max_length", max_length))
 
-    def encode_pair(self, query: str, document: str) -> tuple[tuple[str, str], bool]:
-        """The pair's texts (each is embedded on its own), and whether the document exceeds ``max_length`` tokens."""
-        return (query, document), len(self.tokenizer(document)["input_ids"]) > self.max_length
+    def transformer(self) -> Any:
+        return self.model[0].auto_model
 
-    def encoded_length(self, encoded: tuple[str, str]) -> int:
-        return len(encoded[1])
+    def encode_pair(self, query: str, document: str) -> tuple[tuple[list[int], list[int]], bool]:
+        """Token ids of the query and of the document (each embedded on its own, cut to ``max_length``), and
+        whether the document was cut."""
+        query_ids, document_ids = (self.tokenizer(text, truncation=False)["input_ids"] for text in (query, document))
+        cut = len(document_ids) > self.max_length
+        if cut:
+            document_ids = self.tokenizer(document, truncation=True, max_length=self.max_length)["input_ids"]
+        return (query_ids[: self.max_length], document_ids), cut
+
+    def encoded_length(self, encoded: tuple[list[int], list[int]]) -> int:
+        return len(encoded[0]) + len(encoded[1])
 
     @torch.inference_mode()
-    def score_batch(self, encoded: Sequence[tuple[str, str]]) -> list[GradeLabel]:
-        values = cosines(self.model, [q for q, _ in encoded], [d for _, d in encoded], batch_size=len(encoded))
+    def score_batch(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[GradeLabel]:
+        """Embed each distinct query and every document of the batch, then cut their cosines at the thresholds."""
+        queries = list(dict.fromkeys(tuple(q) for q, _ in encoded))
+        query_vectors = self._embed([list(q) for q in queries])
+        document_vectors = self._embed([d for _, d in encoded])
+        rows = torch.tensor([queries.index(tuple(q)) for q, _ in encoded], device=self.device)
+        values = (query_vectors[rows] * document_vectors).sum(dim=-1).float().cpu().numpy()
         return [GradeLabel.from_expected(e) for e in expected_from_cosine(values, self.thresholds)]
+
+    def _embed(self, ids: Sequence[list[int]]) -> torch.Tensor:
+        """Normalised sentence embeddings of tokenised texts (the model's own pooling)."""
+        features = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt").to(self.device)
+        embeddings = self.model(dict(features))["sentence_embedding"]
+        return torch.nn.functional.normalize(embeddings, dim=-1)
 
 
 class CosineBaseline:
@@ -242,30 +302,41 @@ class CosineBaseline:
         self.thresholds = np.asarray(thresholds, dtype=float)
 
     @classmethod
-    def fit(cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None,
-            batch_size: int = 32) -> CosineBaseline:  # fmt: skip
+    def fit(
+        cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None, batch_size: int = 32
+    ) -> CosineBaseline:
         """Encoder from ``base_model`` (default: the bundled MiniLM), thresholds from the training records' grades."""
         if not train_records:
             raise ValueError("No training records to set the cosine baseline's thresholds from")
         baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
-        baseline.thresholds = share_matching_thresholds(baseline.cosines(train_records, batch_size),
-                                                        grade_counts(train_records))
+        baseline.thresholds = share_matching_thresholds(
+            baseline.cosines(train_records, batch_size), grade_counts(train_records)
+        )
         return baseline
 
     def cosines(self, records: Sequence[dict[str, Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Cosine similarity of each record's query and document embeddings."""
-        return cosines(self.encoder, [r["query"] for r in records], [r["document"] for r in records], batch_size,
-                       progress)
+        return cosines(
+            self.encoder, [r["query"] for r in records], [r["document"] for r in records], batch_size, progress
+        )
 
-    def label_records(self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 32,
-                      progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    def label_records(
+        self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 32, progress: bool = True
+    ) -> list[dict[str, Any]]:
         """Prediction rows in the students' format (one-hot distribution at the thresholded grade)."""
         values = self.cosines(records, batch_size, progress)
         grades = grades_at_thresholds(values, self.thresholds)
-        return [{"query_id": r["query_id"], "doc_id": r["doc_id"], "grade": int(g),
-                 "expected_relevance": float(3 * (c + 1) / 2), "distribution": [float(g == k) for k in GRADES],
-                 "labeler": labeler}
-                for r, g, c in zip(records, grades, values)]  # fmt: skip
+        return [
+            {
+                "query_id": r["query_id"],
+                "doc_id": r["doc_id"],
+                "grade": int(g),
+                "expected_relevance": float(3 * (c + 1) / 2),
+                "distribution": [float(g == k) for k in GRADES],
+                "labeler": labeler,
+            }
+            for r, g, c in zip(records, grades, values)
+        ]
 
 
 def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: BiEncoderConfig) -> CosineBaseline:

@@ -25,7 +25,6 @@ registered in :mod:`labeler_utils.families`, so code switches student family wit
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,11 +81,15 @@ class CrossEncoderConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.class_balance and self.objective != "classification":
-            raise ValueError("class_balance weights the grades of the classification objective; "
-                             "the regression objective has no per-grade loss to weight")
+            raise ValueError(
+                "class_balance weights the grades of the classification objective; "
+                "the regression objective has no per-grade loss to weight"
+            )
         if self.base_model in BUNDLED_MODELS:
-            raise ValueError(f"{self.base_model!r} is a bundled causal LM: train it with student_family='causal_lm', or "
-                             "give the cross-encoder an encoder (default: the bundled MiniLM)")
+            raise ValueError(
+                f"{self.base_model!r} is a bundled causal LM: train it with student_family='causal_lm', or "
+                "give the cross-encoder an encoder (default: the bundled MiniLM)"
+            )
 
     @property
     def num_labels(self) -> int:
@@ -113,8 +116,9 @@ class GradeCrossEntropyLoss(CrossEntropyLoss):
     ``[batch, 4]`` probability targets that ``torch.nn.CrossEntropyLoss`` accepts.
     """
 
-    def forward(self, inputs: list[list[str]], labels: Any, prompt: str | None = None,
-                task: str | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: list[list[str]], labels: Any, prompt: str | None = None, task: str | None = None
+    ) -> torch.Tensor:
         if isinstance(labels, list):
             labels = torch.stack(labels).float()
         return super().forward(inputs, labels, prompt=prompt, task=task)
@@ -128,8 +132,9 @@ class CumulativeGradeLoss(torch.nn.Module):
         self.model = model
         self.bce_with_logits_loss = torch.nn.BCEWithLogitsLoss()
 
-    def forward(self, inputs: list[list[str]], labels: Any, prompt: str | None = None,
-                task: str | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: list[list[str]], labels: Any, prompt: str | None = None, task: str | None = None
+    ) -> torch.Tensor:
         if isinstance(labels, list):
             labels = torch.stack(labels)
         pairs = list(zip(inputs[0], inputs[1]))
@@ -146,7 +151,9 @@ def cumulative_distribution(exceed_probabilities: torch.Tensor) -> torch.Tensor:
     return torch.cat([ones, exceed], dim=-1) - torch.cat([exceed, zeros], dim=-1)
 
 
-def training_loss(model: CrossEncoder, records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> torch.nn.Module:
+def training_loss(
+    model: CrossEncoder, records: Sequence[dict[str, Any]], config: CrossEncoderConfig
+) -> torch.nn.Module:
     """The objective's loss: binary cross-entropy (regression), cumulative binary cross-entropy (ordinal) or
     grade cross-entropy, weighted by inverse grade frequency of ``records`` when ``class_balance`` is on."""
     if config.objective == "regression":
@@ -167,10 +174,23 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
 
     WINDOW_BATCHES = 50
 
-    def __init__(self, dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: list[str] | None = None,
-                 generator: torch.Generator | None = None, seed: int = 0) -> None:
-        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
-                         valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        drop_last: bool,
+        valid_label_columns: list[str] | None = None,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            valid_label_columns=valid_label_columns,
+            generator=generator,
+            seed=seed,
+        )
         self.lengths = np.array([len(q) + len(d) for q, d in zip(dataset["query"], dataset["document"])])
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -232,22 +252,34 @@ def train_cross_encoder(
     model = CrossEncoder(config.base_model, num_labels=config.num_labels, max_length=config.max_length)
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
     dataset = Dataset.from_dict({"query": queries, "document": documents, "label": training_labels(records, config)})
-    args = encoder_training_arguments(CrossEncoderTrainingArguments, output_dir, config,
-                                      batch_sampler=LengthGroupedBatchSampler)
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=training_loss(model, records, config))
+    args = encoder_training_arguments(
+        CrossEncoderTrainingArguments, output_dir, config, batch_sampler=LengthGroupedBatchSampler
+    )
+    trainer = CrossEncoderTrainer(
+        model=model, args=args, train_dataset=dataset, loss=training_loss(model, records, config)
+    )
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
     model_dir = output_dir / MODEL_SUBDIR
     model.save_pretrained(str(model_dir))
     truncated = sum(
-        len(ids) > config.max_length
-        for ids in model.tokenizer(queries, documents, truncation=False)["input_ids"]
+        len(ids) > config.max_length for ids in model.tokenizer(queries, documents, truncation=False)["input_ids"]
     )
-    return write_manifest(model_dir, FAMILY, config, f"cross-encoder-{config.objective}", trainer, result, seconds,
-                          [r["grade"] for r in records], data_description, objective=config.objective,
-                          soft_label_examples=sum(config.soft_labels and r.get("distribution") is not None for r in records),
-                          truncated_documents=truncated)
+    return write_manifest(
+        model_dir,
+        FAMILY,
+        config,
+        f"cross-encoder-{config.objective}",
+        trainer,
+        result,
+        seconds,
+        [r["grade"] for r in records],
+        data_description,
+        objective=config.objective,
+        soft_label_examples=sum(config.soft_labels and r.get("distribution") is not None for r in records),
+        truncated_documents=truncated,
+    )
 
 
 class CrossEncoderLabeler(Labeler):
@@ -282,8 +314,10 @@ class CrossEncoderLabeler(Labeler):
             model_kwargs={"dtype": dtype} if dtype is not None else None,
         )
         if model.num_labels not in HEAD_SIZES.values():
-            raise ValueError(f"{model_or_folder}: a grade labeler needs 4 labels (classification), 1 (regression) or "
-                             f"3 (ordinal), not {model.num_labels}")
+            raise ValueError(
+                f"{model_or_folder}: a grade labeler needs 4 labels (classification), 1 (regression) or "
+                f"3 (ordinal), not {model.num_labels}"
+            )
         return cls(model, max_length=max_length)
 
     @property
@@ -296,19 +330,23 @@ class CrossEncoderLabeler(Labeler):
         full = self.tokenizer(query, document, truncation=False)["input_ids"]
         if len(full) <= self.max_length:
             return full, False
-        return self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length)["input_ids"], True
+        return self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length)[
+            "input_ids"
+        ], True
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:
         """Labels for a batch of encoded pairs (padded by the tokenizer, token types rebuilt by it)."""
-        features = self.tokenizer.pad(
-            [self._features(ids) for ids in encoded], padding=True, return_tensors="pt"
-        ).to(self.device)
+        features = self.tokenizer.pad([self._features(ids) for ids in encoded], padding=True, return_tensors="pt").to(
+            self.device
+        )
         logits = self.model(**features).logits.float()
         if self.objective == "regression":
             return [GradeLabel.from_expected(e) for e in (GRADES[-1] * torch.sigmoid(logits[:, 0])).cpu().tolist()]
         if self.objective == "ordinal":
-            return [GradeLabel.from_probabilities(p) for p in cumulative_distribution(torch.sigmoid(logits)).cpu().tolist()]
+            return [
+                GradeLabel.from_probabilities(p) for p in cumulative_distribution(torch.sigmoid(logits)).cpu().tolist()
+            ]
         return [GradeLabel.from_probabilities(p) for p in torch.softmax(logits, dim=-1).cpu().tolist()]
 
     def _features(self, ids: list[int]) -> dict[str, list[int]]:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import write_json
-from .models import load_causal_lm, resolve_model
 from .labeler import MANIFEST, inverse_frequency_weights, write_manifest
+from .models import load_causal_lm, resolve_model
 from .student import (
     FAMILY,
     GRADES,
@@ -78,7 +78,9 @@ class DistillConfig:
     def use_shared_prefix(self) -> bool:
         """Whether the shared prompt prefix is run once per batch (needs the KV cache: no checkpointing)."""
         if self.shared_prefix and self.use_gradient_checkpointing():
-            raise ValueError("shared_prefix needs the KV cache, which gradient checkpointing turns off: set one to False")
+            raise ValueError(
+                "shared_prefix needs the KV cache, which gradient checkpointing turns off: set one to False"
+            )
         return not self.use_gradient_checkpointing() if self.shared_prefix is None else self.shared_prefix
 
     def use_bf16(self) -> bool:
@@ -101,7 +103,9 @@ def build_examples(
     for index, record in enumerate(records):
         grade = record.get("grade")
         if grade not in GRADES:
-            raise ValueError(f"record {index} ({record.get('query_id')}, {record.get('doc_id')}): grade {grade!r} not in 0-3")
+            raise ValueError(
+                f"record {index} ({record.get('query_id')}, {record.get('doc_id')}): grade {grade!r} not in 0-3"
+            )
         prompt_ids, cut = encode_prompt(tokenizer, record["query"], record["document"], max_length, prompt_format)
         truncated += cut
         distribution = record.get("distribution") or [float(g == grade) for g in GRADES]
@@ -185,13 +189,17 @@ def answer_logits(
     """
     p = len(prefix_ids)
     prefix = torch.tensor([list(prefix_ids)], device=input_ids.device)
-    if not p or input_ids.shape[1] <= p or bool((answer_positions < p).any()) or not torch.equal(
-        input_ids[:, :p], prefix.expand(input_ids.shape[0], -1)
+    if (
+        not p
+        or input_ids.shape[1] <= p
+        or bool((answer_positions < p).any())
+        or not torch.equal(input_ids[:, :p], prefix.expand(input_ids.shape[0], -1))
     ):
         kept = torch.unique(answer_positions)
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=kept)
-        return out.logits[torch.arange(input_ids.shape[0], device=input_ids.device),
-                          torch.searchsorted(kept, answer_positions)]  # fmt: skip
+        return out.logits[
+            torch.arange(input_ids.shape[0], device=input_ids.device), torch.searchsorted(kept, answer_positions)
+        ]
     prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
     prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
     return logits_after_prefix(model, prefix_kv, input_ids[:, p:], attention_mask, answer_positions - p)
@@ -203,24 +211,38 @@ def _trainer_class() -> type:
     class GradeSFTTrainer(SFTTrainer):
         """SFTTrainer whose loss is :func:`grade_loss` on the grade token."""
 
-        def __init__(self, *args: Any, grade_ids: list[int], soft_label_weight: float,
-                     class_weights: torch.Tensor | None, prefix_ids: Sequence[int], **kwargs: Any):
+        def __init__(
+            self,
+            *args: Any,
+            grade_ids: list[int],
+            soft_label_weight: float,
+            class_weights: torch.Tensor | None,
+            prefix_ids: Sequence[int],
+            **kwargs: Any,
+        ):
             super().__init__(*args, **kwargs)
             self.grade_ids = torch.tensor(grade_ids)
             self.soft_label_weight = soft_label_weight
             self.class_weights = class_weights
             self.prefix_ids = list(prefix_ids)
 
-        def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, torch.Tensor],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
             grades = inputs.pop("grade")
             teacher = inputs.pop("teacher_distribution")
             labels = inputs.pop("labels")
             answer_positions = (labels != -100).float().argmax(dim=1) - 1  # the position that predicts the grade
-            logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], answer_positions,
-                                   self.prefix_ids)
-            loss = grade_loss(logits, grades, teacher, self.grade_ids.to(labels.device), self.soft_label_weight,
-                              self.class_weights)
+            logits = answer_logits(
+                model, inputs["input_ids"], inputs["attention_mask"], answer_positions, self.prefix_ids
+            )
+            loss = grade_loss(
+                logits, grades, teacher, self.grade_ids.to(labels.device), self.soft_label_weight, self.class_weights
+            )
             return (loss, logits) if return_outputs else loss
 
     return GradeSFTTrainer
@@ -234,14 +256,18 @@ def _checkpoint_to_resume(folder: Path, config: DistillConfig, examples: Sequenc
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    fingerprint = hashlib.sha256(json.dumps(
-        [dataclasses.asdict(config), [(e["input_ids"], e["teacher_distribution"]) for e in examples]]
-    ).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [dataclasses.asdict(config), [(e["input_ids"], e["teacher_distribution"]) for e in examples]]
+        ).encode()
+    ).hexdigest()
     stamp = folder / "training_fingerprint.txt"
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if last is not None and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
-        raise ValueError(f"{folder} holds checkpoints of another training (other settings or data): "
-                         "delete the folder or train into another output folder")  # fmt: skip
+        raise ValueError(
+            f"{folder} holds checkpoints of another training (other settings or data): "
+            "delete the folder or train into another output folder"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint + "\n")
     if last is not None:
@@ -269,7 +295,9 @@ def train_student(
         device_map={"": 0} if qlora and torch.cuda.is_available() else None,  # bitsandbytes' NF4 also runs on a CPU
     )
     checkpointing = config.use_gradient_checkpointing()
-    prefix_ids = shared_prompt_prefix(tokenizer, config.max_length, config.prompt_format) if config.use_shared_prefix() else []
+    prefix_ids = (
+        shared_prompt_prefix(tokenizer, config.max_length, config.prompt_format) if config.use_shared_prefix() else []
+    )
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     examples, truncated = build_examples(tokenizer, records, config.max_length, config.prompt_format)
@@ -329,10 +357,21 @@ def train_student(
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    return write_manifest(adapter_dir, FAMILY, config, "qlora-nf4" if qlora else "lora", trainer, result, seconds,
-                          [e["grade"] for e in examples], data_description,
-                          base_model_resolved=resolve_model(config.base_model), shared_prefix_tokens=len(prefix_ids),
-                          truncated_documents=truncated, resumed_from=resume_from)
+    return write_manifest(
+        adapter_dir,
+        FAMILY,
+        config,
+        "qlora-nf4" if qlora else "lora",
+        trainer,
+        result,
+        seconds,
+        [e["grade"] for e in examples],
+        data_description,
+        base_model_resolved=resolve_model(config.base_model),
+        shared_prefix_tokens=len(prefix_ids),
+        truncated_documents=truncated,
+        resumed_from=resume_from,
+    )
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:

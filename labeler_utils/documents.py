@@ -25,13 +25,15 @@ import datetime as _dt
 import importlib
 import json
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 
 from .artifacts import InputError, iter_jsonl, read_jsonl, write_jsonl
 
@@ -154,8 +156,10 @@ def read_text_file(file: Path, doc_id: str) -> list[Document]:
 class _HTMLText(HTMLParser):
     """Collects an HTML page's title, ``<meta name=... content=...>`` fields and its visible text by block."""
 
-    BLOCKS = frozenset("address article aside blockquote br dd div dl dt figcaption footer form h1 h2 h3 h4 h5 h6 "
-                       "header hr li main nav ol p pre section table td th tr ul".split())  # fmt: skip
+    BLOCKS = frozenset(
+        "address article aside blockquote br dd div dl dt figcaption footer form h1 h2 h3 h4 h5 h6 "
+        "header hr li main nav ol p pre section table td th tr ul".split()
+    )
     HIDDEN = frozenset(("script", "style", "noscript", "template", "title", "head"))
 
     def __init__(self) -> None:
@@ -215,7 +219,9 @@ def _record_documents(records: list[tuple[str, Any]], doc_id: str) -> list[Docum
     """Documents of a multi-record file, ids ``<path>#<id field or 1-based position>``, ids unique."""
     documents, seen = [], {}
     for position, (where, record) in enumerate(records, start=1):
-        key = next((str(record[f]) for f in RECORD_ID_FIELDS if isinstance(record, dict) and record.get(f)), str(position))
+        key = next(
+            (str(record[f]) for f in RECORD_ID_FIELDS if isinstance(record, dict) and record.get(f)), str(position)
+        )
         if key in seen:
             raise InputError(f"{where}: id {key!r} is already used at {seen[key]}")
         seen[key] = where
@@ -264,8 +270,12 @@ def read_pdf_file(file: Path, doc_id: str) -> list[Document]:
         raise InputError(f"{file}: not a readable PDF ({exc})") from exc
     if not text.strip():
         raise InputError(f"{file}: the PDF has no text layer (a scan needs OCR first)")
-    meta = {"title": info.get("/Title") or "", "author": info.get("/Author") or "",
-            "date": _iso_date(getattr(info, "creation_date", None)), "pages": len(reader.pages)}  # fmt: skip
+    meta = {
+        "title": info.get("/Title") or "",
+        "author": info.get("/Author") or "",
+        "date": _iso_date(getattr(info, "creation_date", None)),
+        "pages": len(reader.pages),
+    }
     return [build_document(meta, text, doc_id, str(file))]
 
 
@@ -279,8 +289,12 @@ def read_docx_file(file: Path, doc_id: str) -> list[Document]:
     blocks = [p.text for p in word.paragraphs]
     blocks += [" | ".join(cell.text for cell in row.cells) for table in word.tables for row in table.rows]
     props = word.core_properties
-    meta = {"title": props.title or "", "author": props.author or "", "date": _iso_date(props.created),
-            "doc_type": props.category or ""}  # fmt: skip
+    meta = {
+        "title": props.title or "",
+        "author": props.author or "",
+        "date": _iso_date(props.created),
+        "doc_type": props.category or "",
+    }
     return [build_document(meta, "\n\n".join(b.strip() for b in blocks if b.strip()), doc_id, str(file))]
 
 
@@ -353,9 +367,14 @@ def chunk_documents(documents: Iterable[Document], policy: ChunkPolicy) -> list[
             out.append(doc)
             continue
         for number, part in enumerate(parts, start=1):
-            out.append(replace(doc, doc_id=f"{doc.doc_id}{CHUNK_ID_MARKER}{number}", text=part,
-                               metadata={**doc.metadata, "chunk": number, "chunks": len(parts),
-                                         "source_doc_id": doc.doc_id}))  # fmt: skip
+            out.append(
+                replace(
+                    doc,
+                    doc_id=f"{doc.doc_id}{CHUNK_ID_MARKER}{number}",
+                    text=part,
+                    metadata={**doc.metadata, "chunk": number, "chunks": len(parts), "source_doc_id": doc.doc_id},
+                )
+            )
     return out
 
 
@@ -398,3 +417,44 @@ def document_card(doc: Document, max_chars: int | None = None) -> str:
     if doc.doc_type:
         lines.append(f"Type: {doc.doc_type}")
     return "\n".join(lines) + "\n\n" + text
+
+
+# --------------------------------------------------------------------------------------------
+# What a corpus holds (notebooks 01 and 09)
+# --------------------------------------------------------------------------------------------
+
+
+def document_table(documents: Iterable[Document]) -> pd.DataFrame:
+    """One row per document: its fields, ``file_type`` (the file name's suffix) and ``words`` (its length)."""
+    table = pd.DataFrame([doc.to_dict() for doc in documents], columns=[f.name for f in fields(Document)])
+    table["file_type"] = table["file_name"].str.extract(r"(\.[^.]+)$", expand=False)
+    table["words"] = table["text"].str.split().str.len()
+    return table
+
+
+def plot_corpus(table: pd.DataFrame) -> Figure:
+    """Bars of documents per type and per file type, and a histogram of their lengths (a :func:`document_table`)."""
+    fig = Figure(figsize=(13, 3.2))
+    types_ax, files_ax, words_ax = fig.subplots(1, 3)
+    types = table["doc_type"].replace("", "(none)").value_counts().sort_values()
+    types_ax.barh(types.index, types.to_numpy(), color="tab:blue")
+    types_ax.set_title("documents per type")
+    file_types = table["file_type"].fillna("(none)").value_counts()
+    files_ax.bar(file_types.index, file_types.to_numpy(), color="tab:blue")
+    files_ax.set_title("file types")
+    words_ax.hist(table["words"], bins=20, color="tab:gray")
+    words_ax.set(title="document length", xlabel="words")
+    fig.tight_layout()
+    return fig
+
+
+def plot_chunk_lengths(document_words: Sequence[int], chunk_words: Sequence[int], max_words: int) -> Figure:
+    """Histograms of words per document and per chunk side by side, with the chunk limit as a dotted line."""
+    fig = Figure(figsize=(6.5, 3.2))
+    ax = fig.subplots()
+    ax.hist([list(document_words), list(chunk_words)], bins=15, label=["documents", "chunks"])
+    ax.axvline(max_words, color="black", linestyle=":", label=f"max_words = {max_words}")
+    ax.set(xlabel="words", ylabel="count")
+    ax.legend()
+    fig.tight_layout()
+    return fig

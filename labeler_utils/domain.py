@@ -24,7 +24,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class ConfigError(ValueError):
     """A pipeline config file that cannot be used, with the file (and key) at fault."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _declared(notebook: Path, modified_ns: int) -> tuple[str, ...]:
     cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]  # nbformat 4 JSON; nbformat itself imports slowly
     cell = next((c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
@@ -53,7 +53,9 @@ def _declared(notebook: Path, modified_ns: int) -> tuple[str, ...]:
     source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
     names = []
     for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         names += [t.id for t in targets if isinstance(t, ast.Name)]
     return tuple(names)
 
@@ -87,16 +89,20 @@ def route_parameters(
         if name not in known and not missing:
             raise ConfigError(_unknown(name, known, "a parameter of any notebook"))
         if name not in known:
-            warnings.warn(f"{_unknown(name, known, 'a parameter of the existing notebooks')}; notebooks "
-                          f"{', '.join(missing)} do not exist yet, so it is passed to none", stacklevel=2)
+            warnings.warn(
+                f"{_unknown(name, known, 'a parameter of the existing notebooks')}; notebooks "
+                f"{', '.join(missing)} do not exist yet, so it is passed to none",
+                stacklevel=2,
+            )
     routed = {stage: {k: v for k, v in parameters.items() if k in declared[stage]} for stage in stages}
     for stage, own in (per_notebook or {}).items():
         if stage not in declared or not declared[stage]:
             raise ConfigError(_unknown(stage, {s for s in declared if declared[s]}, "a notebook of the pipeline"))
         for name in own:
             if name not in declared[stage] or name in PIPELINE_PARAMETERS:
-                raise ConfigError(_unknown(name, set(declared[stage]) - set(PIPELINE_PARAMETERS),
-                                           f"a parameter of notebook {stage}"))  # fmt: skip
+                raise ConfigError(
+                    _unknown(name, set(declared[stage]) - set(PIPELINE_PARAMETERS), f"a parameter of notebook {stage}")
+                )
         if stage in routed:
             routed[stage].update(own)
     return routed
@@ -140,10 +146,14 @@ def _where(path: Path, key: str) -> str:
 def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
     """``*_dir`` / ``*_path`` values relative to ``base`` (URIs such as ``ir_datasets:...`` unchanged)."""
     return {
-        key: str((base / value).resolve()) if PATH_PARAMETER.search(key) and isinstance(value, str)
-        and not URI.match(value) and not Path(value).is_absolute() else value
+        key: str((base / value).resolve())
+        if PATH_PARAMETER.search(key)
+        and isinstance(value, str)
+        and not URI.match(value)
+        and not Path(value).is_absolute()
+        else value
         for key, value in values.items()
-    }  # fmt: skip
+    }
 
 
 def load_pipeline_config(
@@ -188,8 +198,13 @@ def load_pipeline_config(
     )
     corpus_dir = config.parameters.get("corpus_dir")
     if corpus_dir is not None and not Path(corpus_dir).is_dir():
-        raise ConfigError(_where(path, f"corpus_dir {corpus_dir} is not a folder "
-                                       f"(relative paths are read from the config file's folder {base})"))  # fmt: skip
+        raise ConfigError(
+            _where(
+                path,
+                f"corpus_dir {corpus_dir} is not a folder "
+                f"(relative paths are read from the config file's folder {base})",
+            )
+        )
     try:
         config.stage_parameters()
     except ConfigError as exc:

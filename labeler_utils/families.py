@@ -17,6 +17,7 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .labeler import MANIFEST, Labeler, read_manifest
@@ -39,8 +40,12 @@ class StudentFamily:
     zero_shot_name: str = "zero_shot_labeler"
     profile_base_model: bool = False  # its base model defaults to the profile's ``student_model``
 
+    def import_module(self) -> ModuleType:
+        """The family's module, imported now if it was not yet."""
+        return importlib.import_module(self.module)
+
     def _member(self, name: str) -> Any:
-        return getattr(importlib.import_module(self.module), name)
+        return getattr(self.import_module(), name)
 
     @property
     def config_class(self) -> type:
@@ -50,14 +55,16 @@ class StudentFamily:
     def labeler_class(self) -> type[Labeler]:
         return self._member(self.labeler_class_name)
 
-    def train(self, records: Any, output_dir: str | Path, config: Any, data_description: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+    def train(
+        self, records: Any, output_dir: str | Path, config: Any, data_description: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Train a student on graded records into ``output_dir``; returns its manifest."""
         return self._member(self.train_name)(records, output_dir, config, data_description)
 
     def load(self, path_or_name: str | Path, **kwargs: Any) -> Labeler:
-        """Load a trained student folder, or a base model name or folder, as this family's labeler."""
-        return self.labeler_class.load(path_or_name, **kwargs)
+        """Load a trained student (its folder, or the training output folder above it), or a base model name or
+        folder, as this family's labeler."""
+        return self.labeler_class.load(distilled_student(path_or_name) or path_or_name, **kwargs)
 
     def zero_shot(self, train_records: Any, config: Any) -> Any:
         """The untrained baseline for ``config`` (thresholds, where it has any, from the training records only)."""
@@ -78,8 +85,10 @@ class StudentFamily:
 
 
 #: The settings that switch a family's config between hard labels and the teacher's distribution.
-SOFT_LABEL_SETTINGS = {True: {"soft_labels": True, "soft_label_weight": 0.5},
-                       False: {"soft_labels": False, "soft_label_weight": 0.0}}
+SOFT_LABEL_SETTINGS = {
+    True: {"soft_labels": True, "soft_label_weight": 0.5},
+    False: {"soft_labels": False, "soft_label_weight": 0.0},
+}
 FAMILIES: dict[str, StudentFamily] = {}
 
 
@@ -104,19 +113,40 @@ def get_family(name: str) -> StudentFamily:
     return FAMILIES[name]
 
 
-register_family(StudentFamily(
-    "cross_encoder", "labeler_utils.cross_encoder", "CrossEncoderConfig", "train_cross_encoder", "CrossEncoderLabeler",
-    "model", "MiniLM cross-encoder: query and document read together, a grade head on top",
-))
-register_family(StudentFamily(
-    "causal_lm", "labeler_utils.distill", "DistillConfig", "train_student", "StudentLabeler", "adapter",
-    "small causal LM with LoRA/QLoRA: the probabilities of the grade tokens after one forward pass",
-    profile_base_model=True,
-))
-register_family(StudentFamily(
-    "bi_encoder", "labeler_utils.bi_encoder", "BiEncoderConfig", "train_bi_encoder", "BiEncoderLabeler", "bi_encoder",
-    "MiniLM bi-encoder fine-tuned on the grades: cosine of query and document embeddings, cut at trained thresholds",
-))
+register_family(
+    StudentFamily(
+        "cross_encoder",
+        "labeler_utils.cross_encoder",
+        "CrossEncoderConfig",
+        "train_cross_encoder",
+        "CrossEncoderLabeler",
+        "model",
+        "MiniLM cross-encoder: query and document read together, a grade head on top",
+    )
+)
+register_family(
+    StudentFamily(
+        "causal_lm",
+        "labeler_utils.distill",
+        "DistillConfig",
+        "train_student",
+        "StudentLabeler",
+        "adapter",
+        "small causal LM with LoRA/QLoRA: the probabilities of the grade tokens after one forward pass",
+        profile_base_model=True,
+    )
+)
+register_family(
+    StudentFamily(
+        "bi_encoder",
+        "labeler_utils.bi_encoder",
+        "BiEncoderConfig",
+        "train_bi_encoder",
+        "BiEncoderLabeler",
+        "bi_encoder",
+        "MiniLM bi-encoder fine-tuned on the grades: cosine of query and document embeddings, cut at trained thresholds",
+    )
+)
 
 
 def distilled_student(folder: str | Path) -> Path | None:

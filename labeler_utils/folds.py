@@ -40,7 +40,9 @@ class Split:
     def __post_init__(self) -> None:
         shared = self.train_ids & self.test_ids
         if shared:
-            raise ValueError(f"split {self.name}: queries {sorted(shared)[:5]} are on both the training and the test side")
+            raise ValueError(
+                f"split {self.name}: queries {sorted(shared)[:5]} are on both the training and the test side"
+            )
 
 
 def source_name(path: str | Path) -> str:
@@ -64,14 +66,18 @@ def load_pair_files(paths: Sequence[str | Path]) -> pd.DataFrame:
         name = source_name(path)
         first = next(iter(frames.values()), frame)
         if list(frame.columns) != list(first.columns):
-            raise InputError(f"{path}: columns {sorted(set(frame.columns) ^ set(first.columns))} differ from "
-                             f"{paths[0]}'s; every pair file needs the same fields and recorded labelers")
+            raise InputError(
+                f"{path}: columns {sorted(set(frame.columns) ^ set(first.columns))} differ from "
+                f"{paths[0]}'s; every pair file needs the same fields and recorded labelers"
+            )
         if name in frames:
             raise InputError(f"{path}: another pair file is also called {name!r}; rename one")
         for query_id in frame["query_id"].unique():
             if query_id in owners:
-                raise InputError(f"{path}: query id {query_id!r} is also in {owners[query_id]}; "
-                                 "query ids must be unique across pair files")
+                raise InputError(
+                    f"{path}: query id {query_id!r} is also in {owners[query_id]}; "
+                    "query ids must be unique across pair files"
+                )
             owners[query_id] = str(path)
         frames[name] = frame
     return pd.concat([f.assign(**{SOURCE_COLUMN: name}) for name, f in frames.items()], ignore_index=True)
@@ -85,8 +91,10 @@ def holdout_split(frame: pd.DataFrame, test_fraction: float, seed: int) -> list[
 
 def kfold_splits(frame: pd.DataFrame, k: int, seed: int) -> list[Split]:
     """``k`` folds by query over all queries of all files: every query is held out exactly once."""
-    return [Split(f"fold{i}of{k}", frozenset(train), frozenset(test))
-            for i, (train, test) in enumerate(query_kfold(frame, k, seed), start=1)]
+    return [
+        Split(f"fold{i}of{k}", frozenset(train), frozenset(test))
+        for i, (train, test) in enumerate(query_kfold(frame, k, seed), start=1)
+    ]
 
 
 def cross_source_splits(frame: pd.DataFrame) -> list[Split]:
@@ -98,8 +106,9 @@ def cross_source_splits(frame: pd.DataFrame) -> list[Split]:
     return [Split(f"{a}_to_{b}", queries[a], queries[b]) for a in sources for b in sources if a != b]
 
 
-def cap_pairs_per_query(records: Sequence[dict[str, Any]], cap: int | None, seed: int,
-                        grade_field: str = "grade") -> list[dict[str, Any]]:
+def cap_pairs_per_query(
+    records: Sequence[dict[str, Any]], cap: int | None, seed: int, grade_field: str = "grade"
+) -> list[dict[str, Any]]:
     """At most ``cap`` records of each query, drawn at random within each grade in proportion to its share.
 
     Each grade of a query gets ``cap * share`` records rounded by largest remainder, and every

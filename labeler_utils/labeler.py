@@ -137,9 +137,18 @@ def training_environment() -> dict[str, Any]:
     return {"versions": library_versions(), "python": platform.python_version(), "device": device}
 
 
-def write_manifest(folder: str | Path, family: str, config: Any, method: str, trainer: Any, result: Any,
-                   seconds: float, grades: Sequence[int], data_description: dict[str, Any] | None,
-                   **details: Any) -> dict[str, Any]:
+def write_manifest(
+    folder: str | Path,
+    family: str,
+    config: Any,
+    method: str,
+    trainer: Any,
+    result: Any,
+    seconds: float,
+    grades: Sequence[int],
+    data_description: dict[str, Any] | None,
+    **details: Any,
+) -> dict[str, Any]:
     """Write a trained student's manifest into ``folder`` and return it.
 
     Every family records the same core (family, base model, method, config, max length, grade
@@ -164,6 +173,19 @@ def write_manifest(folder: str | Path, family: str, config: Any, method: str, tr
     }
     write_json(Path(str(folder)) / MANIFEST, manifest)
     return manifest
+
+
+def epoch_losses(log_history: Sequence[dict[str, Any]]) -> list[float]:
+    """Mean logged training loss of each epoch (a step logged at epoch e belongs to epoch ceil(e)).
+
+    Batch losses vary with what each batch holds (one query's pairs, for the bi-encoder); the
+    epoch means compare the same batches and show whether training lowered the loss.
+    """
+    by_epoch: dict[int, list[float]] = {}
+    for entry in log_history:
+        if "loss" in entry and "epoch" in entry:
+            by_epoch.setdefault(math.ceil(float(entry["epoch"]) - 1e-9), []).append(float(entry["loss"]))
+    return [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)]
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -200,7 +222,7 @@ class Labeler(ABC):
         """Labels of a batch of encoded pairs, in order."""
 
     def encoded_length(self, encoded: Any) -> int:
-        """Length of an encoded pair, for bucketing batches of similar length."""
+        """Tokens of an encoded pair (what the model reads): bucketing and throughput count them."""
         return len(encoded)
 
     def label(

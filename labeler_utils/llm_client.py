@@ -36,7 +36,10 @@ Message = dict[str, str]
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 NO_KEY = "not-needed-for-local-servers"
 # Key- and token-like strings in server error texts: OpenAI-style keys and bearer tokens.
-SECRET_PATTERNS = ((re.compile(r"\bsk-[\w-]{4,}"), "sk-***"), (re.compile(r"\bBearer\s+[^\s\"',;]+", re.I), "Bearer ***"))
+SECRET_PATTERNS = (
+    (re.compile(r"\bsk-[\w-]{4,}"), "sk-***"),
+    (re.compile(r"\bBearer\s+[^\s\"',;]+", re.I), "Bearer ***"),
+)
 
 
 class LLMError(RuntimeError):
@@ -75,7 +78,9 @@ class Endpoint:
     price_input_per_million: float = 0.0
     price_output_per_million: float = 0.0
     extra_body: tuple[tuple[str, Any], ...] = ()  # server-specific request fields, e.g. (("repeat_penalty", 1.0),)
-    structured_output: str = "json_schema"  # "json_schema" (OpenAI, vLLM, Ollama), "json_object_schema" (llama.cpp), "none"
+    structured_output: str = (
+        "json_schema"  # "json_schema" (OpenAI, vLLM, Ollama), "json_object_schema" (llama.cpp), "none"
+    )
 
     def response_format(self, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
         """The ``response_format`` that constrains answers to ``schema`` on this kind of server."""
@@ -306,9 +311,11 @@ class LLMClient:
             with self._slots:
                 start = time.perf_counter()
                 try:
-                    result = _to_result(self._client.chat.completions.create(
-                        model=self.endpoint.model, messages=list(messages), **kwargs
-                    ))  # fmt: skip
+                    result = _to_result(
+                        self._client.chat.completions.create(
+                            model=self.endpoint.model, messages=list(messages), **kwargs
+                        )
+                    )
                     self.ledger.add(calls=1, seconds_in_calls=time.perf_counter() - start)
                     return result
                 except RETRYABLE_ERRORS as exc:
@@ -316,18 +323,22 @@ class LLMClient:
                     error: Exception = exc
                 except openai.APIStatusError as exc:
                     self.ledger.add(calls=1, failures=1)
-                    raise LLMError(self._masked(
-                        f"{self.endpoint.base_url} refused the request for model {self.endpoint.model!r} "
-                        f"(HTTP {exc.status_code}): {exc.message}"
-                    )) from exc  # fmt: skip
+                    raise LLMError(
+                        self._masked(
+                            f"{self.endpoint.base_url} refused the request for model {self.endpoint.model!r} "
+                            f"(HTTP {exc.status_code}): {exc.message}"
+                        )
+                    ) from exc
             if attempt < self.max_retries:
                 self.ledger.add(retries=1)
                 time.sleep(self._delay(error, attempt))
         self.ledger.add(failures=1)
-        raise LLMError(self._masked(
-            f"{self.endpoint.base_url} failed {self.max_retries + 1} times for model {self.endpoint.model!r}: "
-            f"{type(error).__name__}: {error}"
-        )) from error  # fmt: skip
+        raise LLMError(
+            self._masked(
+                f"{self.endpoint.base_url} failed {self.max_retries + 1} times for model {self.endpoint.model!r}: "
+                f"{type(error).__name__}: {error}"
+            )
+        ) from error
 
     def _delay(self, error: Exception, attempt: int) -> float:
         """Seconds before the next attempt: what the answer asked for (at most ``max_retry_after``), else backoff."""
@@ -419,13 +430,15 @@ def parse_with_retries(
     for attempt in range(attempts):
         kwargs = dict(chat_kwargs)
         if attempt:
-            kwargs.update(seed=(chat_kwargs.get("seed") or 0) + attempt,
-                          temperature=max(kwargs.get("temperature", 0.0), 0.7))
+            kwargs.update(
+                seed=(chat_kwargs.get("seed") or 0) + attempt, temperature=max(kwargs.get("temperature", 0.0), 0.7)
+            )
         result = client.chat(messages, **kwargs)
         try:
             return parse(result.text), result
         except ValueError as exc:
-            client.record_unparseable(stage, list(messages) + [{"role": "attempt", "content": str(attempt)}],
-                                      result.text, str(exc))
+            client.record_unparseable(
+                stage, list(messages) + [{"role": "attempt", "content": str(attempt)}], result.text, str(exc)
+            )
     assert result is not None
     return None, result

@@ -16,10 +16,10 @@ from __future__ import annotations
 import atexit
 import os
 import runpy
-import threading
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -120,16 +120,26 @@ class LocalLLMServer:
             ) from exc
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "labeler_utils.local_server",
-            "--model", str(self.gguf_path),
-            "--model_alias", self.model,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--n_ctx", str(self.n_ctx),
-            "--n_threads", str(self.n_threads),
-            "--n_threads_batch", str(self.n_threads),
-            "--logits_all", "true",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "labeler_utils.local_server",
+            "--model",
+            str(self.gguf_path),
+            "--model_alias",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
+            "--logits_all",
+            "true",
+        ]
         env = dict(os.environ)
         if self.wait_policy is not None:
             env.setdefault("OMP_WAIT_POLICY", self.wait_policy)
@@ -155,7 +165,9 @@ class LocalLLMServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"The local LLM server did not answer within {self.startup_timeout:.0f}s; see {self.log_path}")
+        raise TimeoutError(
+            f"The local LLM server did not answer within {self.startup_timeout:.0f}s; see {self.log_path}"
+        )
 
     def stop(self) -> None:
         """Stop the server process (idempotent)."""

@@ -4,9 +4,10 @@ For each document a seeded, weighted draw picks query types from an enterprise t
 that do not fit the document are skipped); one LLM call writes the queries, prompted with the
 document card (title, file, author, date, type, text), optional persona and few-shot examples
 of real queries. Answers are parsed leniently (JSON, fenced JSON, numbered/bulleted lines).
-Filters then drop bad queries and report how many each removed: length bounds, exact and near
-duplicates (also of the few-shot examples), copied spans from the document, and the round-trip
-check that BM25 finds the seed document in its top-k (InPars / Promptagator style).
+Filters (:mod:`labeler_utils.query_filters`) then drop bad queries and report how many each
+removed: length bounds, exact and near duplicates (also of the few-shot examples), copied spans
+from the document, and the round-trip check that BM25 finds the seed document in its top-k
+(InPars / Promptagator style); :func:`save_outputs` writes the stage's files.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .artifacts import InputError, read_jsonl, write_json, write_jsonl
 from .config import DATA_DIR
 from .documents import Document, document_card
-from .hard_negatives import BM25Index, Tokenizer, jaccard, normalize_query, word_tokens
 from .llm_client import ChatResult, LLMClient, LLMError, Message, parse_with_retries
+from .query_filters import FilterReport
+from .text import normalize_query, word_tokens
 
 STAGE = "02_query_synthesis"
-Rows = list[dict[str, Any]]
 DEFAULT_EXAMPLES_PATH = DATA_DIR / "example_queries.jsonl"
 
 # --------------------------------------------------------------------------------------------
@@ -59,8 +59,10 @@ def _has_acronym(doc: Document) -> bool:
 
 
 def _explains_how(doc: Document) -> bool:
-    return bool(HOW_TO_DOC_TYPE_RE.search(f"{doc.doc_type} {doc.file_name}")) or len(
-        NUMBERED_STEP_RE.findall(doc.text)) >= 3  # fmt: skip
+    return (
+        bool(HOW_TO_DOC_TYPE_RE.search(f"{doc.doc_type} {doc.file_name}"))
+        or len(NUMBERED_STEP_RE.findall(doc.text)) >= 3
+    )
 
 
 @dataclass(frozen=True)
@@ -77,20 +79,31 @@ QUERY_TYPES: dict[str, QueryType] = {
     for qt in (
         QueryType("keyword", "2-5 keywords typed into a search box, not a sentence", lambda d: True),
         QueryType("question", "a natural-language question an employee would ask", lambda d: True),
-        QueryType("navigational", "looking for this exact document by part of its title or file name",
-                  lambda d: bool(d.title or d.file_name)),
-        QueryType("people", "about who owns, wrote or knows about the topic, naming the person or team",
-                  lambda d: bool(d.author)),
+        QueryType(
+            "navigational",
+            "looking for this exact document by part of its title or file name",
+            lambda d: bool(d.title or d.file_name),
+        ),
+        QueryType(
+            "people",
+            "about who owns, wrote or knows about the topic, naming the person or team",
+            lambda d: bool(d.author),
+        ),
         QueryType("acronym", "using an acronym or internal jargon that appears in the document", _has_acronym),
         QueryType("error_code", "containing an error code, ticket number or identifier from the document", _has_code),
         QueryType("how_to", "asking how to do something or what the rule or policy is", _explains_how),
     )
-}  # fmt: skip
+}
 
 DEFAULT_TYPE_WEIGHTS: dict[str, float] = {
-    "keyword": 3.0, "question": 3.0, "navigational": 1.5, "people": 1.0,
-    "acronym": 1.0, "error_code": 1.0, "how_to": 1.5,
-}  # fmt: skip
+    "keyword": 3.0,
+    "question": 3.0,
+    "navigational": 1.5,
+    "people": 1.0,
+    "acronym": 1.0,
+    "error_code": 1.0,
+    "how_to": 1.5,
+}
 
 
 def applicable_types(doc: Document, weights: dict[str, float]) -> list[str]:
@@ -142,8 +155,10 @@ def read_queries(path: str | Path | None = None) -> list[dict[str, Any]]:
     for line_no, record in enumerate(records, start=1):
         query_type = record.get("query_type")
         if query_type is not None and query_type not in QUERY_TYPES:
-            raise InputError(f"{path or DEFAULT_EXAMPLES_PATH}: record {line_no} has unknown query_type "
-                             f"{query_type!r}; use one of {list(QUERY_TYPES)} or leave it out")  # fmt: skip
+            raise InputError(
+                f"{path or DEFAULT_EXAMPLES_PATH}: record {line_no} has unknown query_type "
+                f"{query_type!r}; use one of {list(QUERY_TYPES)} or leave it out"
+            )
     return records
 
 
@@ -187,8 +202,9 @@ Do not copy whole sentences from the document. Answer with JSON like
 {{"queries": [{{"query_type": "{first_type}", "query": "..."}}]}}"""
 PERSONA_TEMPLATE = "\nWrite them as a {role}{department} would search.\n"
 PROMPT_HASH = hashlib.sha256(
-    json.dumps([SYSTEM_PROMPT, USER_TEMPLATE, PERSONA_TEMPLATE,
-                {name: qt.instruction for name, qt in QUERY_TYPES.items()}]).encode("utf-8")  # fmt: skip
+    json.dumps(
+        [SYSTEM_PROMPT, USER_TEMPLATE, PERSONA_TEMPLATE, {name: qt.instruction for name, qt in QUERY_TYPES.items()}]
+    ).encode("utf-8")
 ).hexdigest()
 
 
@@ -201,27 +217,48 @@ def build_messages(
 ) -> list[Message]:
     """The chat messages asking for one query per entry of ``query_types``."""
     requests = "\n".join(f"{i}. {name}: {QUERY_TYPES[name].instruction}" for i, name in enumerate(query_types, 1))
-    example_lines = "\n".join(
-        json.dumps({"query_type": e.get("query_type"), "query": e["query"]} if e.get("query_type")
-                   else {"query": e["query"]}, ensure_ascii=False)
-        for e in examples
-    ) or "(none)"  # fmt: skip
+    example_lines = (
+        "\n".join(
+            json.dumps(
+                {"query_type": e.get("query_type"), "query": e["query"]}
+                if e.get("query_type")
+                else {"query": e["query"]},
+                ensure_ascii=False,
+            )
+            for e in examples
+        )
+        or "(none)"
+    )
     persona_line = ""
     if persona:
         department = f" in {persona['department']}" if persona.get("department") else ""
         persona_line = PERSONA_TEMPLATE.format(role=persona["role"], department=department)
-    user = USER_TEMPLATE.format(card=document_card(doc, max_chars=card_chars), examples=example_lines,
-                                persona=persona_line, n=len(query_types), requests=requests,
-                                first_type=query_types[0])  # fmt: skip
+    user = USER_TEMPLATE.format(
+        card=document_card(doc, max_chars=card_chars),
+        examples=example_lines,
+        persona=persona_line,
+        n=len(query_types),
+        requests=requests,
+        first_type=query_types[0],
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def queries_schema(n: int) -> dict[str, Any]:
     """JSON schema of a structured answer: an object whose ``queries`` list holds exactly ``n`` queries."""
-    item = {"type": "object", "properties": {"query_type": {"type": "string"}, "query": {"type": "string"}},
-            "required": ["query_type", "query"], "additionalProperties": False}  # fmt: skip
+    item = {
+        "type": "object",
+        "properties": {"query_type": {"type": "string"}, "query": {"type": "string"}},
+        "required": ["query_type", "query"],
+        "additionalProperties": False,
+    }
     queries = {"type": "array", "items": item, "minItems": n, "maxItems": n}
-    return {"type": "object", "properties": {"queries": queries}, "required": ["queries"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"queries": queries},
+        "required": ["queries"],
+        "additionalProperties": False,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +344,7 @@ def parse_queries(text: str, echoes: Collection[str] = ()) -> list[dict[str, Any
         for line in LIST_ITEM_RE.findall(text):
             match = TYPE_PREFIX_RE.match(line)
             query_type = (match.group(1) or match.group(2)).lower() if match else None
-            items.append({"query": line[match.end():] if match else line, "query_type": query_type})
+            items.append({"query": line[match.end() :] if match else line, "query_type": query_type})
     cleaned = [{**item, "query": _clean_query(item["query"])} for item in items]
     cleaned = [item for item in cleaned if item["query"]]
     if not cleaned:
@@ -339,7 +376,7 @@ class GenerationSettings:
 
 
 def _query_id(doc_id: str, position: int, query: str) -> str:
-    return "q_" + hashlib.sha256(f"{doc_id}\n{position}\n{query}".encode("utf-8")).hexdigest()[:16]
+    return "q_" + hashlib.sha256(f"{doc_id}\n{position}\n{query}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -364,9 +401,12 @@ def plan_prompts(
     for doc in documents:
         query_types = draw_query_types(doc, settings.queries_per_document, weights, settings.seed)
         persona = choose_persona(doc, personas, settings.seed)
-        shots = select_examples(examples, query_types, settings.few_shot_examples,
-                                random.Random(f"{settings.seed}:examples:{doc.doc_id}"))  # fmt: skip
-        plans.append(PromptPlan(doc, query_types, persona, build_messages(doc, query_types, shots, persona, settings.card_chars)))
+        shots = select_examples(
+            examples, query_types, settings.few_shot_examples, random.Random(f"{settings.seed}:examples:{doc.doc_id}")
+        )
+        plans.append(
+            PromptPlan(doc, query_types, persona, build_messages(doc, query_types, shots, persona, settings.card_chars))
+        )
     return plans
 
 
@@ -387,8 +427,11 @@ def synthesize_queries(
     n = settings.queries_per_document
     plans = plan_prompts(documents, settings, examples, personas)
     parse = functools.partial(parse_queries, echoes=prompt_reference_queries(examples))
-    chat_kwargs = {"temperature": settings.temperature, "max_tokens": settings.max_tokens_per_query * n + 32,
-                   "seed": settings.seed}  # fmt: skip
+    chat_kwargs = {
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens_per_query * n + 32,
+        "seed": settings.seed,
+    }
     if settings.structured_output:
         chat_kwargs["response_format"] = client.endpoint.response_format("search_queries", queries_schema(n))
 
@@ -399,11 +442,15 @@ def synthesize_queries(
             return exc
 
     with ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
-        outcomes = list(tqdm(pool.map(generate, [plan.messages for plan in plans]), total=len(plans),
-                             desc="Query synthesis"))  # fmt: skip
+        outcomes = list(
+            tqdm(pool.map(generate, [plan.messages for plan in plans]), total=len(plans), desc="Query synthesis")
+        )
 
-    params = {**asdict(settings), "type_weights": settings.type_weights or DEFAULT_TYPE_WEIGHTS,
-              "max_tokens": chat_kwargs["max_tokens"]}  # fmt: skip
+    params = {
+        **asdict(settings),
+        "type_weights": settings.type_weights or DEFAULT_TYPE_WEIGHTS,
+        "max_tokens": chat_kwargs["max_tokens"],
+    }
     rows: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     for plan, outcome in zip(plans, outcomes):
@@ -418,214 +465,19 @@ def synthesize_queries(
         counts["queries_surplus_dropped"] += max(0, len(parsed) - n)
         counts["queries_missing"] += max(0, n - len(parsed))
         for position, (item, query_type) in enumerate(zip(parsed, plan.query_types)):
-            rows.append({
-                "query_id": _query_id(plan.document.doc_id, position, item["query"]),
-                "query": item["query"],
-                "query_type": query_type,
-                "seed_doc_id": plan.document.doc_id,
-                "persona": plan.persona,
-                "generator_model": client.endpoint.model,
-                "prompt_hash": PROMPT_HASH,
-                "params": params,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "query_id": _query_id(plan.document.doc_id, position, item["query"]),
+                    "query": item["query"],
+                    "query_type": query_type,
+                    "seed_doc_id": plan.document.doc_id,
+                    "persona": plan.persona,
+                    "generator_model": client.endpoint.model,
+                    "prompt_hash": PROMPT_HASH,
+                    "params": params,
+                }
+            )
     return rows, dict(counts)
-
-
-# --------------------------------------------------------------------------------------------
-# Filters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FilterSettings:
-    """Thresholds of the query filters."""
-
-    min_tokens: int = 2
-    max_tokens: int = 20
-    near_duplicate_threshold: float = 0.8  # token Jaccard of stemmed content words
-    copy_ngram: int = 5
-    max_copy_rate: float = 0.75  # share of the query's word n-grams found verbatim in the document
-    copy_exempt_types: tuple[str, ...] = ("navigational",)  # known-item queries quote titles by design
-    roundtrip_top_k: int = 3
-    roundtrip_fallback: bool = True  # keep each document's best-ranked query when none passes
-
-
-def copy_rate(query: str, document_text: str, n: int = 5) -> float:
-    """Share of the query's word ``n``-grams that appear verbatim in the document (0 if shorter than n)."""
-    query_tokens = word_tokens(query)
-    grams = [tuple(query_tokens[i : i + n]) for i in range(len(query_tokens) - n + 1)]
-    if not grams:
-        return 0.0
-    doc_tokens = word_tokens(document_text)
-    doc_grams = {tuple(doc_tokens[i : i + n]) for i in range(len(doc_tokens) - n + 1)}
-    return sum(gram in doc_grams for gram in grams) / len(grams)
-
-
-def seed_overlap(query: str, document_text: str) -> float:
-    """Share of the query's distinct words that occur in the document (lexical overlap)."""
-    query_words = set(word_tokens(query))
-    return len(query_words & set(word_tokens(document_text))) / len(query_words) if query_words else 0.0
-
-
-def add_query_metrics(
-    queries: list[dict[str, Any]], documents_by_id: dict[str, Document], index: BM25Index, copy_ngram: int = 5
-) -> None:
-    """Add ``n_tokens``, ``copy_rate``, ``seed_overlap`` and ``seed_bm25_rank`` to each query row."""
-    for row in tqdm(queries, desc="Query metrics"):
-        doc = documents_by_id[row["seed_doc_id"]]
-        card = document_card(doc)
-        row["n_tokens"] = len(word_tokens(row["query"]))
-        row["copy_rate"] = round(copy_rate(row["query"], card, copy_ngram), 4)
-        row["seed_overlap"] = round(seed_overlap(row["query"], card), 4)
-        row["seed_bm25_rank"] = index.rank_of(row["query"], doc.doc_id)
-
-
-def _reject(row: dict[str, Any], filter_name: str, detail: str) -> dict[str, Any]:
-    return {**row, "rejected_by": filter_name, "reject_detail": detail}
-
-
-def filter_length(queries: Sequence[dict[str, Any]], min_tokens: int, max_tokens: int) -> tuple[Rows, Rows]:
-    """Keep queries with ``min_tokens`` to ``max_tokens`` words."""
-    kept, rejected = [], []
-    for row in queries:
-        count = len(word_tokens(row["query"]))
-        if min_tokens <= count <= max_tokens:
-            kept.append(row)
-        else:
-            rejected.append(_reject(row, "length", f"{count} tokens, allowed {min_tokens}-{max_tokens}"))
-    return kept, rejected
-
-
-def filter_exact_duplicates(
-    queries: Sequence[dict[str, Any]], reference_queries: Sequence[str] = ()
-) -> tuple[Rows, Rows]:
-    """Drop queries whose normalised text was seen before (in ``reference_queries`` or earlier rows)."""
-    seen = {normalize_query(q): "a prompt text" for q in reference_queries}
-    kept, rejected = [], []
-    for row in queries:
-        key = normalize_query(row["query"])
-        if key in seen:
-            rejected.append(_reject(row, "exact_duplicate", f"same as {seen[key]}"))
-        else:
-            seen[key] = row["query_id"]
-            kept.append(row)
-    return kept, rejected
-
-
-def filter_near_duplicates(
-    queries: Sequence[dict[str, Any]], threshold: float, reference_queries: Sequence[str] = ()
-) -> tuple[Rows, Rows]:
-    """Drop queries whose stemmed content words have Jaccard >= ``threshold`` with an earlier one."""
-    content_terms = Tokenizer()
-    seen: list[tuple[str, set[str]]] = [("a prompt text", set(content_terms(q))) for q in reference_queries]
-    postings: dict[str, list[int]] = defaultdict(list)  # term -> positions in ``seen``
-    for position, (_, terms) in enumerate(seen):
-        for term in terms:
-            postings[term].append(position)
-    kept, rejected = [], []
-    for row in queries:
-        terms = set(content_terms(row["query"]))
-        candidates = {position for term in terms for position in postings.get(term, ())}
-        best = max(((jaccard(terms, seen[p][1]), p) for p in candidates), default=(0.0, -1))
-        if best[0] >= threshold:
-            rejected.append(_reject(row, "near_duplicate", f"Jaccard {best[0]:.2f} with {seen[best[1]][0]}"))
-            continue
-        for term in terms:
-            postings[term].append(len(seen))
-        seen.append((row["query_id"], terms))
-        kept.append(row)
-    return kept, rejected
-
-
-def filter_copied(
-    queries: Sequence[dict[str, Any]], max_copy_rate: float, exempt_types: Sequence[str] = ()
-) -> tuple[Rows, Rows]:
-    """Drop queries whose ``copy_rate`` (see :func:`add_query_metrics`) exceeds ``max_copy_rate``."""
-    kept, rejected = [], []
-    for row in queries:
-        if row["query_type"] not in exempt_types and row["copy_rate"] > max_copy_rate:
-            rejected.append(_reject(row, "copied_from_document", f"copy rate {row['copy_rate']:.2f}"))
-        else:
-            kept.append(row)
-    return kept, rejected
-
-
-def filter_roundtrip(queries: Sequence[dict[str, Any]], top_k: int, fallback: bool = True) -> tuple[Rows, Rows, int]:
-    """Keep queries whose seed document ranks within BM25 ``top_k`` (``seed_bm25_rank``).
-
-    With ``fallback``, a document left without any query keeps its best-ranked one (the seed must
-    at least be retrieved), flagged ``roundtrip_fallback=True``; returns (kept, rejected, readmitted).
-    """
-    kept, failed = [], []
-    for row in queries:
-        rank = row["seed_bm25_rank"]
-        (kept if rank is not None and rank <= top_k else failed).append({**row, "roundtrip_fallback": False})
-    readmitted = []
-    if fallback:
-        covered = {row["seed_doc_id"] for row in kept}
-        best: dict[str, dict[str, Any]] = {}
-        for row in failed:
-            doc_id, rank = row["seed_doc_id"], row["seed_bm25_rank"]
-            if doc_id not in covered and rank is not None and (doc_id not in best or rank < best[doc_id]["seed_bm25_rank"]):
-                best[doc_id] = row
-        readmitted = [{**row, "roundtrip_fallback": True} for row in best.values()]
-    readmitted_ids = {row["query_id"] for row in readmitted}
-    rejected = [
-        _reject(row, "roundtrip", "seed not retrieved" if row["seed_bm25_rank"] is None
-                else f"seed at BM25 rank {row['seed_bm25_rank']} > {top_k}")
-        for row in failed if row["query_id"] not in readmitted_ids
-    ]  # fmt: skip
-    return kept + readmitted, rejected, len(readmitted)
-
-
-@dataclass
-class FilterReport:
-    """How many queries each filter removed, in the order they ran."""
-
-    rows: list[dict[str, Any]]
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["filter", "input", "removed", "readmitted", "kept", "setting"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"filters": self.rows}
-
-
-def apply_filters(
-    queries: Sequence[dict[str, Any]],
-    documents_by_id: dict[str, Document],
-    index: BM25Index,
-    settings: FilterSettings = FilterSettings(),
-    reference_queries: Sequence[str] = (),
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], FilterReport]:
-    """Run all filters in order; returns (kept, rejected with ``rejected_by``, report).
-
-    ``reference_queries`` (:func:`prompt_reference_queries`) count as already seen by the duplicate
-    filters, so queries parroted from the prompt (examples, instructions) are removed.
-    """
-    rows = [dict(row) for row in queries]
-    add_query_metrics(rows, documents_by_id, index, settings.copy_ngram)
-    report_rows: list[dict[str, Any]] = []
-    all_rejected: list[dict[str, Any]] = []
-
-    def record(name: str, setting: str, before: int, kept: Rows, rejected: Rows, readmitted: int = 0) -> Rows:
-        report_rows.append({"filter": name, "input": before, "removed": len(rejected), "readmitted": readmitted,
-                            "kept": len(kept), "setting": setting})  # fmt: skip
-        all_rejected.extend(rejected)
-        return kept
-
-    s = settings
-    rows = record("length", f"{s.min_tokens}-{s.max_tokens} tokens", len(rows),
-                  *filter_length(rows, s.min_tokens, s.max_tokens))
-    rows = record("exact_duplicate", "normalised text, incl. prompt texts", len(rows),
-                  *filter_exact_duplicates(rows, reference_queries))
-    rows = record("near_duplicate", f"Jaccard >= {s.near_duplicate_threshold}", len(rows),
-                  *filter_near_duplicates(rows, s.near_duplicate_threshold, reference_queries))
-    rows = record("copied_from_document", f"{s.copy_ngram}-gram copy rate > {s.max_copy_rate}", len(rows),
-                  *filter_copied(rows, s.max_copy_rate, s.copy_exempt_types))
-    rows = record("roundtrip", f"seed in BM25 top {s.roundtrip_top_k}" + (" (fallback on)" if s.roundtrip_fallback else ""),
-                  len(rows), *filter_roundtrip(rows, s.roundtrip_top_k, s.roundtrip_fallback))  # fmt: skip
-    return rows, all_rejected, FilterReport(report_rows)
 
 
 def save_outputs(
@@ -640,9 +492,15 @@ def save_outputs(
     paths = {name: stage_path / name for name in ("queries.jsonl", "rejected_queries.jsonl", "filter_report.json")}
     write_jsonl(paths["queries.jsonl"], kept)
     write_jsonl(paths["rejected_queries.jsonl"], rejected)
-    write_json(paths["filter_report.json"], {**report.to_dict(), "generation": generation_counts,
-                                             "kept_by_type": dict(Counter(r["query_type"] for r in kept)),
-                                             "prompt_hash": PROMPT_HASH})  # fmt: skip
+    write_json(
+        paths["filter_report.json"],
+        {
+            **report.to_dict(),
+            "generation": generation_counts,
+            "kept_by_type": dict(Counter(r["query_type"] for r in kept)),
+            "prompt_hash": PROMPT_HASH,
+        },
+    )
     return paths
 
 
@@ -659,8 +517,13 @@ def plot_type_mix(kept: Sequence[dict[str, Any]], rejected: Sequence[dict[str, A
     kept_counts = Counter(r["query_type"] for r in kept)
     rejected_counts = Counter(r["query_type"] for r in rejected)
     ax.bar(names, [kept_counts[n] for n in names], label="kept", color="tab:green")
-    ax.bar(names, [rejected_counts[n] for n in names], bottom=[kept_counts[n] for n in names],
-           label="rejected", color="tab:gray")  # fmt: skip
+    ax.bar(
+        names,
+        [rejected_counts[n] for n in names],
+        bottom=[kept_counts[n] for n in names],
+        label="rejected",
+        color="tab:gray",
+    )
     ax.set(ylabel="queries", title="Query type mix")
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
@@ -668,7 +531,9 @@ def plot_type_mix(kept: Sequence[dict[str, Any]], rejected: Sequence[dict[str, A
     return fig
 
 
-def plot_length_distribution(queries: Sequence[dict[str, Any]], query_log: Sequence[dict[str, Any]] | None = None) -> Figure:
+def plot_length_distribution(
+    queries: Sequence[dict[str, Any]], query_log: Sequence[dict[str, Any]] | None = None
+) -> Figure:
     """Histogram of query lengths in words, optionally against a real query log (as shares)."""
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -679,40 +544,6 @@ def plot_length_distribution(queries: Sequence[dict[str, Any]], query_log: Seque
     if log_lengths:
         ax.hist(log_lengths, bins=bins, density=True, alpha=0.6, label=f"real query log (n={len(log_lengths)})")
     ax.set(xlabel="words", ylabel="share of queries", title="Query length")
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def plot_seed_overlap(kept: Sequence[dict[str, Any]], rejected: Sequence[dict[str, Any]]) -> Figure:
-    """Lexical overlap (share of query words in the seed document) and copy rate, kept vs rejected."""
-    fig = Figure(figsize=(8, 3.5))
-    axes = fig.subplots(1, 2)
-    bins = np.linspace(0, 1, 11)
-    for ax, metric in zip(axes, ("seed_overlap", "copy_rate")):
-        for rows, label, color in ((kept, "kept", "tab:green"), (rejected, "rejected", "tab:gray")):
-            values = [r[metric] for r in rows if r.get(metric) is not None]
-            ax.hist(values, bins=bins, alpha=0.6, label=f"{label} (n={len(values)})", color=color)
-        ax.set(xlabel=metric.replace("_", " "), ylabel="queries")
-        ax.legend(fontsize=8)
-    axes[0].set_title("Query words found in the seed document")
-    axes[1].set_title("Verbatim n-gram copy rate")
-    fig.tight_layout()
-    return fig
-
-
-def plot_seed_rank(queries: Sequence[dict[str, Any]], top_k: int) -> Figure:
-    """Histogram of the seed document's BM25 rank for its query (last bar: not retrieved)."""
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    ranks = [r["seed_bm25_rank"] for r in queries if r.get("seed_bm25_rank") is not None]
-    missing = sum(r.get("seed_bm25_rank") is None for r in queries)
-    not_retrieved_at = max(ranks + [top_k]) + 2
-    ax.hist(ranks, bins=np.arange(1, not_retrieved_at) - 0.5, color="tab:blue", label="seed rank")
-    ax.bar([not_retrieved_at], [missing], width=1.0, color="tab:gray", label=f"not retrieved ({missing})")
-    ax.axvline(top_k + 0.5, color="tab:red", linestyle="--", label=f"round-trip cut (top {top_k})")
-    ax.set(xlabel="BM25 rank of the seed document for its query", ylabel="queries",
-           title="Round trip: can BM25 find the seed document?")  # fmt: skip
     ax.legend()
     fig.tight_layout()
     return fig

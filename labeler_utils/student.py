@@ -98,8 +98,10 @@ def encode_prompt(
 
 def shared_prompt_prefix(tokenizer: Any, max_length: int = 512, prompt_format: str = PROMPT_FORMATS[0]) -> list[int]:
     """The token ids every student prompt starts with (longest common prefix of unrelated prompts)."""
-    probes = [encode_prompt(tokenizer, query, document, max_length, prompt_format)[0]
-              for query, document in (("1 alpha", "2 beta"), ("x zeta", "y eta"), ("Q", "D"))]
+    probes = [
+        encode_prompt(tokenizer, query, document, max_length, prompt_format)[0]
+        for query, document in (("1 alpha", "2 beta"), ("x zeta", "y eta"), ("Q", "D"))
+    ]
     common = 0
     while all(common < len(ids) for ids in probes) and len({ids[common] for ids in probes}) == 1:
         common += 1
@@ -125,11 +127,20 @@ def logits_after_prefix(
 
     rows, width = suffix_ids.shape
     p = prefix_kv[0][0].shape[-2]
-    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv])
+    cache = DynamicCache(
+        ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv]
+    )
     positions = torch.arange(p, p + width, device=suffix_ids.device)
     kept = torch.unique(answer_positions)
-    out = model(input_ids=suffix_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                position_ids=positions.unsqueeze(0).expand(rows, -1), cache_position=positions, logits_to_keep=kept)
+    out = model(
+        input_ids=suffix_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        position_ids=positions.unsqueeze(0).expand(rows, -1),
+        cache_position=positions,
+        logits_to_keep=kept,
+    )
     return out.logits[torch.arange(rows, device=suffix_ids.device), torch.searchsorted(kept, answer_positions)]
 
 
@@ -139,8 +150,14 @@ class StudentLabeler(Labeler):
     FAMILY = FAMILY
     ENGINE_VARIANTS = ("naive_generate", "prefix_cache", "int8", "bfloat16")
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None,
-                 prompt_format: str = PROMPT_FORMATS[0]):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_length: int = 512,
+        device: str | None = None,
+        prompt_format: str = PROMPT_FORMATS[0],
+    ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.model = model.eval()
@@ -155,12 +172,18 @@ class StudentLabeler(Labeler):
 
     def with_model(self, model: Any, device: str | None = None) -> StudentLabeler:
         """The same labeler (tokenizer, length, prompt format) around another model, e.g. a merged or quantised one."""
-        return type(self)(model, self.tokenizer, max_length=self.max_length, device=device or str(self.device),
-                          prompt_format=self.prompt_format)
+        return type(self)(
+            model,
+            self.tokenizer,
+            max_length=self.max_length,
+            device=device or str(self.device),
+            prompt_format=self.prompt_format,
+        )
 
     @classmethod
-    def load(cls, model_or_adapter: str | Path, max_length: int = 512, dtype: Any = None,
-             prompt_format: str | None = None) -> StudentLabeler:
+    def load(
+        cls, model_or_adapter: str | Path, max_length: int = 512, dtype: Any = None, prompt_format: str | None = None
+    ) -> StudentLabeler:
         """Load a bundled name, hub id, model folder, or an adapter folder written by the distill stage.
 
         A trained student (an adapter, or a merged model, with its manifest) is read with the prompt
@@ -178,13 +201,18 @@ class StudentLabeler(Labeler):
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
-            base_name = manifest.get("base_model") or json.loads((path / "adapter_config.json").read_text())[
-                "base_model_name_or_path"
-            ]
+            base_name = (
+                manifest.get("base_model")
+                or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            )
             # An adapter trained on a 4-bit base (QLoRA) is applied to the same 4-bit base, as in training.
             quantized = manifest.get("method") == "qlora-nf4"
-            base, tokenizer = load_causal_lm(base_name, dtype=dtype, quantize_4bit=quantized,
-                                             device_map={"": 0} if quantized and torch.cuda.is_available() else None)
+            base, tokenizer = load_causal_lm(
+                base_name,
+                dtype=dtype,
+                quantize_4bit=quantized,
+                device_map={"": 0} if quantized and torch.cuda.is_available() else None,
+            )
             model = PeftModel.from_pretrained(base, path)
         else:
             model, tokenizer = load_causal_lm(model_or_adapter, dtype=dtype)

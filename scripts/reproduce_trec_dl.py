@@ -78,6 +78,7 @@ from labeler_utils.benchmarks import (  # noqa: E402
     RECORDED_PREFIX,
     attach_predictions,
     read_predictions,
+    recorded_labelers,
     write_predictions,
 )
 from labeler_utils.config import Profile  # noqa: E402
@@ -102,7 +103,7 @@ from labeler_utils.folds import (  # noqa: E402
     nested_query_subsets,
 )
 from labeler_utils.labeler import MANIFEST, grades_at_thresholds, share_matching_thresholds  # noqa: E402
-from labeler_utils.teacher import labels_from_frame  # noqa: E402
+from labeler_utils.teacher import add_committee, labels_from_frame  # noqa: E402
 from labeler_utils.throughput import PeakMemory, load_average, machine_info  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared" / "benchmarks"
@@ -114,9 +115,15 @@ GRADE_METRICS = ("accuracy", "kappa", "qwk", "kappa_binary_ge2")
 RANKING_METRICS = (f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
 SPEARMAN = "spearman_expected"  # of expected relevance; not a per-query sum, so bootstrapped on resampled tables
 METRICS = (*GRADE_METRICS, SPEARMAN, *RANKING_METRICS)
-METRIC_TITLES = {"accuracy": "acc", "kappa": "kappa", "qwk": "QWK", "kappa_binary_ge2": "kappa (>=2)",
-                 SPEARMAN: "Spearman E[rel]", f"ndcg@{NDCG_CUTOFF}": f"nDCG@{NDCG_CUTOFF}",
-                 "pairwise_accuracy": "pairwise acc"}  # fmt: skip
+METRIC_TITLES = {
+    "accuracy": "acc",
+    "kappa": "kappa",
+    "qwk": "QWK",
+    "kappa_binary_ge2": "kappa (>=2)",
+    SPEARMAN: "Spearman E[rel]",
+    f"ndcg@{NDCG_CUTOFF}": f"nDCG@{NDCG_CUTOFF}",
+    "pairwise_accuracy": "pairwise acc",
+}
 
 
 @dataclass(frozen=True)
@@ -124,15 +131,28 @@ class StudentSpec:
     """A student the script can train: its family, the family config's settings, and its zero-shot row.
 
     ``zero_shot`` names a baseline shared by several students (their predictions are computed
-    once), or is empty for the student's own untrained model.
+    once), or is empty for the student's own untrained model. ``labels`` is what it is trained on:
+    empty for ``--teacher-column``, :data:`COMMITTEE` for the distribution of all recorded judges,
+    or another recorded judge's name (a weaker teacher).
     """
 
     family: str
     settings: dict[str, Any] = field(default_factory=dict)
     zero_shot: str = ""
     description: str = ""
+    labels: str = ""
+
+    def label_column(self, teacher: str) -> str:
+        """The frame column of the grades this student is trained on."""
+        if not self.labels:
+            return teacher
+        return self.labels if self.labels == COMMITTEE else RECORDED_PREFIX + self.labels
 
 
+COMMITTEE = (
+    "committee"  # the per-pair distribution of every recorded judge's grade (labeler_utils.teacher.add_committee)
+)
+WEAK_TEACHER = "llama3_8b_umbrela"
 CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
 BOOKKEEPING = {"save_steps", "logging_steps"}  # settings that do not change the trained model
 COSINE = "minilm-bi-encoder-cosine"
@@ -140,7 +160,7 @@ COSINE_LABELER = "minilm bi-encoder cosine zero-shot"
 COSINE_FIT_PAIRS = 2000  # the cosine's cut points: quantiles over at most this many random training pairs
 ZERO_SHOT_DESCRIPTIONS = {
     COSINE: "bi-encoder cosine of the same MiniLM, thresholds matching the teacher's grade shares on the training pairs "
-            f"(at most {COSINE_FIT_PAIRS} of them, drawn at random)",
+    f"(at most {COSINE_FIT_PAIRS} of them, drawn at random)",
     "": "base model, same one-pass grade-token scoring",
 }
 ENCODER = {"epochs": 2.0, "batch_size": 16, "max_length": 256}
@@ -148,25 +168,61 @@ CAUSAL = {"epochs": 2.0, "batch_size": 8, "max_length": 256, "qlora": None}
 STUDENTS: dict[str, StudentSpec] = {
     "minilm-cross-encoder": StudentSpec("cross_encoder", ENCODER, COSINE),
     "minilm-cross-encoder-balanced": StudentSpec("cross_encoder", {**ENCODER, "class_balance": True}, COSINE),
-    "minilm-cross-encoder-regression": StudentSpec("cross_encoder", {**ENCODER, "objective": "regression"}, COSINE,
-                                                   "one logit, binary cross-entropy to the expected grade / 3"),
-    "minilm-cross-encoder-ordinal": StudentSpec("cross_encoder", {**ENCODER, "objective": "ordinal"}, COSINE,
-                                                "cumulative-link head: three logits towards P(grade > k)"),
-    "minilm-bi-encoder": StudentSpec("bi_encoder", {**ENCODER, "epochs": 1.0}, COSINE,
-                                     "CoSENT, each batch one query's pairs (ranking within a query)"),
-    "minilm-bi-encoder-mixed": StudentSpec("bi_encoder", {**ENCODER, "epochs": 1.0, "batching": "random"}, COSINE,
-                                           "CoSENT, batches mixing queries"),
+    "minilm-cross-encoder-regression": StudentSpec(
+        "cross_encoder",
+        {**ENCODER, "objective": "regression"},
+        COSINE,
+        "one logit, binary cross-entropy to the expected grade / 3",
+    ),
+    "minilm-cross-encoder-ordinal": StudentSpec(
+        "cross_encoder",
+        {**ENCODER, "objective": "ordinal"},
+        COSINE,
+        "cumulative-link head: three logits towards P(grade > k)",
+    ),
+    "minilm-bi-encoder": StudentSpec(
+        "bi_encoder",
+        {**ENCODER, "epochs": 1.0},
+        COSINE,
+        "CoSENT, each batch one query's pairs (ranking within a query)",
+    ),
+    "minilm-bi-encoder-mixed": StudentSpec(
+        "bi_encoder", {**ENCODER, "epochs": 1.0, "batching": "random"}, COSINE, "CoSENT, batches mixing queries"
+    ),
+    "minilm-bi-encoder-committee": StudentSpec(
+        "bi_encoder",
+        {**ENCODER, "epochs": 1.0},
+        COSINE,
+        "as minilm-bi-encoder, trained on the committee's expected grade",
+        labels=COMMITTEE,
+    ),
+    "minilm-cross-encoder-committee": StudentSpec(
+        "cross_encoder",
+        ENCODER,
+        COSINE,
+        "as minilm-cross-encoder, cross-entropy to the committee's distribution",
+        labels=COMMITTEE,
+    ),
+    "minilm-bi-encoder-from-llama3-8b": StudentSpec(
+        "bi_encoder",
+        {**ENCODER, "epochs": 1.0},
+        COSINE,
+        "as minilm-bi-encoder, trained on Llama-3-8B's grades (a weaker teacher)",
+        labels=WEAK_TEACHER,
+    ),
     "smollm2-135m-instruct": StudentSpec("causal_lm", {**CAUSAL, "base_model": "smollm2-135m-instruct"}),
     "gemma3-270m": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m"}),
-    "gemma3-270m-query-twice": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m",
-                                                         "prompt_format": "query-document-query"}),
+    "gemma3-270m-query-twice": StudentSpec(
+        "causal_lm", {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
+    ),
 }
 #: The student of the project's default family (``Profile.student_family``): summary.json's "default_student".
 DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family == Profile.student_family)
 
 
-def query_splits(frame: pd.DataFrame, test_fraction: float, seed: int, kfold: int | None = None,
-                 cross_source: bool = False) -> list[Split]:  # fmt: skip
+def query_splits(
+    frame: pd.DataFrame, test_fraction: float, seed: int, kfold: int | None = None, cross_source: bool = False
+) -> list[Split]:
     """The hold-out split, ``kfold`` folds, or the train-on-one-file / test-on-another splits, by query."""
     if cross_source:
         return cross_source_splits(frame)
@@ -210,9 +266,15 @@ def parse_sizes(text: str) -> list[int | None]:
 def student_config(spec: StudentSpec, epochs: float | None, seed: int, soft_labels: bool, bf16: bool) -> Any:
     """The family's config for this student; flags that apply to some families only are set where they exist."""
     settings = {**spec.settings, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
-    return get_family(spec.family).make_config(settings, where_defined={
-        "soft_labels": soft_labels, "soft_label_weight": 0.5 if soft_labels else 0.0, "bf16": bf16 or None,
-        "save_steps": CHECKPOINT_STEPS})  # fmt: skip
+    return get_family(spec.family).make_config(
+        settings,
+        where_defined={
+            "soft_labels": soft_labels,
+            "soft_label_weight": 0.5 if soft_labels else 0.0,
+            "bf16": bf16 or None,
+            "save_steps": CHECKPOINT_STEPS,
+        },
+    )
 
 
 def _same_training(trained: dict[str, Any], config: Any) -> bool:
@@ -223,11 +285,14 @@ def _same_training(trained: dict[str, Any], config: Any) -> bool:
     defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
     wanted = json.loads(json.dumps(asdict(config)))
     trained = {**defaults, **trained}
-    return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {k: v for k, v in wanted.items() if k not in BOOKKEEPING}
+    return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {
+        k: v for k, v in wanted.items() if k not in BOOKKEEPING
+    }
 
 
-def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config: Any, data: dict[str, Any],
-          force: bool) -> dict[str, Any]:  # fmt: skip
+def train(
+    spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config: Any, data: dict[str, Any], force: bool
+) -> dict[str, Any]:
     """Train (or reuse) one student; returns its manifest plus measured wall time and peak RSS."""
     model_dir = distilled_student(folder)
     stats_path = folder / "train_stats.json"
@@ -240,9 +305,14 @@ def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
         manifest = get_family(spec.family).train(records, folder, config, data)
-    stats_record = {"wall_seconds": time.perf_counter() - start, "stopped_seconds": memory.stopped_seconds,
-                    "train_active_seconds": manifest["train_seconds"] - memory.stopped_seconds,
-                    "peak_rss_mb": round(memory.peak_mb, 1), "load_before": load_before, "load_after": load_average()}  # fmt: skip
+    stats_record = {
+        "wall_seconds": time.perf_counter() - start,
+        "stopped_seconds": memory.stopped_seconds,
+        "train_active_seconds": manifest["train_seconds"] - memory.stopped_seconds,
+        "peak_rss_mb": round(memory.peak_mb, 1),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
     write_json(stats_path, stats_record)
     return {**manifest, **stats_record}
 
@@ -250,8 +320,9 @@ def train(spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config
 Labeling = Callable[[], list[dict[str, Any]]]
 
 
-def timed_predictions(prepare: Callable[[], Labeling], path: Path, pairs: set[tuple[str, str]], batch_size: int,
-                      force: bool) -> dict[str, Any]:  # fmt: skip
+def timed_predictions(
+    prepare: Callable[[], Labeling], path: Path, pairs: set[tuple[str, str]], batch_size: int, force: bool
+) -> dict[str, Any]:
     """Reuse the predictions file at ``path`` (when it covers exactly ``pairs``), or ``prepare()`` a labeler
     (untimed) and time its labelling. Returns the timing (labels/s, batch size, peak RSS, load) saved beside it.
     """
@@ -265,11 +336,20 @@ def timed_predictions(prepare: Callable[[], Labeling], path: Path, pairs: set[tu
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
         rows = label()
-    seconds = time.perf_counter() - start - memory.stopped_seconds  # time stopped by a signal (job control) is not labeling
+    seconds = (
+        time.perf_counter() - start - memory.stopped_seconds
+    )  # time stopped by a signal (job control) is not labeling
     write_predictions(path, pd.DataFrame(rows))
-    timing = {"pairs": len(rows), "seconds": seconds, "stopped_seconds": memory.stopped_seconds,
-              "labels_per_second": len(rows) / seconds, "batch_size": batch_size, "peak_rss_mb": round(memory.peak_mb, 1),
-              "load_before": load_before, "load_after": load_average()}  # fmt: skip
+    timing = {
+        "pairs": len(rows),
+        "seconds": seconds,
+        "stopped_seconds": memory.stopped_seconds,
+        "labels_per_second": len(rows) / seconds,
+        "batch_size": batch_size,
+        "peak_rss_mb": round(memory.peak_mb, 1),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
     write_json(timing_path, timing)
     return timing
 
@@ -283,10 +363,23 @@ def release_memory() -> None:
         pass
 
 
-def training_records(frame: pd.DataFrame, train_ids: frozenset[str], teacher: str, name: str,
-                     settings: dict[str, dict[str, Any]], seed: int) -> list[dict[str, Any]]:  # fmt: skip
-    """The teacher's graded records of the training queries, capped per query (stratified) and in total."""
-    records = labels_from_frame(frame[frame["query_id"].isin(train_ids)], teacher, teacher)
+def training_records(
+    frame: pd.DataFrame,
+    train_ids: frozenset[str],
+    teacher: str,
+    name: str,
+    settings: dict[str, dict[str, Any]],
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The student's graded records of the training queries (the teacher's, the committee's or another judge's),
+    capped per query (stratified by grade) and in total."""
+    column = STUDENTS[name].label_column(teacher)
+    records = labels_from_frame(
+        frame[frame["query_id"].isin(train_ids)],
+        column,
+        column,
+        distribution_prefix=COMMITTEE if column == COMMITTEE else None,
+    )
     records = cap_pairs_per_query(records, settings["max_train_pairs_per_query"].get(name), seed)
     max_train = settings["max_train_pairs"].get(name)
     if max_train is not None and max_train < len(records):
@@ -295,9 +388,15 @@ def training_records(frame: pd.DataFrame, train_ids: frozenset[str], teacher: st
 
 
 def student_predictions(
-    name: str, spec: StudentSpec, split: Split, frame: pd.DataFrame, teacher: str, args: argparse.Namespace,
-    settings: dict[str, dict[str, Any]], zero_shot: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+    name: str,
+    spec: StudentSpec,
+    split: Split,
+    frame: pd.DataFrame,
+    teacher: str,
+    args: argparse.Namespace,
+    settings: dict[str, dict[str, Any]],
+    zero_shot: bool = True,
+) -> dict[str, Any]:
     """Label one split's evaluation pairs zero-shot (unless ``zero_shot`` is off), train the student, label them
     distilled. Returns the training record and, per stage, the labeler name, predictions path and timing.
     A shared zero-shot baseline (the bi-encoder cosine of the MiniLM students) is labelled once per split.
@@ -313,8 +412,13 @@ def student_predictions(
     pairs = {(r["query_id"], r["doc_id"]) for r in test_records}
 
     def record(stage: str, labeler_name: str, path: Path, prepare: Callable[[], Any]) -> None:
-        timing = timed_predictions(lambda: partial(prepare().label_records, test_records, labeler_name, batch_size=batch),
-                                   path, pairs, batch, args.force)  # fmt: skip
+        timing = timed_predictions(
+            lambda: partial(prepare().label_records, test_records, labeler_name, batch_size=batch),
+            path,
+            pairs,
+            batch,
+            args.force,
+        )
         outputs["stages"][stage] = {"labeler": labeler_name, "path": str(path), "timing": timing}
         release_memory()
 
@@ -326,24 +430,57 @@ def student_predictions(
             fit_records = random.Random(args.seed).sample(fit_records, COSINE_FIT_PAIRS)
         record("zero-shot", COSINE_LABELER, path, lambda: family.zero_shot(fit_records, config))
     elif zero_shot:
-        record("zero-shot", f"{name} zero-shot", folder / f"zero-shot.{eval_tag}.predictions.jsonl",
-               lambda: family.zero_shot(train_records, config))
+        record(
+            "zero-shot",
+            f"{name} zero-shot",
+            folder / f"zero-shot.{eval_tag}.predictions.jsonl",
+            lambda: family.zero_shot(train_records, config),
+        )
 
-    data = {"benchmark": " ".join(str(p) for p in args.pairs) if len(args.pairs) > 1 else str(args.pairs[0]),
-            "teacher": teacher, "split": split.name, "seed": args.seed,
-            "test_fraction": None if args.kfold or args.cross_source else args.test_fraction, "kfold": args.kfold,
-            "train_queries": len(split.train_ids), "train_pairs": len(train_records),
-            "max_train_pairs": settings["max_train_pairs"].get(name),
-            **({"max_train_pairs_per_query": settings["max_train_pairs_per_query"][name]}
-               if name in settings["max_train_pairs_per_query"] else {})}  # fmt: skip
+    data = {
+        "benchmark": " ".join(str(p) for p in args.pairs) if len(args.pairs) > 1 else str(args.pairs[0]),
+        "teacher": spec.label_column(teacher),
+        "split": split.name,
+        "seed": args.seed,
+        "test_fraction": None if args.kfold or args.cross_source else args.test_fraction,
+        "kfold": args.kfold,
+        "train_queries": len(split.train_ids),
+        "train_pairs": len(train_records),
+        "max_train_pairs": settings["max_train_pairs"].get(name),
+        **(
+            {"max_train_pairs_per_query": settings["max_train_pairs_per_query"][name]}
+            if name in settings["max_train_pairs_per_query"]
+            else {}
+        ),
+    }
     trained = train(spec, train_records, folder, config, data, args.force)
-    outputs["train"] = {key: trained.get(key) for key in (
-        "train_seconds", "train_active_seconds", "stopped_seconds", "wall_seconds", "peak_rss_mb", "train_examples", "global_steps", "train_loss",
-        "truncated_documents", "load_before", "load_after", "method", "max_length", "resumed_from")}  # fmt: skip
+    outputs["train"] = {
+        key: trained.get(key)
+        for key in (
+            "train_seconds",
+            "train_active_seconds",
+            "stopped_seconds",
+            "wall_seconds",
+            "peak_rss_mb",
+            "train_examples",
+            "global_steps",
+            "train_loss",
+            "truncated_documents",
+            "load_before",
+            "load_after",
+            "method",
+            "max_length",
+            "resumed_from",
+        )
+    }
     outputs["config"] = trained["config"]
     release_memory()
-    record("distilled", f"{name} distilled", folder / f"distilled.{eval_tag}.predictions.jsonl",
-           lambda: family.load(folder))
+    record(
+        "distilled",
+        f"{name} distilled",
+        folder / f"distilled.{eval_tag}.predictions.jsonl",
+        lambda: family.load(folder),
+    )
     return outputs
 
 
@@ -352,18 +489,22 @@ def student_predictions(
 # --------------------------------------------------------------------------------------------
 
 
-def share_calibrated(predictions: pd.DataFrame, frame: pd.DataFrame, splits: Sequence[Split], teacher: str) -> pd.DataFrame:
+def share_calibrated(
+    predictions: pd.DataFrame, frame: pd.DataFrame, splits: Sequence[Split], teacher: str
+) -> pd.DataFrame:
     """The predictions re-graded by calibrated thresholds instead of the arg-max.
 
     Per split, the labeler's expected relevance on the held-out pairs it labelled is cut at the
-    quantiles that give the teacher's grade shares on that split's training pairs. Only the
-    teacher's training grades and the labeler's own scores are used, never a human grade.
+    quantiles that give the teacher's grade shares on that split's training pairs (``teacher``: the
+    column of the grades the student was trained on). Only those training grades and the labeler's
+    own scores are used, never a human grade.
     """
     parts = []
     for split in splits:
         part = predictions[predictions["query_id"].isin(split.test_ids)].copy()
-        counts = np.bincount(frame.loc[frame["query_id"].isin(split.train_ids), teacher].dropna().astype(int),
-                             minlength=len(GRADES))  # fmt: skip
+        counts = np.bincount(
+            frame.loc[frame["query_id"].isin(split.train_ids), teacher].dropna().astype(int), minlength=len(GRADES)
+        )
         scores = part["expected_relevance"].to_numpy()
         part["grade"] = pd.array(grades_at_thresholds(scores, share_matching_thresholds(scores, counts)), dtype="Int64")
         parts.append(part)
@@ -381,17 +522,36 @@ def spearman_of_scores(labeler: str) -> Callable[[pd.DataFrame], float]:
     return metric
 
 
-def evaluate_set(frame: pd.DataFrame, labelers: Sequence[str], teacher: str, n_boot: int, seed: int) -> dict[str, Any]:
-    """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's (paired)."""
+def evaluate_set(
+    frame: pd.DataFrame,
+    labelers: Sequence[str],
+    teacher: str,
+    n_boot: int,
+    seed: int,
+    own_teachers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's (paired);
+    ``own_teachers`` maps a student trained on other grades to that column, also compared pairwise."""
     results: dict[str, Any] = {}
     for labeler in labelers:
-        metrics = {name: bootstrap_ci(frame, query_metric(name, labeler), n_boot, seed)
-                   for name in (*GRADE_METRICS, *RANKING_METRICS)}
+        metrics = {
+            name: bootstrap_ci(frame, query_metric(name, labeler), n_boot, seed)
+            for name in (*GRADE_METRICS, *RANKING_METRICS)
+        }
         metrics[SPEARMAN] = bootstrap_ci(frame, spearman_of_scores(labeler), n_boot, seed)
-        results[labeler] = {"n": int(frame[labeler].notna().sum()), "n_missing": int(frame[labeler].isna().sum()),
-                            "metrics": {name: metrics[name] for name in METRICS}}  # fmt: skip
+        results[labeler] = {
+            "n": int(frame[labeler].notna().sum()),
+            "n_missing": int(frame[labeler].isna().sum()),
+            "metrics": {name: metrics[name] for name in METRICS},
+        }
         if labeler != teacher:
             results[labeler]["qwk_minus_teacher"] = paired_bootstrap(frame, labeler, teacher, "qwk", n_boot, seed)
+        own = (own_teachers or {}).get(labeler)
+        if own is not None and own != teacher:
+            results[labeler]["qwk_minus_own_teacher"] = {
+                "teacher": own,
+                **paired_bootstrap(frame, labeler, own, "qwk", n_boot, seed),
+            }
     return results
 
 
@@ -425,11 +585,15 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for eval_set in report["evaluation_sets"]:
-        lines += [f"## {eval_set['title']}", "",
-                  f"{eval_set['pairs']} pairs, {eval_set['queries']} held-out queries; human grade counts "
-                  f"{eval_set['human_grade_counts']}.", "",
-                  "| labeler | n | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | QWK - teacher |",
-                  "|---|---|" + "---|" * (len(METRICS) + 1)]  # fmt: skip
+        lines += [
+            f"## {eval_set['title']}",
+            "",
+            f"{eval_set['pairs']} pairs, {eval_set['queries']} held-out queries; human grade counts "
+            f"{eval_set['human_grade_counts']}.",
+            "",
+            "| labeler | n | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | QWK - teacher |",
+            "|---|---|" + "---|" * (len(METRICS) + 1),
+        ]
         for labeler, result in eval_set["labelers"].items():
             diff = result.get("qwk_minus_teacher")
             diff_text = f"{diff['difference']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]" if diff else "–"
@@ -437,19 +601,40 @@ def markdown(report: dict[str, Any]) -> str:
             shown = f"{labeler} (teacher)" if labeler == report["settings"]["teacher"] else labeler
             lines.append(f"| {shown} | {result['n']} | " + " | ".join(cells) + f" | {diff_text} |")
         lines.append("")
+        own = {
+            labeler: r["qwk_minus_own_teacher"]
+            for labeler, r in eval_set["labelers"].items()
+            if "qwk_minus_own_teacher" in r
+        }
+        lines += [
+            f"- {labeler}: QWK minus its own teacher's (`{d['teacher']}`, paired) {d['difference']:+.3f} "
+            f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            for labeler, d in own.items()
+        ] + ([""] if own else [])
         if len(eval_set["per_split"]) > 1:
             names = list(eval_set["per_split"])
-            lines += [f"Per split: QWK [95% CI] on each split's held-out queries ({eval_set['title'].lower()}).", "",
-                      "| labeler | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+            lines += [
+                f"Per split: QWK [95% CI] on each split's held-out queries ({eval_set['title'].lower()}).",
+                "",
+                "| labeler | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names),
+            ]
             for labeler in eval_set["labelers"]:
-                lines.append(f"| {labeler} | " + " | ".join(_interval(eval_set["per_split"][n][labeler]["qwk"])
-                                                         for n in names) + " |")  # fmt: skip
+                lines.append(
+                    f"| {labeler} | "
+                    + " | ".join(_interval(eval_set["per_split"][n][labeler]["qwk"]) for n in names)
+                    + " |"
+                )
             lines.append("")
     if report.get("learning_curve"):
         lines += learning_curve_markdown(report["learning_curve"])
-    lines += ["## Cost on this CPU", "",
-              "| labeler (split) | labels/s (batch) | labelled pairs | labelling peak RSS MB | train pairs x epochs | "
-              "train steps | train time | train peak RSS MB |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Cost on this CPU",
+        "",
+        "| labeler (split) | labels/s (batch) | labelled pairs | labelling peak RSS MB | train pairs x epochs | "
+        "train steps | train time | train peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     shown: set[str] = set()
     for student in report["students"].values():
         for split_name, result in student["splits"].items():
@@ -460,84 +645,168 @@ def markdown(report: dict[str, Any]) -> str:
                     continue
                 shown.add(row)
                 timing = output["timing"]
-                train_cells = ([f"{train['train_examples']} x {result['config']['epochs']:g}", str(train["global_steps"]),
-                                _train_time(train), str(train["peak_rss_mb"])]
-                               if stage == "distilled" else ["–"] * 4)  # fmt: skip
-                lines.append(f"| {row} | {timing['labels_per_second']:.2f} ({timing['batch_size']}) | {timing['pairs']} | "
-                             f"{timing['peak_rss_mb']} | " + " | ".join(train_cells) + " |")  # fmt: skip
-    lines += ["", "Peak RSS is the whole process's resident memory during the phase (sampled every 50 ms), after "
-              "freeing the previous phase. Labels/s include tokenisation; train time is the trainer's wall time. "
-              "Time during which the job was stopped by a signal (job control) is taken out of both; the "
-              "load average is recorded with every timing in results.json.", ""]
-    zero_shot = {split["stages"]["zero-shot"]["labeler"]: student["zero_shot"]
-                 for student in report["students"].values() for split in student["splits"].values()}  # fmt: skip
+                train_cells = (
+                    [
+                        f"{train['train_examples']} x {result['config']['epochs']:g}",
+                        str(train["global_steps"]),
+                        _train_time(train),
+                        str(train["peak_rss_mb"]),
+                    ]
+                    if stage == "distilled"
+                    else ["–"] * 4
+                )
+                lines.append(
+                    f"| {row} | {timing['labels_per_second']:.2f} ({timing['batch_size']}) | {timing['pairs']} | "
+                    f"{timing['peak_rss_mb']} | " + " | ".join(train_cells) + " |"
+                )
+    lines += [
+        "",
+        "Peak RSS is the whole process's resident memory during the phase (sampled every 50 ms), after "
+        "freeing the previous phase. Labels/s include tokenisation; train time is the trainer's wall time. "
+        "Time during which the job was stopped by a signal (job control) is taken out of both; the "
+        "load average is recorded with every timing in results.json.",
+        "",
+    ]
+    zero_shot = {
+        split["stages"]["zero-shot"]["labeler"]: student["zero_shot"]
+        for student in report["students"].values()
+        for split in student["splits"].values()
+    }
     lines += ["", "Zero-shot rows: " + "; ".join(f"{name}: {how}" for name, how in zero_shot.items()) + ".", ""]
     return "\n".join(lines)
 
 
 def learning_curve_markdown(curve: dict[str, Any]) -> list[str]:
     """The learning-curve section of results.md: pooled held-out QWK and Spearman per training size."""
-    lines = ["## Learning curve", "",
-             f"Each point: the student retrained on the first N training queries of every split (nested, seeded) "
-             f"with at most P teacher-labelled pairs per query (stratified by grade), scored on the held-out pairs of "
-             f"the splits (the 'eval pairs' column), pooled. Plot: `{curve['plot']}`.", "",
-             "| student | training queries per split | pairs per query (cap) | training pairs (mean per split) | eval pairs | "
-             "QWK [95% CI] | QWK share-calibrated | Spearman E[rel] |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Learning curve",
+        "",
+        f"Each point: the student retrained on the first N training queries of every split (nested, seeded) "
+        f"with at most P teacher-labelled pairs per query (stratified by grade), scored on the held-out pairs of "
+        f"the splits (the 'eval pairs' column), pooled. Plot: `{curve['plot']}`.",
+        "",
+        "| student | training queries per split | pairs per query (cap) | training pairs (mean per split) | eval pairs | "
+        "QWK [95% CI] | QWK share-calibrated | Spearman E[rel] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for point in curve["points"]:
-        lines.append(f"| {point['student']} | {point['queries']} | {point['pairs_per_query'] or 'all'} | "
-                     f"{point['mean_train_pairs']:.0f} | {point['eval_pairs']} | {_interval(point['qwk'])} | {_interval(point['qwk_calibrated'])} | "
-                     f"{_interval(point['spearman'])} |")  # fmt: skip
+        lines.append(
+            f"| {point['student']} | {point['queries']} | {point['pairs_per_query'] or 'all'} | "
+            f"{point['mean_train_pairs']:.0f} | {point['eval_pairs']} | {_interval(point['qwk'])} | {_interval(point['qwk_calibrated'])} | "
+            f"{_interval(point['spearman'])} |"
+        )
     return [*lines, ""]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     per_student = "a number for every student, or name=value,name=value"
-    parser.add_argument("--pairs", type=Path, nargs="+", default=DEFAULT_PAIRS,
-                        help="judged pair files (TREC DL pairs.jsonl schema); several are read as one table with "
-                             "distinct query ids (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--teacher-column", default="deepseek_v3_umbrela",
-                        help="recorded labeler whose grades are distilled (llm_labels.<name>; default: %(default)s)")
-    parser.add_argument("--test-fraction", type=float, default=0.5, help="share of queries held out (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="split, subsample, training and bootstrap seed (default: %(default)s)")
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        nargs="+",
+        default=DEFAULT_PAIRS,
+        help="judged pair files (TREC DL pairs.jsonl schema); several are read as one table with "
+        "distinct query ids (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--teacher-column",
+        default="deepseek_v3_umbrela",
+        help="recorded labeler whose grades are distilled (llm_labels.<name>; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.5, help="share of queries held out (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="split, subsample, training and bootstrap seed (default: %(default)s)"
+    )
     protocol = parser.add_mutually_exclusive_group()
-    protocol.add_argument("--kfold", type=int, default=None,
-                          help="K folds by query instead of one hold-out split; metrics pool the K held-out folds")
-    protocol.add_argument("--cross-source", action="store_true",
-                          help="train on the queries of each --pairs file, test on those of each other file")
-    parser.add_argument("--students", default="minilm-cross-encoder",
-                        help=f"comma list among {', '.join(STUDENTS)} (default: %(default)s)")
-    parser.add_argument("--epochs", help=f"training epochs ({per_student}); default per student: "
-                        + ", ".join(f"{n} {s.settings['epochs']:g}" for n, s in STUDENTS.items()))  # fmt: skip
-    parser.add_argument("--max-train-pairs", help=f"random subsample of the training pairs ({per_student}); default all")
-    parser.add_argument("--max-train-pairs-per-query",
-                        help=f"at most this many training pairs of each query, drawn within each teacher grade in "
-                             f"proportion to its share ({per_student}); default all")  # fmt: skip
-    parser.add_argument("--max-eval-pairs-per-query", help=f"random held-out pairs per query ({per_student}); default all. "
-                        "DeepSeek-V3 and the other students are then also scored on exactly these pairs")  # fmt: skip
-    parser.add_argument("--soft-labels", action="store_true",
-                        help="train on the teacher's grade distributions where records have them (TREC DL's recorded "
-                             "labels have none, so this changes nothing there)")  # fmt: skip
-    parser.add_argument("--bf16", action="store_true",
-                        help="bfloat16 autocast while training the causal LM students (a GPU, or a CPU with AVX512-BF16: "
-                             "1.2x faster than float32 here); default: float32 on a CPU, bfloat16 for QLoRA on a GPU")  # fmt: skip
-    parser.add_argument("--learning-curve", action="store_true",
-                        help="also retrain each student on growing subsets of every split's training data")
-    parser.add_argument("--curve-queries", default="5,10,20,40,all",
-                        help="learning curve: training queries per split (default: %(default)s)")
-    parser.add_argument("--curve-pairs", default="20,50",
-                        help="learning curve: pairs per query, 'all' for no cap (default: %(default)s)")
-    parser.add_argument("--curve-eval-pairs-per-query", type=int,
-                        help="learning curve: score each point on at most this many random held-out pairs per query "
-                             "(default: the student's --max-eval-pairs-per-query)")  # fmt: skip
-    parser.add_argument("--final-model", type=Path,
-                        help="after the splits, train the first student on every query of --pairs into this folder")
+    protocol.add_argument(
+        "--kfold",
+        type=int,
+        default=None,
+        help="K folds by query instead of one hold-out split; metrics pool the K held-out folds",
+    )
+    protocol.add_argument(
+        "--cross-source",
+        action="store_true",
+        help="train on the queries of each --pairs file, test on those of each other file",
+    )
+    parser.add_argument(
+        "--students",
+        default="minilm-cross-encoder",
+        help=f"comma list among {', '.join(STUDENTS)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs",
+        help=f"training epochs ({per_student}); default per student: "
+        + ", ".join(f"{n} {s.settings['epochs']:g}" for n, s in STUDENTS.items()),
+    )
+    parser.add_argument(
+        "--max-train-pairs", help=f"random subsample of the training pairs ({per_student}); default all"
+    )
+    parser.add_argument(
+        "--max-train-pairs-per-query",
+        help=f"at most this many training pairs of each query, drawn within each teacher grade in "
+        f"proportion to its share ({per_student}); default all",
+    )
+    parser.add_argument(
+        "--max-eval-pairs-per-query",
+        help=f"random held-out pairs per query ({per_student}); default all. "
+        "DeepSeek-V3 and the other students are then also scored on exactly these pairs",
+    )
+    parser.add_argument(
+        "--soft-labels",
+        action="store_true",
+        help="train on the teacher's grade distributions where records have them (TREC DL's recorded "
+        "labels have none, so this changes nothing there)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast while training the causal LM students (a GPU, or a CPU with AVX512-BF16: "
+        "1.2x faster than float32 here); default: float32 on a CPU, bfloat16 for QLoRA on a GPU",
+    )
+    parser.add_argument(
+        "--learning-curve",
+        action="store_true",
+        help="also retrain each student on growing subsets of every split's training data",
+    )
+    parser.add_argument(
+        "--curve-students", help="learning curve: comma list of the students it retrains (default: all)"
+    )
+    parser.add_argument(
+        "--curve-queries",
+        default="5,10,20,40,all",
+        help="learning curve: training queries per split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--curve-pairs",
+        default="20,50",
+        help="learning curve: pairs per query, 'all' for no cap (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--curve-eval-pairs-per-query",
+        type=int,
+        help="learning curve: score each point on at most this many random held-out pairs per query "
+        "(default: the student's --max-eval-pairs-per-query)",
+    )
+    parser.add_argument(
+        "--final-model",
+        type=Path,
+        help="after the splits, train the first student on every query of --pairs into this folder",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=16, help="labelling batch size (default: %(default)s)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over queries (default: %(default)s)")
+    parser.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples over queries (default: %(default)s)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results folder (default: %(default)s)")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                        help="models, predictions and timings (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="retrain and relabel even when the work folder has results")
+    parser.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="models, predictions and timings (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="retrain and relabel even when the work folder has results"
+    )
     return parser
 
 
@@ -546,14 +815,24 @@ def pooled_predictions(outputs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat([read_predictions(output["path"]) for output in outputs])
 
 
-def evaluation_sets(frame: pd.DataFrame, splits: Sequence[Split], students: Sequence[str], report_students: dict[str, Any],
-                    teacher: str, settings: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
+def evaluation_sets(
+    frame: pd.DataFrame,
+    splits: Sequence[Split],
+    students: Sequence[str],
+    report_students: dict[str, Any],
+    teacher: str,
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
     """Pooled and per-split agreement tables, one per evaluation set (all held-out pairs, or a per-query cap)."""
-    caps = sorted({settings["max_eval_pairs_per_query"].get(n) for n in students}, key=lambda c: (c is not None, c or 0))
+    caps = sorted(
+        {settings["max_eval_pairs_per_query"].get(n) for n in students}, key=lambda c: (c is not None, c or 0)
+    )
     sets = []
     for cap in caps:
         table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
         labelers = [teacher]
+        own_teachers: dict[str, str] = {}
         for name in students:
             if settings["max_eval_pairs_per_query"].get(name) not in (None, cap):
                 continue  # its predictions do not cover every pair of this set
@@ -566,37 +845,69 @@ def evaluation_sets(frame: pd.DataFrame, splits: Sequence[Split], students: Sequ
                 labelers.append(outputs[0]["labeler"])
                 if stage == "distilled":
                     calibrated = f"{outputs[0]['labeler']}, share-calibrated"
-                    table = attach_predictions(table, share_calibrated(predictions, frame, splits, teacher), calibrated)
+                    source = STUDENTS[name].label_column(teacher)
+                    table = attach_predictions(table, share_calibrated(predictions, frame, splits, source), calibrated)
                     labelers.append(calibrated)
+                    own_teachers.update({outputs[0]["labeler"]: source, calibrated: source})
+                    if source != teacher and source not in labelers:
+                        labelers.insert(1, source)  # the student's own teacher, scored on the same pairs
         title = "All held-out pairs" if cap is None else f"At most {cap} random held-out pairs per query"
         print(f"== evaluating: {title}")
-        results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed)
-        per_split = {s.name: {labeler: {"qwk": bootstrap_ci(part, query_metric("qwk", labeler), args.n_boot, args.seed),
-                                        SPEARMAN: bootstrap_ci(part, spearman_of_scores(labeler), args.n_boot, args.seed)}
-                              for labeler in labelers}
-                     for s in splits for part in [table[table["query_id"].isin(s.test_ids)]]} if len(splits) > 1 else {}  # fmt: skip
+        results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed, own_teachers)
+        per_split = (
+            {
+                s.name: {
+                    labeler: {
+                        "qwk": bootstrap_ci(part, query_metric("qwk", labeler), args.n_boot, args.seed),
+                        SPEARMAN: bootstrap_ci(part, spearman_of_scores(labeler), args.n_boot, args.seed),
+                    }
+                    for labeler in labelers
+                }
+                for s in splits
+                for part in [table[table["query_id"].isin(s.test_ids)]]
+            }
+            if len(splits) > 1
+            else {}
+        )
         tag = "all" if cap is None else f"cap{cap}"
         figure = plot_forest({n: r["metrics"] for n, r in results.items()}, METRICS)
         args.output.mkdir(parents=True, exist_ok=True)
         with atomic_write(args.output / f"forest_{tag}.png", "wb") as handle:
             figure.savefig(handle, format="png", dpi=110)
-        sets.append({"tag": tag, "title": title, "pairs": len(table), "queries": int(table["query_id"].nunique()),
-                     "human_grade_counts": np.bincount(table["human"], minlength=len(GRADES)).tolist(),
-                     "labelers": results, "per_split": per_split, "forest_plot": f"forest_{tag}.png"})  # fmt: skip
+        sets.append(
+            {
+                "tag": tag,
+                "title": title,
+                "pairs": len(table),
+                "queries": int(table["query_id"].nunique()),
+                "human_grade_counts": np.bincount(table["human"], minlength=len(GRADES)).tolist(),
+                "labelers": results,
+                "per_split": per_split,
+                "forest_plot": f"forest_{tag}.png",
+            }
+        )
     return sets
 
 
-def learning_curve(frame: pd.DataFrame, splits: Sequence[Split], students: Sequence[str], teacher: str,
-                   settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+def learning_curve(
+    frame: pd.DataFrame,
+    splits: Sequence[Split],
+    students: Sequence[str],
+    teacher: str,
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Each student retrained on nested subsets of every split's training queries, at each pairs-per-query cap."""
     points = []
     for name in students:
         spec = STUDENTS[name]
         for pairs_per_query in parse_sizes(args.curve_pairs):
             cap = args.curve_eval_pairs_per_query or settings["max_eval_pairs_per_query"].get(name)
-            point_settings = {**settings,
-                              "max_train_pairs_per_query": {**settings["max_train_pairs_per_query"], name: pairs_per_query},
-                              "max_eval_pairs_per_query": {**settings["max_eval_pairs_per_query"], name: cap}}  # fmt: skip
+            point_settings = {
+                **settings,
+                "max_train_pairs_per_query": {**settings["max_train_pairs_per_query"], name: pairs_per_query},
+                "max_eval_pairs_per_query": {**settings["max_eval_pairs_per_query"], name: cap},
+            }
             if pairs_per_query is None:
                 point_settings["max_train_pairs_per_query"].pop(name)
             if cap is None:
@@ -605,9 +916,15 @@ def learning_curve(frame: pd.DataFrame, splits: Sequence[Split], students: Seque
                 outputs, train_pairs = [], []
                 for split in splits:
                     n, subset = next(iter(nested_query_subsets(sorted(split.train_ids), [size], args.seed).items()))
-                    same = (subset == split.train_ids and pairs_per_query == settings["max_train_pairs_per_query"].get(name)
-                            and cap == settings["max_eval_pairs_per_query"].get(name))
-                    sub = split if same else Split(f"{split.name}-q{n}-p{pairs_per_query or 'all'}", subset, split.test_ids)
+                    # the main run's model (its folder also keeps predictions of other evaluation caps apart)
+                    same = subset == split.train_ids and pairs_per_query == settings["max_train_pairs_per_query"].get(
+                        name
+                    )
+                    sub = (
+                        split
+                        if same
+                        else Split(f"{split.name}-q{n}-p{pairs_per_query or 'all'}", subset, split.test_ids)
+                    )
                     print(f"== learning curve: {name}, {sub.name}")
                     result = student_predictions(name, spec, sub, frame, teacher, args, point_settings, zero_shot=False)
                     outputs.append(result["stages"]["distilled"])
@@ -615,34 +932,55 @@ def learning_curve(frame: pd.DataFrame, splits: Sequence[Split], students: Seque
                 table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
                 predictions = pooled_predictions(outputs)
                 table = attach_predictions(table, predictions, "student")
-                table = attach_predictions(table, share_calibrated(predictions, frame, splits, teacher), "calibrated")
-                points.append({"student": name, "queries": size or "all", "pairs_per_query": pairs_per_query,
-                               "eval_pairs": len(table),
-                               "mean_train_pairs": float(np.mean(train_pairs)),
-                               "qwk": bootstrap_ci(table, query_metric("qwk", "student"), args.n_boot, args.seed),
-                               "qwk_calibrated": bootstrap_ci(table, query_metric("qwk", "calibrated"), args.n_boot, args.seed),
-                               "spearman": bootstrap_ci(table, spearman_of_scores("student"), args.n_boot, args.seed)})  # fmt: skip
+                table = attach_predictions(
+                    table, share_calibrated(predictions, frame, splits, spec.label_column(teacher)), "calibrated"
+                )
+                points.append(
+                    {
+                        "student": name,
+                        "queries": size or "all",
+                        "pairs_per_query": pairs_per_query,
+                        "eval_pairs": len(table),
+                        "mean_train_pairs": float(np.mean(train_pairs)),
+                        "qwk": bootstrap_ci(table, query_metric("qwk", "student"), args.n_boot, args.seed),
+                        "qwk_calibrated": bootstrap_ci(
+                            table, query_metric("qwk", "calibrated"), args.n_boot, args.seed
+                        ),
+                        "spearman": bootstrap_ci(table, spearman_of_scores("student"), args.n_boot, args.seed),
+                    }
+                )
     figure = plot_learning_curve(points, float(np.mean([len(s.train_ids) for s in splits])))
     with atomic_write(args.output / "learning_curve.png", "wb") as handle:
         figure.savefig(handle, format="png", dpi=110)
     return {"points": points, "plot": "learning_curve.png"}
 
 
-def final_model(name: str, frame: pd.DataFrame, teacher: str, settings: dict[str, Any], args: argparse.Namespace
-                ) -> dict[str, Any]:  # fmt: skip
+def final_model(
+    name: str, frame: pd.DataFrame, teacher: str, settings: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
     """Train ``name`` on every query of the files into ``--final-model``, ready for the ``label`` command."""
     spec = STUDENTS[name]
     everything = frozenset(frame["query_id"])
     records = training_records(frame, everything, teacher, name, settings, args.seed)
     config = student_config(spec, settings["epochs"].get(name), args.seed, args.soft_labels, args.bf16)
-    data = {"benchmark": [str(p) for p in args.pairs], "teacher": teacher, "split": "all queries",
-            "train_queries": len(everything), "train_pairs": len(records),
-            "max_train_pairs_per_query": settings["max_train_pairs_per_query"].get(name)}  # fmt: skip
+    data = {
+        "benchmark": [str(p) for p in args.pairs],
+        "teacher": spec.label_column(teacher),
+        "split": "all queries",
+        "train_queries": len(everything),
+        "train_pairs": len(records),
+        "max_train_pairs_per_query": settings["max_train_pairs_per_query"].get(name),
+    }
     print(f"== final model: {name} on all {len(everything)} queries ({len(records)} pairs) -> {args.final_model}")
     trained = train(spec, records, args.final_model, config, data, args.force)
     print(f"label with: python -m labeler_utils label --model {args.final_model} --input PAIRS --output OUT")
-    return {"student": name, "folder": str(args.final_model), "train_examples": trained["train_examples"],
-            "train_seconds": trained["train_seconds"], "peak_rss_mb": trained.get("peak_rss_mb")}
+    return {
+        "student": name,
+        "folder": str(args.final_model),
+        "train_examples": trained["train_examples"],
+        "train_seconds": trained["train_seconds"],
+        "peak_rss_mb": trained.get("peak_rss_mb"),
+    }
 
 
 def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> dict[str, Any]:
@@ -653,10 +991,15 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
     def qwk(labeler: str) -> float | None:
         return labelers[labeler]["metrics"]["qwk"]["estimate"] if labeler in labelers else None
 
-    rows = {name: {"qwk": qwk(f"{name} distilled"), "qwk_share_calibrated": qwk(f"{name} distilled, share-calibrated"),
-                   "spearman": labelers.get(f"{name} distilled", {}).get("metrics", {}).get(SPEARMAN, {}).get("estimate"),
-                   "qwk_minus_teacher": labelers.get(f"{name} distilled", {}).get("qwk_minus_teacher")}
-            for name in students}  # fmt: skip
+    rows = {
+        name: {
+            "qwk": qwk(f"{name} distilled"),
+            "qwk_share_calibrated": qwk(f"{name} distilled, share-calibrated"),
+            "spearman": labelers.get(f"{name} distilled", {}).get("metrics", {}).get(SPEARMAN, {}).get("estimate"),
+            "qwk_minus_teacher": labelers.get(f"{name} distilled", {}).get("qwk_minus_teacher"),
+        }
+        for name in students
+    }
     default = DEFAULT_STUDENT if DEFAULT_STUDENT in students else None
     return {
         "protocol": report["protocol"],
@@ -670,8 +1013,9 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
         "default_student": default,
         "default_student_qwk": rows[default]["qwk"] if default else None,
         "students": rows,
-        "best_student": max(rows, key=lambda n: max(v for v in (rows[n]["qwk"], rows[n]["qwk_share_calibrated"], -1.0)
-                                                    if v is not None)),
+        "best_student": max(
+            rows, key=lambda n: max(v for v in (rows[n]["qwk"], rows[n]["qwk_share_calibrated"], -1.0) if v is not None)
+        ),
         "command": report["command"],
         "date": report["date"],
     }
@@ -684,27 +1028,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown student(s) {unknown}; choose among {list(STUDENTS)}")
     for name in students:  # import every family used now: a run of hours never picks up half-edited code later
-        get_family(STUDENTS[name].family).labeler_class
-    settings = {"epochs": parse_per_student(args.epochs, students, float),
-                "max_train_pairs": parse_per_student(args.max_train_pairs, students, int),
-                "max_train_pairs_per_query": parse_per_student(args.max_train_pairs_per_query, students, int),
-                "max_eval_pairs_per_query": parse_per_student(args.max_eval_pairs_per_query, students, int)}  # fmt: skip
-    teacher = args.teacher_column if args.teacher_column.startswith(RECORDED_PREFIX) else RECORDED_PREFIX + args.teacher_column
+        get_family(STUDENTS[name].family).import_module()
+    settings = {
+        "epochs": parse_per_student(args.epochs, students, float),
+        "max_train_pairs": parse_per_student(args.max_train_pairs, students, int),
+        "max_train_pairs_per_query": parse_per_student(args.max_train_pairs_per_query, students, int),
+        "max_eval_pairs_per_query": parse_per_student(args.max_eval_pairs_per_query, students, int),
+    }
+    teacher = (
+        args.teacher_column
+        if args.teacher_column.startswith(RECORDED_PREFIX)
+        else RECORDED_PREFIX + args.teacher_column
+    )
     machine = machine_info()
     frame = load_pair_files(args.pairs)
     if teacher not in frame.columns:
-        raise SystemExit(f"{args.pairs} have no recorded labeler {teacher!r}; they have {[c for c in frame if c.startswith(RECORDED_PREFIX)]}")
+        raise SystemExit(
+            f"{args.pairs} have no recorded labeler {teacher!r}; they have {[c for c in frame if c.startswith(RECORDED_PREFIX)]}"
+        )
+    frame = add_committee(frame, recorded_labelers(frame), COMMITTEE)
     splits = query_splits(frame, args.test_fraction, args.seed, args.kfold, args.cross_source)
     protocol = "cross-source" if args.cross_source else f"{args.kfold}-fold" if args.kfold else "holdout"
 
     report_students: dict[str, Any] = {}
     for name in students:
         spec = STUDENTS[name]
-        report_students[name] = {"family": spec.family, "zero_shot": ZERO_SHOT_DESCRIPTIONS[spec.zero_shot],
-                                 "description": spec.description, "splits": {}}  # fmt: skip
+        report_students[name] = {
+            "family": spec.family,
+            "zero_shot": ZERO_SHOT_DESCRIPTIONS[spec.zero_shot],
+            "description": spec.description,
+            "splits": {},
+        }
         for split in splits:
             print(f"== {name}, {split.name}")
-            report_students[name]["splits"][split.name] = student_predictions(name, spec, split, frame, teacher, args, settings)
+            report_students[name]["splits"][split.name] = student_predictions(
+                name, spec, split, frame, teacher, args, settings
+            )
 
     sources = list(dict.fromkeys(frame[SOURCE_COLUMN]))
     report = {
@@ -714,19 +1073,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "protocol": protocol,
         "sources": sources,
         "sources_title": " + ".join(sources),
-        "settings": {**{k: [str(p) for p in v] if k == "pairs" else str(v) if isinstance(v, Path) else v
-                        for k, v in vars(args).items()}, "teacher": teacher, "per_student": settings},  # fmt: skip
-        "splits": [{"name": s.name, "train_queries": sorted(s.train_ids), "test_queries": sorted(s.test_ids),
-                    "train_pairs": int(frame["query_id"].isin(s.train_ids).sum()),
-                    "test_pairs": int(frame["query_id"].isin(s.test_ids).sum())} for s in splits],  # fmt: skip
-        "splits_summary": "; ".join(f"{s.name}: {len(s.train_ids)} training queries "
-                                    f"({int(frame['query_id'].isin(s.train_ids).sum())} pairs), {len(s.test_ids)} held out "
-                                    f"({int(frame['query_id'].isin(s.test_ids).sum())} pairs)" for s in splits),  # fmt: skip
+        "settings": {
+            **{
+                k: [str(p) for p in v] if k == "pairs" else str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+            },
+            "teacher": teacher,
+            "per_student": settings,
+        },
+        "splits": [
+            {
+                "name": s.name,
+                "train_queries": sorted(s.train_ids),
+                "test_queries": sorted(s.test_ids),
+                "train_pairs": int(frame["query_id"].isin(s.train_ids).sum()),
+                "test_pairs": int(frame["query_id"].isin(s.test_ids).sum()),
+            }
+            for s in splits
+        ],
+        "splits_summary": "; ".join(
+            f"{s.name}: {len(s.train_ids)} training queries "
+            f"({int(frame['query_id'].isin(s.train_ids).sum())} pairs), {len(s.test_ids)} held out "
+            f"({int(frame['query_id'].isin(s.test_ids).sum())} pairs)"
+            for s in splits
+        ),
         "students": report_students,
         "evaluation_sets": evaluation_sets(frame, splits, students, report_students, teacher, settings, args),
     }
     if args.learning_curve:
-        report["learning_curve"] = learning_curve(frame, splits, students, teacher, settings, args)
+        curve_students = [n.strip() for n in (args.curve_students or args.students).split(",") if n.strip()]
+        if set(curve_students) - set(students):
+            raise SystemExit(f"--curve-students {sorted(set(curve_students) - set(students))} are not in --students")
+        report["learning_curve"] = learning_curve(frame, splits, curve_students, teacher, settings, args)
     if args.final_model:
         report["final_model"] = final_model(students[0], frame, teacher, settings, args)
     write_json(args.output / "results.json", report)

@@ -39,9 +39,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
         initializer_range=0.3,  # large enough that a frozen random output layer can express a confident grade
     )
     folder = tmp_path_factory.mktemp("tiny_llama")
@@ -65,16 +72,25 @@ class ScriptedCompletions:
         return item
 
 
-def chat_response(text: str, tokens: list[tuple[str, dict[str, float]]] | None = None,
-                  prompt_tokens: int = 10, completion_tokens: int = 2) -> Any:
+def chat_response(
+    text: str,
+    tokens: list[tuple[str, dict[str, float]]] | None = None,
+    prompt_tokens: int = 10,
+    completion_tokens: int = 2,
+) -> Any:
     """An object shaped like ``openai``'s ChatCompletion."""
     logprobs = None
     if tokens is not None:
-        logprobs = SimpleNamespace(content=[
-            SimpleNamespace(token=tok, logprob=alts.get(tok, -1.0),
-                            top_logprobs=[SimpleNamespace(token=t, logprob=lp) for t, lp in alts.items()])
-            for tok, alts in tokens
-        ])
+        logprobs = SimpleNamespace(
+            content=[
+                SimpleNamespace(
+                    token=tok,
+                    logprob=alts.get(tok, -1.0),
+                    top_logprobs=[SimpleNamespace(token=t, logprob=lp) for t, lp in alts.items()],
+                )
+                for tok, alts in tokens
+            ]
+        )
     choice = SimpleNamespace(message=SimpleNamespace(content=text), logprobs=logprobs)
     usage = SimpleNamespace(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     return SimpleNamespace(choices=[choice], usage=usage)
@@ -87,11 +103,20 @@ def scripted_client(script: list[Any]) -> Any:
 
 def completion_body(text: str, prompt_tokens: int = 10, completion_tokens: int = 2) -> dict[str, Any]:
     """The JSON body of an OpenAI chat completion answering ``text``."""
-    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "test-model",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}  # fmt: skip
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "test-model",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 Reply = tuple[int, dict[str, str], bytes]

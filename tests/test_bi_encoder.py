@@ -15,17 +15,30 @@ from labeler_utils.families import distilled_student, get_family, load_labeler
 from labeler_utils.labeler import MANIFEST, grades_at_thresholds
 
 TOPICS = {
-    "vpn error": ["The VPN gateway returns error 809 when the tunnel times out; restart the client.",
-                  "VPN clients reconnect after a timeout.", "The cafeteria serves pizza on Fridays.",
-                  "Printer toner is in room 4."],
-    "travel policy": ["Employees book flights through the travel portal; economy class under six hours.",
-                      "Travel must be approved by a manager.", "The parking garage closes at 10 pm.",
-                      "Lunch menus change weekly."],
-    "expense report": ["Submit the expense report with receipts within 30 days of the trip.",
-                       "Receipts are scanned in the finance app.", "The gym opens at 6 am.", "Wi-Fi password is on the wall."],
+    "vpn error": [
+        "The VPN gateway returns error 809 when the tunnel times out; restart the client.",
+        "VPN clients reconnect after a timeout.",
+        "The cafeteria serves pizza on Fridays.",
+        "Printer toner is in room 4.",
+    ],
+    "travel policy": [
+        "Employees book flights through the travel portal; economy class under six hours.",
+        "Travel must be approved by a manager.",
+        "The parking garage closes at 10 pm.",
+        "Lunch menus change weekly.",
+    ],
+    "expense report": [
+        "Submit the expense report with receipts within 30 days of the trip.",
+        "Receipts are scanned in the finance app.",
+        "The gym opens at 6 am.",
+        "Wi-Fi password is on the wall.",
+    ],
 }
-RECORDS = [{"query_id": f"q{qi}", "query": query, "doc_id": f"q{qi}-d{di}", "document": doc, "grade": 3 - di}
-           for qi, (query, docs) in enumerate(TOPICS.items()) for di, doc in enumerate(docs)]
+RECORDS = [
+    {"query_id": f"q{qi}", "query": query, "doc_id": f"q{qi}-d{di}", "document": doc, "grade": 3 - di}
+    for qi, (query, docs) in enumerate(TOPICS.items())
+    for di, doc in enumerate(docs)
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +56,9 @@ def test_cosent_loss_equals_the_hand_computed_formula():
     queries, documents = torch.randn(4, 8), torch.randn(4, 8)
     targets = torch.tensor([1.0, 0.0, 2 / 3, 1 / 3])
     cos = torch.nn.functional.cosine_similarity(queries, documents)
-    expected = math.log(1 + sum(math.exp(20.0 * (cos[j] - cos[i])) for i in range(4) for j in range(4)
-                                if targets[i] > targets[j]))
+    expected = math.log(
+        1 + sum(math.exp(20.0 * (cos[j] - cos[i])) for i in range(4) for j in range(4) if targets[i] > targets[j])
+    )
     assert loss.compute_loss_from_embeddings([queries, documents], targets).item() == pytest.approx(expected, rel=1e-5)
     assert isinstance(be.training_loss(model, "angle"), be.losses.AnglELoss)
     assert isinstance(be.training_loss(model, "cosine_mse"), be.losses.CosineSimilarityLoss)
@@ -55,7 +69,9 @@ def test_cosent_loss_equals_the_hand_computed_formula():
 def test_query_batches_hold_one_query_each_and_cover_every_pair():
     from datasets import Dataset
 
-    dataset = Dataset.from_dict({"query": [r["query"] for r in RECORDS] * 2, "document": ["d"] * 24, "score": [0.0] * 24})
+    dataset = Dataset.from_dict(
+        {"query": [r["query"] for r in RECORDS] * 2, "document": ["d"] * 24, "score": [0.0] * 24}
+    )
     sampler = be.QueryBatchSampler(dataset, batch_size=3, drop_last=False, seed=1)
     batches = list(sampler)
     assert all(len({dataset["query"][i] for i in batch}) == 1 for batch in batches)
@@ -116,3 +132,16 @@ def test_the_family_is_one_registration():
 def test_an_untrained_encoder_folder_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="not a trained bi-encoder"):
         be.BiEncoderLabeler.load(tmp_path)
+
+
+def test_epoch_losses_average_the_logged_losses_of_each_epoch():
+    from labeler_utils.labeler import epoch_losses
+
+    history = [
+        {"loss": 4.0, "epoch": 0.5, "step": 1},
+        {"loss": 2.0, "epoch": 1.0, "step": 2},
+        {"loss": 1.0, "epoch": 1.5, "step": 3},
+        {"loss": 0.0, "epoch": 2.0, "step": 4},
+        {"train_runtime": 1.0},
+    ]
+    assert epoch_losses(history) == [3.0, 0.5]

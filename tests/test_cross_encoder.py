@@ -21,22 +21,36 @@ from labeler_utils.cross_encoder import (
     training_loss,
 )
 from labeler_utils.families import load_labeler
-from labeler_utils.models import bundled_minilm_path
 from labeler_utils.labeler import MANIFEST as ADAPTER_MANIFEST
 from labeler_utils.labeler import GradeLabel
+from labeler_utils.models import bundled_minilm_path
 from labeler_utils.student import StudentLabeler
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_trec_dl.py"
 TOPICS = {
-    "vpn error": ("The VPN gateway returns error 809 when the tunnel times out; restart the client.", "The cafeteria serves pizza on Fridays."),
-    "travel policy": ("Employees book flights through the travel portal; economy class under six hours.", "Printer toner is in room 4."),
-    "expense report": ("Submit the expense report with receipts within 30 days of the trip.", "The parking garage closes at 10 pm."),
-    "password reset": ("To reset your password open the self-service portal and confirm by SMS.", "Quarterly results beat estimates."),
+    "vpn error": (
+        "The VPN gateway returns error 809 when the tunnel times out; restart the client.",
+        "The cafeteria serves pizza on Fridays.",
+    ),
+    "travel policy": (
+        "Employees book flights through the travel portal; economy class under six hours.",
+        "Printer toner is in room 4.",
+    ),
+    "expense report": (
+        "Submit the expense report with receipts within 30 days of the trip.",
+        "The parking garage closes at 10 pm.",
+    ),
+    "password reset": (
+        "To reset your password open the self-service portal and confirm by SMS.",
+        "Quarterly results beat estimates.",
+    ),
 }
 RECORDS = [
     {"query_id": f"q{i}", "doc_id": f"d{i}{j}", "query": query, "document": document * repeat, "grade": grade}
     for i, (query, (relevant, irrelevant)) in enumerate(TOPICS.items())
-    for j, (document, grade, repeat) in enumerate([(relevant, 3, 1), (relevant, 2, 3), (irrelevant, 0, 1), (irrelevant, 1, 4)])
+    for j, (document, grade, repeat) in enumerate(
+        [(relevant, 3, 1), (relevant, 2, 3), (irrelevant, 0, 1), (irrelevant, 1, 4)]
+    )
 ]  # 16 pairs of varied lengths
 
 
@@ -110,7 +124,9 @@ def test_regression_score_maps_to_the_two_nearest_grades():
     label = GradeLabel.from_expected(1.25)
     assert label.distribution == pytest.approx([0, 0.75, 0.25, 0]) and label.grade == 1
     assert label.expected_relevance == pytest.approx(1.25)
-    assert GradeLabel.from_expected(2.6).grade == 3 and GradeLabel.from_expected(3.0).distribution == pytest.approx([0, 0, 0, 1])
+    assert GradeLabel.from_expected(2.6).grade == 3 and GradeLabel.from_expected(3.0).distribution == pytest.approx(
+        [0, 0, 0, 1]
+    )
     assert GradeLabel.from_expected(-0.2).distribution == pytest.approx([1, 0, 0, 0])
 
 
@@ -134,13 +150,19 @@ def test_class_balance_weights_each_grade_by_its_inverse_frequency():
     grades = torch.tensor([r["grade"] for r in records])
     weights = torch.tensor([8 / (4 * 6), 1.0, 8 / 4, 8 / 4])  # n / (4 * count); grade 1 absent counts as 1
     with torch.no_grad():
-        logits = model.model(**model.tokenizer([r["query"] for r in records], [r["document"] for r in records],
-                                               padding=True, return_tensors="pt")).logits  # fmt: skip
+        logits = model.model(
+            **model.tokenizer(
+                [r["query"] for r in records], [r["document"] for r in records], padding=True, return_tensors="pt"
+            )
+        ).logits
         balanced = loss([[r["query"] for r in records], [r["document"] for r in records]], grades)
-        plain = training_loss(model, records, CrossEncoderConfig())([[r["query"] for r in records],
-                                                                      [r["document"] for r in records]], grades)  # fmt: skip
+        plain = training_loss(model, records, CrossEncoderConfig())(
+            [[r["query"] for r in records], [r["document"] for r in records]], grades
+        )
     per_pair = torch.nn.functional.cross_entropy(logits, grades, reduction="none")
-    assert balanced.item() == pytest.approx(((weights[grades] * per_pair).sum() / weights[grades].sum()).item(), rel=1e-4)
+    assert balanced.item() == pytest.approx(
+        ((weights[grades] * per_pair).sum() / weights[grades].sum()).item(), rel=1e-4
+    )
     assert plain.item() == pytest.approx(per_pair.mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="class_balance weights the grades of the classification objective"):
         CrossEncoderConfig(base_model="x", objective="regression", class_balance=True)
@@ -167,10 +189,13 @@ def script():
 
 
 def _synthetic_benchmark(n_queries: int = 9, pairs_per_query: int = 6) -> pd.DataFrame:
-    return pd.DataFrame([
-        {"query_id": f"q{q}", "query": f"query {q}", "doc_id": f"d{q}-{d}", "document": f"text {d}", "human": d % 4}
-        for q in range(n_queries) for d in range(pairs_per_query)
-    ])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {"query_id": f"q{q}", "query": f"query {q}", "doc_id": f"d{q}-{d}", "document": f"text {d}", "human": d % 4}
+            for q in range(n_queries)
+            for d in range(pairs_per_query)
+        ]
+    )
 
 
 def test_script_split_holds_every_query_out_on_one_side_only(script):
@@ -219,7 +244,12 @@ def test_script_reuses_a_model_only_when_it_was_trained_the_same_way(script):
 
 def test_script_says_which_steps_a_resumed_training_time_covers(script):
     assert script._train_time({"train_seconds": 100.4, "global_steps": 20, "resumed_from": None}) == "100 s"
-    resumed = {"train_seconds": 90.0, "train_active_seconds": 80.2, "global_steps": 20, "resumed_from": "/x/checkpoint-15"}
+    resumed = {
+        "train_seconds": 90.0,
+        "train_active_seconds": 80.2,
+        "global_steps": 20,
+        "resumed_from": "/x/checkpoint-15",
+    }
     assert script._train_time(resumed) == "80 s for steps 16-20 (resumed from a checkpoint)"
 
 
@@ -240,12 +270,20 @@ def test_script_share_calibration_uses_only_the_teacher_training_grades(script):
     frame["recorded:judge"] = [0] * 70 + [3] * 30  # the teacher's grades; "human" must not be read
     (split,) = script.query_splits(frame, 0.5, 0)
     held_out = frame[frame["query_id"].isin(split.test_ids)]
-    predictions = pd.DataFrame({"query_id": held_out["query_id"], "doc_id": held_out["doc_id"],
-                                "grade": pd.array([0] * len(held_out), dtype="Int64"),
-                                "expected_relevance": np.linspace(0, 1, len(held_out))})  # fmt: skip
+    predictions = pd.DataFrame(
+        {
+            "query_id": held_out["query_id"],
+            "doc_id": held_out["doc_id"],
+            "grade": pd.array([0] * len(held_out), dtype="Int64"),
+            "expected_relevance": np.linspace(0, 1, len(held_out)),
+        }
+    )
     calibrated = script.share_calibrated(predictions, frame.drop(columns="human"), [split], "recorded:judge")
     counts = np.bincount(frame.loc[frame["query_id"].isin(split.train_ids), "recorded:judge"], minlength=4)
-    assert np.bincount(calibrated["grade"].astype(int), minlength=4).tolist() == (counts * len(held_out) // counts.sum()).tolist()
+    assert (
+        np.bincount(calibrated["grade"].astype(int), minlength=4).tolist()
+        == (counts * len(held_out) // counts.sum()).tolist()
+    )
     assert calibrated["expected_relevance"].equals(predictions["expected_relevance"])  # ranking unchanged
     assert calibrated.loc[calibrated["expected_relevance"].idxmax(), "grade"] == 3
 
@@ -271,19 +309,37 @@ def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tin
 
     pairs = [(r["query"], r["document"]) for r in RECORDS]
     student = tp.load_student(tiny_model_dir, max_length=256)
-    measurements, extras = tp.run_all(pairs, student, batch_sizes=[4], teacher_pairs=[], naive_pairs=pairs[:1],
-                                      variants=["bfloat16"], other_students=[("minilm", labeler)], log=lambda _: None)
+    measurements, extras = tp.run_all(
+        pairs,
+        student,
+        batch_sizes=[4],
+        teacher_pairs=[],
+        naive_pairs=pairs[:1],
+        variants=["bfloat16"],
+        other_students=[("minilm", labeler)],
+        log=lambda _: None,
+    )
     kinds = [(m.kind, m.variant) for m in measurements]
-    assert kinds == [("naive_generate", None), ("single_pass", None), ("single_pass", "bfloat16"),
-                     ("single_pass_other", None), ("single_pass_other", "bfloat16")]
+    assert kinds == [
+        ("naive_generate", None),
+        ("single_pass", None),
+        ("single_pass", "bfloat16"),
+        ("single_pass_other", None),
+        ("single_pass_other", "bfloat16"),
+    ]
     other = measurements[3]
-    assert other.prompt_tokens_per_pair == pytest.approx(sum(len(labeler.encode_pair(q, d)[0]) for q, d in pairs) / len(pairs))
+    assert other.prompt_tokens_per_pair == pytest.approx(
+        sum(len(labeler.encode_pair(q, d)[0]) for q, d in pairs) / len(pairs)
+    )
     assert extras["variant_agreement"]["minilm bfloat16"]["grade_agreement"] >= 0.75
     assert next(labeler.model.parameters()).dtype == torch.float32  # the bfloat16 copy left the original alone
     summary = tp.summarize(measurements, tp.machine_info(), {})
-    assert summary["other_students"]["minilm"]["labels_per_second"] == max(m.labels_per_second for m in measurements[3:])
-    ce_only, _ = tp.run_all(pairs, labeler, batch_sizes=[4], teacher_pairs=[], variants=["prefix_cache", "int8"],
-                            log=lambda _: None)  # fmt: skip
+    assert summary["other_students"]["minilm"]["labels_per_second"] == max(
+        m.labels_per_second for m in measurements[3:]
+    )
+    ce_only, _ = tp.run_all(
+        pairs, labeler, batch_sizes=[4], teacher_pairs=[], variants=["prefix_cache", "int8"], log=lambda _: None
+    )
     assert [m.kind for m in ce_only] == ["single_pass"]  # no generate(), no decoder variants for an encoder
 
 
@@ -324,10 +380,15 @@ def test_ordinal_loss_is_the_mean_binary_cross_entropy_of_the_cumulative_logits(
     records = RECORDS[:4]
     config = CrossEncoderConfig(objective="ordinal")
     targets = torch.tensor(training_labels(records, config))
-    loss = training_loss(model, records, config)([[r["query"] for r in records], [r["document"] for r in records]],
-                                                 list(targets))
-    logits = torch.tensor(model.predict([(r["query"], r["document"]) for r in records], activation_fn=torch.nn.Identity()))
-    by_hand = -(targets * torch.nn.functional.logsigmoid(logits) + (1 - targets) * torch.nn.functional.logsigmoid(-logits))
+    loss = training_loss(model, records, config)(
+        [[r["query"] for r in records], [r["document"] for r in records]], list(targets)
+    )
+    logits = torch.tensor(
+        model.predict([(r["query"], r["document"]) for r in records], activation_fn=torch.nn.Identity())
+    )
+    by_hand = -(
+        targets * torch.nn.functional.logsigmoid(logits) + (1 - targets) * torch.nn.functional.logsigmoid(-logits)
+    )
     assert loss.item() == pytest.approx(by_hand.mean().item(), rel=1e-4)
 
 
@@ -343,11 +404,67 @@ def test_cumulative_probabilities_give_a_distribution_even_when_not_monotone():
 
 
 def test_ordinal_head_trains_and_labels_through_the_shared_interface(tmp_path):
-    manifest = train_cross_encoder(RECORDS, tmp_path, CrossEncoderConfig(objective="ordinal", max_steps=2, batch_size=4,
-                                                                         max_length=64, logging_steps=1))
+    manifest = train_cross_encoder(
+        RECORDS,
+        tmp_path,
+        CrossEncoderConfig(objective="ordinal", max_steps=2, batch_size=4, max_length=64, logging_steps=1),
+    )
     assert manifest["method"] == "cross-encoder-ordinal"
     labeler = load_labeler(tmp_path)
     assert labeler.objective == "ordinal"
     rows = labeler.label_records(RECORDS, "ordinal", progress=False)
-    assert all(math.isclose(sum(r["distribution"]), 1.0, abs_tol=1e-6) and 0 <= r["expected_relevance"] <= 3 for r in rows)
+    assert all(
+        math.isclose(sum(r["distribution"]), 1.0, abs_tol=1e-6) and 0 <= r["expected_relevance"] <= 3 for r in rows
+    )
     assert [r["grade"] for r in rows] == [int(np.argmax(r["distribution"])) for r in rows]
+
+
+def test_a_family_loads_a_student_from_its_training_output_folder(tiny_model_dir, tmp_path):
+    from labeler_utils.distill import DistillConfig, train_student
+    from labeler_utils.families import get_family
+
+    records = [{**r, "grade": r["grade"]} for r in RECORDS]
+    train_student(
+        records,
+        tmp_path,
+        DistillConfig(base_model=str(tiny_model_dir), max_steps=1, batch_size=4, max_length=128, logging_steps=1),
+    )
+    labeler = get_family("causal_lm").load(tmp_path)  # the folder above adapter/
+    assert isinstance(labeler, StudentLabeler) and labeler.max_length == 128
+
+
+def test_script_summary_has_the_headline_keys(script):
+    interval = {"estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    labelers = {
+        name: {"metrics": {"qwk": {**interval, "estimate": qwk}, script.SPEARMAN: interval}}
+        for name, qwk in (
+            ("recorded:t", 0.58),
+            (script.COSINE_LABELER, 0.4),
+            ("minilm-bi-encoder distilled", 0.45),
+            ("minilm-bi-encoder distilled, share-calibrated", 0.47),
+        )
+    }
+    report = {
+        "protocol": "5-fold",
+        "splits": [{"test_queries": ["a", "b"]}, {"test_queries": ["c"]}],
+        "evaluation_sets": [{"tag": "all", "title": "All held-out pairs", "pairs": 30, "labelers": labelers}],
+        "command": "x",
+        "date": "d",
+    }
+    summary = script.summary(report, ["minilm-bi-encoder"], "recorded:t")
+    assert {"queries", "folds", "teacher_qwk", "default_student", "default_student_qwk", "cosine_qwk"} <= set(summary)
+    assert summary["queries"] == 3 and summary["folds"] == 2 and summary["teacher_qwk"] == 0.58
+    assert summary["cosine_qwk"] == 0.4 and summary["best_student"] == "minilm-bi-encoder"
+    assert summary["students"]["minilm-bi-encoder"]["qwk_share_calibrated"] == 0.47
+    assert summary["default_student"] == script.DEFAULT_STUDENT or summary["default_student"] is None
+
+
+def test_script_students_each_build_a_config_of_their_family(script):
+    for name, spec in script.STUDENTS.items():
+        config = script.student_config(spec, None, seed=3, soft_labels=False, bf16=True)
+        assert config.seed == 3, name
+    assert script.STUDENTS["minilm-bi-encoder-committee"].label_column("recorded:t") == script.COMMITTEE
+    assert (
+        script.STUDENTS["minilm-bi-encoder-from-llama3-8b"].label_column("recorded:t") == "recorded:llama3_8b_umbrela"
+    )
+    assert script.STUDENTS["minilm-bi-encoder"].label_column("recorded:t") == "recorded:t"

@@ -20,7 +20,10 @@ from labeler_utils.documents import (
     Document,
     chunk_documents,
     chunk_text,
+    document_table,
     load_corpus,
+    plot_chunk_lengths,
+    plot_corpus,
 )
 from labeler_utils.domain import ConfigError, declared_parameters, load_pipeline_config, route_parameters
 from labeler_utils.hard_negatives import document_groups, source_id
@@ -46,8 +49,12 @@ def test_default_suffixes_still_load_only_markdown_and_text():
 
 def test_markdown_front_matter_and_text_file_metadata(corpus):
     md = corpus["wiki/it/reset-badge-pin.md"]
-    assert (md.title, md.author, md.date, md.doc_type) == ("Reset your door badge PIN", "Noor Haddad", "2025-03-14",
-                                                            "wiki_howto")  # fmt: skip
+    assert (md.title, md.author, md.date, md.doc_type) == (
+        "Reset your door badge PIN",
+        "Noor Haddad",
+        "2025-03-14",
+        "wiki_howto",
+    )
     assert (md.file_name, md.path, md.metadata) == ("reset-badge-pin.md", "wiki/it", {"department": "Facilities"})
     txt = corpus["wiki/meeting-room-etiquette.txt"]
     assert (txt.title, txt.path, txt.author) == ("meeting room etiquette", "wiki", "")  # title from the file name
@@ -55,8 +62,12 @@ def test_markdown_front_matter_and_text_file_metadata(corpus):
 
 def test_html_title_meta_and_visible_text_only(corpus):
     page = corpus["wiki/it/printer-setup.html"]
-    assert (page.title, page.author, page.date, page.doc_type) == ("Printer set-up & scanning", "Ivo Petrov",
-                                                                   "2024-11-02", "wiki_howto")  # fmt: skip
+    assert (page.title, page.author, page.date, page.doc_type) == (
+        "Printer set-up & scanning",
+        "Ivo Petrov",
+        "2024-11-02",
+        "wiki_howto",
+    )
     assert page.text.split("\n\n") == [
         "Printer set-up",
         "Add the printer FLOOR2-MFP from the Software Centre; the driver installs itself.",
@@ -68,8 +79,12 @@ def test_html_title_meta_and_visible_text_only(corpus):
 
 def test_json_object_list_and_jsonl_records(corpus):
     single = corpus["exports/holiday-policy.json"]
-    assert (single.title, single.author, single.date, single.metadata) == ("Holiday policy 2025", "Mina Kovacs",
-                                                                           "2025-01-06", {"department": "HR"})  # fmt: skip
+    assert (single.title, single.author, single.date, single.metadata) == (
+        "Holiday policy 2025",
+        "Mina Kovacs",
+        "2025-01-06",
+        {"department": "HR"},
+    )
     assert corpus["exports/faq.json#vpn"].text.startswith("Update the VPN client")  # body field, id field
     assert corpus["exports/faq.json#2"].title == "Expense receipts"  # no id: its position
     ticket = corpus["exports/tickets.jsonl#INC-102"]  # a blank line before it changes nothing
@@ -121,20 +136,26 @@ def _pdf_bytes(text: str, title: str, author: str) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pypdf") is None,
-                    reason="pypdf (optional extra 'documents') is not installed")  # fmt: skip
+@pytest.mark.skipif(
+    importlib.util.find_spec("pypdf") is None, reason="pypdf (optional extra 'documents') is not installed"
+)
 def test_pdf_text_layer_and_metadata(tmp_path):
     (tmp_path / "policies").mkdir()
     text = "Visitors must sign in at reception and wear a visitor badge at all times."
     (tmp_path / "policies" / "visitors.pdf").write_bytes(_pdf_bytes(text, "Visitor policy", "Ana Silva"))
     [doc] = load_corpus(tmp_path, (".pdf",))
-    assert (doc.doc_id, doc.title, doc.author, doc.date) == ("policies/visitors.pdf", "Visitor policy", "Ana Silva",
-                                                             "2025-02-03")  # fmt: skip
+    assert (doc.doc_id, doc.title, doc.author, doc.date) == (
+        "policies/visitors.pdf",
+        "Visitor policy",
+        "Ana Silva",
+        "2025-02-03",
+    )
     assert doc.text == text and doc.metadata == {"pages": 1}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("docx") is None,
-                    reason="python-docx (optional extra 'documents') is not installed")  # fmt: skip
+@pytest.mark.skipif(
+    importlib.util.find_spec("docx") is None, reason="python-docx (optional extra 'documents') is not installed"
+)
 def test_docx_paragraphs_tables_and_core_properties(tmp_path):
     import docx
 
@@ -149,15 +170,21 @@ def test_docx_paragraphs_tables_and_core_properties(tmp_path):
     word.save(tmp_path / "rota.docx")
     [doc] = load_corpus(tmp_path, (".docx",))
     assert (doc.title, doc.author, doc.date, doc.doc_type) == ("On-call rota", "Sam Lee", "2025-04-01", "rota")
-    assert doc.text.split("\n\n") == ["The on-call engineer answers pages within fifteen minutes, day and night.",
-                                      "Week 14 | Sam Lee"]  # fmt: skip
+    assert doc.text.split("\n\n") == [
+        "The on-call engineer answers pages within fifteen minutes, day and night.",
+        "Week 14 | Sam Lee",
+    ]
 
 
-@pytest.mark.parametrize(("suffix", "module", "package"), [(".pdf", "pypdf", "pypdf"), (".docx", "docx", "python-docx")])
+@pytest.mark.parametrize(
+    ("suffix", "module", "package"), [(".pdf", "pypdf", "pypdf"), (".docx", "docx", "python-docx")]
+)
 def test_a_missing_optional_extra_says_how_to_install_it(suffix, module, package, tmp_path, monkeypatch):
     (tmp_path / f"file{suffix}").write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
-    with pytest.raises(ModuleNotFoundError, match=rf"pip install 'labeler-utils\[documents\]' \(or pip install {package}\)"):
+    with pytest.raises(
+        ModuleNotFoundError, match=rf"pip install 'labeler-utils\[documents\]' \(or pip install {package}\)"
+    ):
         load_corpus(tmp_path, (suffix,))
 
 
@@ -197,8 +224,12 @@ def test_chunk_ids_are_siblings_for_the_hard_negative_guard():
     long_doc = Document(doc_id="kb/handbook.md", title="Handbook", text=_paragraphs(40, 40, 40), metadata={"a": 1})
     short_doc = Document(doc_id="kb/note.md", title="Note", text=_paragraphs(10))
     chunks = chunk_documents([long_doc, short_doc], ChunkPolicy(max_words=50, overlap_words=5))
-    assert [c.doc_id for c in chunks] == ["kb/handbook.md#chunk-1", "kb/handbook.md#chunk-2", "kb/handbook.md#chunk-3",
-                                          "kb/note.md"]  # fmt: skip
+    assert [c.doc_id for c in chunks] == [
+        "kb/handbook.md#chunk-1",
+        "kb/handbook.md#chunk-2",
+        "kb/handbook.md#chunk-3",
+        "kb/note.md",
+    ]
     assert chunks[1].metadata == {"a": 1, "chunk": 2, "chunks": 3, "source_doc_id": "kb/handbook.md"}
     assert chunks[1].title == "Handbook" and {source_id(c.doc_id) for c in chunks[:3]} == {"kb/handbook.md"}
     groups = document_groups([c.doc_id for c in chunks], [])
@@ -208,7 +239,40 @@ def test_chunk_ids_are_siblings_for_the_hard_negative_guard():
 def test_load_corpus_applies_the_chunk_policy():
     docs = load_corpus(PROJECT_ROOT / "data" / "second_domain_corpus", chunking=ChunkPolicy(150, 25))
     assert len(docs) > 27 and all(len(d.text.split()) <= 150 for d in docs)
-    assert {source_id(d.doc_id) for d in docs} == {d.doc_id for d in load_corpus(PROJECT_ROOT / "data" / "second_domain_corpus")}
+    assert {source_id(d.doc_id) for d in docs} == {
+        d.doc_id for d in load_corpus(PROJECT_ROOT / "data" / "second_domain_corpus")
+    }
+
+
+def test_document_table_adds_file_type_and_length(corpus):
+    table = document_table(corpus.values()).set_index("doc_id")
+    assert table.loc["wiki/it/reset-badge-pin.md", ["title", "file_type", "words"]].tolist() == [
+        corpus["wiki/it/reset-badge-pin.md"].title,
+        ".md",
+        46,
+    ]
+    assert table["file_type"].value_counts().to_dict() == {".json": 3, ".jsonl": 2, ".html": 1, ".md": 1, ".txt": 1}
+    assert list(document_table([]).columns[-2:]) == ["file_type", "words"]
+
+
+def test_plot_corpus_counts_types_file_types_and_lengths(corpus):
+    types_ax, files_ax, words_ax = plot_corpus(document_table(corpus.values())).axes
+    assert [bar.get_width() for bar in types_ax.patches] == [1, 2, 2, 3]  # policy, faq, wiki_howto, (none): ascending
+    assert [bar.get_height() for bar in files_ax.patches] == [3, 2, 1, 1, 1]
+    assert len(words_ax.patches) == 20 and sum(bar.get_height() for bar in words_ax.patches) == len(corpus)
+
+
+def test_plot_chunk_lengths_shows_documents_beside_chunks_and_the_limit():
+    chunks = chunk_documents(
+        [Document("a", "A", _paragraphs(40, 40, 40)), Document("b", "B", _paragraphs(10))],
+        ChunkPolicy(max_words=50, overlap_words=5),
+    )
+    figure = plot_chunk_lengths([120, 10], [len(c.text.split()) for c in chunks], max_words=50)
+    (ax,) = figure.axes
+    assert len(ax.patches) == 2 * 15
+    assert sum(bar.get_height() for bar in ax.patches[:15]) == 2 and sum(b.get_height() for b in ax.patches[15:]) == 4
+    assert [line.get_xdata()[0] for line in ax.lines] == [50]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["documents", "chunks", "max_words = 50"]
 
 
 def test_chunk_policy_is_checked():
@@ -238,11 +302,19 @@ def notebooks_dir(tmp_path) -> Path:
     folder = tmp_path / "notebooks"
     folder.mkdir()
     for stage, source in FAKE_PARAMETERS.items():
-        cells = [{"cell_type": "markdown", "metadata": {}, "source": ["# x"]},
-                 {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": source.splitlines(keepends=True),
-                  "outputs": [], "execution_count": None}]  # fmt: skip
-        (folder / f"{stage}.ipynb").write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4,
-                                                           "nbformat_minor": 5}))  # fmt: skip
+        cells = [
+            {"cell_type": "markdown", "metadata": {}, "source": ["# x"]},
+            {
+                "cell_type": "code",
+                "metadata": {"tags": ["parameters"]},
+                "source": source.splitlines(keepends=True),
+                "outputs": [],
+                "execution_count": None,
+            },
+        ]
+        (folder / f"{stage}.ipynb").write_text(
+            json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+        )
     return folder
 
 
@@ -259,8 +331,12 @@ def test_declared_parameters_are_read_even_where_papermill_gives_up(notebooks_di
 
 
 def test_each_parameter_goes_only_to_the_notebooks_that_declare_it(notebooks_dir):
-    routed = route_parameters({"corpus_dir": "/c", "llm_base_url": "http://x", "student_model": "m"}, STAGES,
-                              {"05_distill": {"max_steps": 3}}, notebooks_dir)  # fmt: skip
+    routed = route_parameters(
+        {"corpus_dir": "/c", "llm_base_url": "http://x", "student_model": "m"},
+        STAGES,
+        {"05_distill": {"max_steps": 3}},
+        notebooks_dir,
+    )
     assert routed["00_setup"] == {} and routed["03_hard_negatives"] == {}
     assert routed["01_seed_documents"] == routed["06_evaluate"] == {"corpus_dir": "/c"}
     assert routed["02_query_synthesis"] == {"llm_base_url": "http://x"}
@@ -271,10 +347,17 @@ def test_each_parameter_goes_only_to_the_notebooks_that_declare_it(notebooks_dir
 
 def test_config_file_resolves_paths_from_its_folder_and_routes(notebooks_dir, tmp_path):
     (tmp_path / "docs").mkdir()
-    path = write_config(tmp_path, "profile: full\nrun_id: hospital\ncorpus_dir: ../docs\nbenchmark_path: ir_datasets:x/y\n"
-                                  "stages: [01_seed_documents, 04_teacher_labels]\nnotebooks:\n  05_distill: {max_steps: 2}\n")
+    path = write_config(
+        tmp_path,
+        "profile: full\nrun_id: hospital\ncorpus_dir: ../docs\nbenchmark_path: ir_datasets:x/y\n"
+        "stages: [01_seed_documents, 04_teacher_labels]\nnotebooks:\n  05_distill: {max_steps: 2}\n",
+    )
     config = load_pipeline_config(path, notebooks_dir=notebooks_dir)
-    assert (config.profile, config.run_id, config.stages) == ("full", "hospital", ("01_seed_documents", "04_teacher_labels"))
+    assert (config.profile, config.run_id, config.stages) == (
+        "full",
+        "hospital",
+        ("01_seed_documents", "04_teacher_labels"),
+    )
     assert config.parameters == {"corpus_dir": str((tmp_path / "docs").resolve()), "benchmark_path": "ir_datasets:x/y"}
     routed = config.stage_parameters()
     assert set(routed) == {"01_seed_documents", "04_teacher_labels"}
@@ -284,12 +367,18 @@ def test_config_file_resolves_paths_from_its_folder_and_routes(notebooks_dir, tm
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("corpus_dir: ../docs\ntype_weigths: {keyword: 1}\n", "'type_weigths' is not a parameter of any notebook "
-                                                               r"\(did you mean 'type_weights'\?\)"),
+        (
+            "corpus_dir: ../docs\ntype_weigths: {keyword: 1}\n",
+            "'type_weigths' is not a parameter of any notebook "
+            r"\(did you mean 'type_weights'\?\)",
+        ),
         ("corpus_dir: ../nowhere\n", "corpus_dir .*nowhere is not a folder"),
         ("profile: huge\n", "profile 'huge' is not one of"),
         ("stages: [01_seed_documents, 08_magic]\n", "stages must be a list of"),
-        ("notebooks:\n  05_distil: {max_steps: 2}\n", r"'05_distil' is not a notebook of the pipeline \(did you mean '05_distill'"),
+        (
+            "notebooks:\n  05_distil: {max_steps: 2}\n",
+            r"'05_distil' is not a notebook of the pipeline \(did you mean '05_distill'",
+        ),
         ("notebooks:\n  05_distill: {corpus_dir: x}\n", "'corpus_dir' is not a parameter of notebook 05_distill"),
         ("run_dir: runs/x\n", "'run_dir' is set by the pipeline"),
         ("corpus_dir: [unclosed\n", "not valid YAML"),
@@ -355,14 +444,18 @@ def test_second_domain_runs_through_notebook_09(tmp_path):
     assert metrics["documents"] == metrics["documents_loaded_by_stage_01"] == 27
     assert metrics["benchmark_pairs"] == 48 and metrics["preview_passages"] > 27
     sub_run = Path(metrics["sub_run"])
-    documents = [json.loads(line) for line in (sub_run / "01_seed_documents" / "documents.jsonl").read_text().splitlines()]
+    documents = [
+        json.loads(line) for line in (sub_run / "01_seed_documents" / "documents.jsonl").read_text().splitlines()
+    ]
     assert {d["doc_type"] for d in documents} >= {"clinical_procedure", "pharmacy_policy", "incident_report"}
     queries = [json.loads(q) for q in (sub_run / "02_query_synthesis" / "queries.jsonl").read_text().splitlines()]
     assert queries and all(q["seed_doc_id"] in {d["doc_id"] for d in documents} for q in queries)
     assert (sub_run / "03_hard_negatives" / "pairs.jsonl").exists()
     stage = metrics["stage_metrics"]
     assert stage["04_teacher_labels"]["graded"] > 0
-    assert "hospital's procedure or policy" in (sub_run / "notebooks" / "04_teacher_labels.ipynb").read_text()  # label_scale
+    assert (
+        "hospital's procedure or policy" in (sub_run / "notebooks" / "04_teacher_labels.ipynb").read_text()
+    )  # label_scale
     assert stage["05_distill"]["family"] == "cross_encoder" and stage["05_distill"]["train_examples"] > 0
     report = json.loads((sub_run / "06_evaluate" / "report.json").read_text())
     assert "student_distilled" in json.dumps(report)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
+import tomllib
 import yaml
 
 from labeler_utils.config import PROJECT_ROOT
@@ -16,8 +16,11 @@ def _name(requirement: str) -> str:
 
 def test_environment_yml_agrees_with_pyproject():
     project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["documents"]) | set(
-        project["optional-dependencies"]["dev"])
+    wanted = (
+        set(project["dependencies"])
+        | set(project["optional-dependencies"]["documents"])
+        | set(project["optional-dependencies"]["dev"])
+    )
     environment = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     listed = {r for r in pip_section if not r.startswith("-e")}

@@ -460,16 +460,34 @@ def test_plots_return_figures() -> None:
 
 
 def test_report_sets_aside_a_labeler_without_any_grade(tmp_path):
-    frame = pd.DataFrame({
-        "query_id": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
-        "doc_id": [str(i) for i in range(12)],
-        "query": ["vpn timeout"] * 12,
-        "document": [f"document {i} about vpn" for i in range(12)],
-        "human": [0, 1, 2, 3] * 3,
-        "good": [0, 1, 2, 3] * 3,
-        "silent": pd.array([None] * 12, dtype="Int64"),
-    })
+    frame = pd.DataFrame(
+        {
+            "query_id": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+            "doc_id": [str(i) for i in range(12)],
+            "query": ["vpn timeout"] * 12,
+            "document": [f"document {i} about vpn" for i in range(12)],
+            "human": [0, 1, 2, 3] * 3,
+            "good": [0, 1, 2, 3] * 3,
+            "silent": pd.array([None] * 12, dtype="Int64"),
+        }
+    )
     report = ev.evaluation_report(frame, ["good", "silent"], tmp_path, n_boot=20)
     assert report["labelers_without_grades"] == ["silent"]
     assert list(report["labelers"]) == ["good"]
     assert report["labelers"]["good"]["metrics"]["accuracy"]["estimate"] == 1.0
+
+
+def test_ndcg_equals_trec_eval_through_ir_measures_when_no_scores_tie():
+    """Without ties the tie-aware nDCG is trec_eval's (through ir-measures); with ties it averages over tie orders."""
+    import ir_measures
+    from ir_measures import nDCG
+
+    rng = np.random.default_rng(0)
+    qrels, run, ours = [], [], {}
+    for q in range(6):
+        grades, scores = rng.integers(0, 4, size=25), rng.normal(size=25)
+        qrels += [ir_measures.Qrel(f"q{q}", f"d{d}", int(g)) for d, g in enumerate(grades)]
+        run += [ir_measures.ScoredDoc(f"q{q}", f"d{d}", float(s)) for d, s in enumerate(scores)]
+        ours[f"q{q}"] = ev.ndcg(scores, grades, k=10)
+    theirs = {m.query_id: m.value for m in ir_measures.iter_calc([nDCG @ 10], qrels, run)}
+    assert theirs == pytest.approx(ours, abs=1e-9)

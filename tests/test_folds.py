@@ -21,15 +21,28 @@ def write_pairs(path: Path, query_ids: list[str], pairs_per_query: int = 8, judg
     with path.open("w") as handle:
         for q in query_ids:
             for d in range(pairs_per_query):
-                handle.write(json.dumps({"qid": q, "docid": f"{q}-d{d}", "query": f"query {q}", "passage": f"passage {d}",
-                                         "human": d % 4, "llm_labels": {j: (d + 1) % 4 for j in judges}}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "qid": q,
+                            "docid": f"{q}-d{d}",
+                            "query": f"query {q}",
+                            "passage": f"passage {d}",
+                            "human": d % 4,
+                            "llm_labels": {j: (d + 1) % 4 for j in judges},
+                        }
+                    )
+                    + "\n"
+                )
     return path
 
 
 @pytest.fixture
 def two_files(tmp_path: Path) -> list[Path]:
-    return [write_pairs(tmp_path / "year-a" / "pairs.jsonl", [f"a{i}" for i in range(6)]),
-            write_pairs(tmp_path / "year-b" / "pairs.jsonl", [f"b{i}" for i in range(4)])]
+    return [
+        write_pairs(tmp_path / "year-a" / "pairs.jsonl", [f"a{i}" for i in range(6)]),
+        write_pairs(tmp_path / "year-b" / "pairs.jsonl", [f"b{i}" for i in range(4)]),
+    ]
 
 
 def test_several_pair_files_are_one_table_with_their_source(two_files):
@@ -81,7 +94,9 @@ def test_a_split_refuses_a_query_on_both_sides():
 
 
 def records(grades_by_query: dict[str, list[int]]) -> list[dict]:
-    return [{"query_id": q, "doc_id": f"{q}-{i}", "grade": g} for q, gs in grades_by_query.items() for i, g in enumerate(gs)]
+    return [
+        {"query_id": q, "doc_id": f"{q}-{i}", "grade": g} for q, gs in grades_by_query.items() for i, g in enumerate(gs)
+    ]
 
 
 def test_pairs_per_query_cap_keeps_each_grade_in_proportion():
@@ -118,3 +133,35 @@ def test_source_name_uses_the_folder_of_a_generic_file_name(tmp_path):
     assert folds.source_name(Path("x/trec-dl-2020/pairs.jsonl")) == "trec-dl-2020"
     assert folds.source_name(Path("x/my_judged.jsonl")) == "my_judged"
     assert isinstance(folds.load_pair_files([write_pairs(tmp_path / "p.jsonl", ["q"])]), pd.DataFrame)
+
+
+def test_the_committee_distribution_is_the_share_of_judges_per_grade():
+    from labeler_utils.teacher import add_committee, labels_from_frame
+
+    frame = pd.DataFrame(
+        {
+            "query_id": ["q"] * 3,
+            "query": ["x"] * 3,
+            "doc_id": ["a", "b", "c"],
+            "document": ["t"] * 3,
+            "j1": pd.array([3, 0, None], dtype="Int64"),
+            "j2": pd.array([1, 0, None], dtype="Int64"),
+            "j3": pd.array([3, None, None], dtype="Int64"),
+        }
+    )
+    out = add_committee(frame, ["j1", "j2", "j3"])
+    assert out.loc[0, [f"committee:p{g}" for g in range(4)]].tolist() == pytest.approx([0, 1 / 3, 0, 2 / 3])
+    assert out.loc[1, [f"committee:p{g}" for g in range(4)]].tolist() == pytest.approx([1, 0, 0, 0])  # j3 did not grade
+    assert out["committee"].tolist()[:2] == [2, 0]  # 7/3 is nearest grade 2
+    assert out["committee"].isna().tolist() == [False, False, True]  # no judge graded the third pair
+    records = labels_from_frame(out, "committee", "committee", distribution_prefix="committee")
+    assert [r["doc_id"] for r in records] == ["a", "b"]
+    assert records[0]["distribution"] == pytest.approx([0, 1 / 3, 0, 2 / 3]) and records[0]["grade"] == 2
+    tie = add_committee(frame.assign(j3=pd.array([1, None, None], dtype="Int64")), ["j1", "j2", "j3"])
+    assert tie.loc[0, "committee"] == 2  # expected 5/3 -> nearest 2
+    two = add_committee(frame, ["j1", "j2"])
+    assert two.loc[0, "committee"] == 2  # expected exactly 2
+    halfway = add_committee(frame.assign(j2=pd.array([2, 0, None], dtype="Int64")), ["j1", "j2"])
+    assert halfway.loc[0, "committee"] == 2  # expected 2.5: the tie goes down
+    with pytest.raises(ValueError, match="at least one"):
+        add_committee(frame, [])

@@ -93,7 +93,9 @@ def test_atomic_write_gives_the_mode_the_umask_allows(umask, tmp_path):
     finally:
         os.umask(old)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
-        "manifest.json": 0o666 & ~umask, "weights.bin": 0o666 & ~umask}
+        "manifest.json": 0o666 & ~umask,
+        "weights.bin": 0o666 & ~umask,
+    }
 
 
 def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -109,14 +111,20 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monke
 
 def test_importing_peft_prints_no_bitsandbytes_kernels_notice():
     """peft imports bitsandbytes even when no 4-bit model is used; its notice about ``kernels`` is dropped."""
-    done = subprocess.run([sys.executable, "-c", "import labeler_utils, peft"], capture_output=True, text=True,
-                          timeout=300, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", "import labeler_utils, peft"], capture_output=True, text=True, timeout=300, check=True
+    )
     assert "kernels" not in done.stderr, done.stderr
 
 
 def test_parse_document_takes_metadata_from_front_matter_and_path():
     doc = parse_document(DOC, "it/runbooks/vpn-timeout.md", "corpus/it/runbooks/vpn-timeout.md")
-    assert (doc.title, doc.author, doc.date, doc.doc_type) == ("VPN Timeout Runbook", "Ana Silva", "2025-03-14", "runbook")
+    assert (doc.title, doc.author, doc.date, doc.doc_type) == (
+        "VPN Timeout Runbook",
+        "Ana Silva",
+        "2025-03-14",
+        "runbook",
+    )
     assert (doc.file_name, doc.path, doc.metadata) == ("vpn-timeout.md", "it/runbooks", {"department": "IT"})
     card = document_card(doc)
     assert card.startswith("Title: VPN Timeout Runbook\nFile: it/runbooks/vpn-timeout.md\nAuthor: Ana Silva")
@@ -184,17 +192,34 @@ def test_bundled_model_converts_to_a_loadable_folder():
 def test_pipeline_report_lists_stages_and_metrics(tmp_path):
     record_metrics(tmp_path, "05_distill", {"train_loss": 0.5, "method": "lora", "history": [1, 2]})
     assert stage_metrics(tmp_path, "05_distill")["method"] == "lora"
-    report = render_report({"profile": "smoke", "run_dir": str(tmp_path), "machine": "test", "total_seconds": 3.0,
-                            "seconds": {"05_distill": 3.0}, "metrics": {"05_distill": stage_metrics(tmp_path, "05_distill")}})
+    report = render_report(
+        {
+            "profile": "smoke",
+            "run_dir": str(tmp_path),
+            "machine": "test",
+            "total_seconds": 3.0,
+            "seconds": {"05_distill": 3.0},
+            "metrics": {"05_distill": stage_metrics(tmp_path, "05_distill")},
+        }
+    )
     assert "| 05_distill | 3 | train_loss=0.500, method=lora |" in report
 
 
 def test_pipeline_report_says_what_the_agreement_figures_mean(tmp_path):
     run = config.PROJECT_ROOT / "runs" / "smoke-test"
-    report = render_report({"profile": "smoke", "run_dir": str(run), "machine": "test", "total_seconds": 3.0,
-                            "seconds": {"06_evaluate": 3.0}, "metrics": {"06_evaluate": {"teacher qwk": 0.1}}})
+    report = render_report(
+        {
+            "profile": "smoke",
+            "run_dir": str(run),
+            "machine": "test",
+            "total_seconds": 3.0,
+            "seconds": {"06_evaluate": 3.0},
+            "metrics": {"06_evaluate": {"teacher qwk": 0.1}},
+        }
+    )
     assert "exercise the pipeline" in report and "not how good the labels are" in report
-    link = re.search(r"\[Reproducing the central claim[^\]]*\]\(([^)#]+)#reproducing-the-central-claim-on-trec-dl-2019\)",
-                     report)  # fmt: skip
+    link = re.search(
+        r"\[Reproducing the central claim[^\]]*\]\(([^)#]+)#reproducing-the-central-claim-on-trec-dl-2019\)", report
+    )
     assert link and (run / link.group(1)).resolve() == config.PROJECT_ROOT / "README.md"
     assert "## Reproducing the central claim on TREC DL 2019" in (config.PROJECT_ROOT / "README.md").read_text()

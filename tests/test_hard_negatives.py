@@ -8,11 +8,13 @@ import pickle
 from pathlib import Path
 
 import pytest
+from conftest import chat_response, scripted_client
 from matplotlib.figure import Figure
 
 from labeler_utils import hard_negatives as hn
 from labeler_utils.artifacts import read_jsonl
 from labeler_utils.documents import Document
+from labeler_utils.llm_client import Endpoint, LLMClient
 
 DATA = Path(__file__).parent / "data"
 
@@ -29,8 +31,14 @@ def ranked_corpus() -> list[Document]:
 
 
 def query(query_id: str, seed_doc_id: str, text: str = "alpha") -> dict:
-    return {"query_id": query_id, "query": text, "query_type": "keyword", "seed_doc_id": seed_doc_id,
-            "generator_model": "fake-teacher", "prompt_hash": "h" * 64}
+    return {
+        "query_id": query_id,
+        "query": text,
+        "query_type": "keyword",
+        "seed_doc_id": seed_doc_id,
+        "generator_model": "fake-teacher",
+        "prompt_hash": "h" * 64,
+    }
 
 
 def roles(pairs: list[dict], role: str) -> list[tuple[str, int | None]]:
@@ -42,19 +50,39 @@ def roles(pairs: list[dict], role: str) -> list[tuple[str, int | None]]:
 
 def test_tokenizer_keeps_identifiers_and_file_names():
     tokens = hn.Tokenizer()("INC-20517: PAY-4012 timeouts in the atlas-nightly-load-recovery.md runbook")
-    assert tokens == ["inc", "20517", "pay", "4012", "timeout", "atlas", "night", "load", "recoveri", "md",
-                      "runbook", "inc-20517", "pay-4012", "atlas-nightly-load-recovery.md"]
+    assert tokens == [
+        "inc",
+        "20517",
+        "pay",
+        "4012",
+        "timeout",
+        "atlas",
+        "night",
+        "load",
+        "recoveri",
+        "md",
+        "runbook",
+        "inc-20517",
+        "pay-4012",
+        "atlas-nightly-load-recovery.md",
+    ]
     plain = hn.Tokenizer(hn.TokenizerSettings(stem=False, english_stop_words=False, identifiers=False))
     assert plain("Timeouts in the svc_auth v4.2.1") == ["timeouts", "in", "the", "svc", "auth", "v4", "2", "1"]
     assert hn.Tokenizer(hn.TokenizerSettings(lowercase=False, stem=False))("PAY-4012 Gateway") == [
-        "PAY", "4012", "Gateway", "PAY-4012"]
+        "PAY",
+        "4012",
+        "Gateway",
+        "PAY-4012",
+    ]
     assert hn.normalize_query("  PAY-4012   Timeout? ") == "pay 4012 timeout"
 
 
 def test_index_ranks_metadata_and_identifiers():
-    docs = [doc("a.md", "the gateway failed with PAY-4012 during the night", title="incident report"),
-            doc("b.md", "pay day is on the 25th; 4012 employees were paid", title="payroll faq"),
-            doc("c.md", "lunch menu for the week", title="canteen")]
+    docs = [
+        doc("a.md", "the gateway failed with PAY-4012 during the night", title="incident report"),
+        doc("b.md", "pay day is on the 25th; 4012 employees were paid", title="payroll faq"),
+        doc("c.md", "lunch menu for the week", title="canteen"),
+    ]
     index = hn.BM25Index.build(docs)
     assert index.search("PAY-4012")[0][0] == "a.md"  # the intact identifier outweighs the scattered parts
     assert index.search("payroll faq", top_k=1)[0][0] == "b.md"  # the title (metadata) is indexed
@@ -106,9 +134,11 @@ def test_a_pickled_index_is_never_unpickled_and_is_rebuilt(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- false-negative guard
 
-POLICY = ("Employees must not install unapproved software on company laptops. Report lost devices to the "
-          "service desk within 24 hours. Personal use of email is allowed when it is occasional and lawful. "
-          "Passwords must never be shared with colleagues or written down near the device.")
+POLICY = (
+    "Employees must not install unapproved software on company laptops. Report lost devices to the "
+    "service desk within 24 hours. Personal use of email is allowed when it is occasional and lawful. "
+    "Passwords must never be shared with colleagues or written down near the device."
+)
 
 
 def guard_corpus() -> list[Document]:
@@ -176,11 +206,15 @@ def test_rank_window_and_seed_exclusion():
     assert roles(pairs, "seed") == [("d4", 4)]
     assert roles(pairs, "hard_negative") == [("d3", 3), ("d5", 5)]  # ranks 3..5 without the seed
     assert stats.short_of_hard_negatives == 1 and stats.excluded_in_window == {"seed": 1}
-    pairs, _ = hn.mine_negatives([query("q1", "d1")], index, hn.MiningSettings(2, min_rank=0, max_rank=10,
-                                                                              random_share=0.0))
+    pairs, _ = hn.mine_negatives(
+        [query("q1", "d1")], index, hn.MiningSettings(2, min_rank=0, max_rank=10, random_share=0.0)
+    )
     assert roles(pairs, "hard_negative") == [("d2", 2), ("d3", 3)]
-    sampled, _ = hn.mine_negatives([query("q1", "d1")], index, hn.MiningSettings(
-        2, min_rank=0, max_rank=8, random_share=0.0, sampling="random", seed=5))
+    sampled, _ = hn.mine_negatives(
+        [query("q1", "d1")],
+        index,
+        hn.MiningSettings(2, min_rank=0, max_rank=8, random_share=0.0, sampling="random", seed=5),
+    )
     hard = roles(sampled, "hard_negative")
     assert len(hard) == 2 and all(2 <= rank <= 8 for _, rank in hard) and hard == sorted(hard, key=lambda x: x[1])
     with pytest.raises(ValueError, match="min_rank"):
@@ -203,9 +237,13 @@ def test_random_share_and_randoms_avoid_the_skipped_top_ranks():
     again, _ = hn.mine_negatives(queries, index, settings)
     assert again == pairs  # seeded
     assert stats.to_dict()["queries"] == 30
-    one_of_two, _ = hn.mine_negatives(queries[:1], index, hn.MiningSettings(2, min_rank=0, max_rank=5, random_share=0.25))
+    one_of_two, _ = hn.mine_negatives(
+        queries[:1], index, hn.MiningSettings(2, min_rank=0, max_rank=5, random_share=0.25)
+    )
     assert [p["role"] for p in one_of_two] == ["seed", "hard_negative", "random_negative"]  # 0.5 rounds up
-    all_random, _ = hn.mine_negatives(queries[:1], index, hn.MiningSettings(3, min_rank=0, max_rank=5, random_share=1.0))
+    all_random, _ = hn.mine_negatives(
+        queries[:1], index, hn.MiningSettings(3, min_rank=0, max_rank=5, random_share=1.0)
+    )
     assert [p["role"] for p in all_random] == ["seed"] + ["random_negative"] * 3
 
 
@@ -245,10 +283,16 @@ def test_leak_check_drops_or_raises():
     # and q2 keeps its seed pair but loses its negative d2, a benchmark document.
     assert {p["query_id"] for p in clean} == {"q2"}
     assert [p["doc_id"] for p in clean] == ["d3", "d1"]
-    assert report == {"on_leak": "drop", "benchmark_documents_policy": "exclude", "benchmark_queries": 2,
-                      "benchmark_documents": 2, "queries_matching_benchmark_query": 1,
-                      "queries_seeded_from_benchmark_document": 1, "pairs_with_benchmark_document": 2,
-                      "pairs_removed": 7}
+    assert report == {
+        "on_leak": "drop",
+        "benchmark_documents_policy": "exclude",
+        "benchmark_queries": 2,
+        "benchmark_documents": 2,
+        "queries_matching_benchmark_query": 1,
+        "queries_seeded_from_benchmark_document": 1,
+        "pairs_with_benchmark_document": 2,
+        "pairs_removed": 7,
+    }
     allowed, report = hn.remove_benchmark_leaks(pairs, benchmark_queries, benchmark_docs, documents="allow")
     assert {p["query_id"] for p in allowed} == {"q1", "q2"} and report["pairs_removed"] == 3  # only q0
     with pytest.raises(ValueError, match="overlap the benchmark"):
@@ -266,20 +310,24 @@ def test_benchmark_documents_extend_to_their_near_duplicates():
 
 
 def test_stratified_sample_and_false_negative_rates():
-    negatives = [{"pair_id": f"p{r}", "query": "q", "doc_id": f"d{r}", "role": "hard_negative", "bm25_rank": r}
-                 for r in (1, 2, 3, 5, 6, 12, 40)]
+    negatives = [
+        {"pair_id": f"p{r}", "query": "q", "doc_id": f"d{r}", "role": "hard_negative", "bm25_rank": r}
+        for r in (1, 2, 3, 5, 6, 12, 40)
+    ]
     negatives.append({"pair_id": "pr", "query": "q", "doc_id": "dr", "role": "random_negative", "bm25_rank": None})
     negatives.append({"pair_id": "ps", "query": "q", "doc_id": "ds", "role": "seed", "bm25_rank": 1})
     sample = hn.stratified_negative_sample(negatives, size=5, seed=0)
     assert sorted(hn.rank_band(p["bm25_rank"]) for p in sample) == sorted(
-        ["1-3", "4-10", "11-30", "31+", "not retrieved"])  # one per band before any band gets two
+        ["1-3", "4-10", "11-30", "31+", "not retrieved"]
+    )  # one per band before any band gets two
     assert "ps" not in {p["pair_id"] for p in sample}
     assert len(hn.stratified_negative_sample(negatives, size=50)) == 8
 
     grades = {"d1": 3, "d2": 2, "d3": 0, "d5": 1, "d6": None, "d12": 0, "d40": 0, "dr": 0}
     documents = {d: doc(d, "text") for d in grades}
-    graded = hn.verify_negatives(hn.stratified_negative_sample(negatives, 50), documents,
-                                 lambda q, document: grades[document.doc_id])
+    graded = hn.verify_negatives(
+        hn.stratified_negative_sample(negatives, 50), documents, lambda q, document: grades[document.doc_id]
+    )
     rates = hn.false_negative_rates(graded).set_index("rank_band")
     assert rates.loc["1-3", ["sampled", "graded", "false_negatives"]].tolist() == [3, 3, 2]
     assert rates.loc["1-3", "false_negative_rate"] == pytest.approx(2 / 3)
@@ -287,6 +335,33 @@ def test_stratified_sample_and_false_negative_rates():
     assert rates.loc["not retrieved", "false_negative_rate"] == 0.0
     assert isinstance(hn.plot_false_negative_rates(hn.false_negative_rates(graded)), Figure)
     assert hn.rank_band(31) == "31+" and hn.rank_band(None) == "not retrieved"
+
+
+def test_sample_check_grader_reads_answers_with_the_teachers_strict_parser(tmp_path):
+    """A bare digit is a grade; a digit inside free text is not: it is retried once, recorded, and left ungraded."""
+    script = [
+        chat_response("2"),
+        chat_response("Grade: 3."),
+        chat_response("between 1 and 3"),
+        chat_response("I would say 2 or 3"),
+    ]
+    openai_client = scripted_client(script)
+    client = LLMClient(
+        Endpoint("http://127.0.0.1:9/v1", "grader"),
+        tmp_path / "c.sqlite",
+        openai_client=openai_client,
+        backoff_seconds=0,
+    )
+    grade = hn.sample_check_grader(client, card_chars=20)
+    document = doc("runbook.md", "Restart the payments gateway when PAY-4012 timeouts appear.", title="Runbook")
+    assert [grade("pay-4012", document), grade("gateway", document), grade("lunch", document)] == [2, 3, None]
+    assert len(client.cache.unparseable(hn.STAGE)) == 2  # both attempts of the last pair
+    system, user = hn.sample_check_messages("pay-4012", document, card_chars=20)
+    assert system["content"] == hn.SAMPLE_CHECK_SYSTEM and user["content"].endswith("Grade (0, 1, 2 or 3):")
+    assert "Title: Runbook" in user["content"] and "Restart the payments" in user["content"]
+    assert "PAY-4012 timeouts" not in user["content"] and "Search query: pay-4012" in user["content"]
+    requests = openai_client.chat.completions.requests
+    assert requests[0]["messages"][1]["content"] == user["content"] and requests[0]["max_tokens"] == 4
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -302,8 +377,20 @@ def test_pairs_jsonl_and_dataset_with_provenance(tmp_path):
     paths = hn.save_pairs(pairs, tmp_path)
     rows = read_jsonl(paths["pairs"])
     assert len(rows) == 8 and len({r["pair_id"] for r in rows}) == 8
-    required = {"pair_id", "query_id", "query", "query_type", "doc_id", "role", "bm25_rank", "split",
-                "generator_model", "prompt_hash", "mining_params", "seed"}
+    required = {
+        "pair_id",
+        "query_id",
+        "query",
+        "query_type",
+        "doc_id",
+        "role",
+        "bm25_rank",
+        "split",
+        "generator_model",
+        "prompt_hash",
+        "mining_params",
+        "seed",
+    }
     assert required <= set(rows[0])
     assert rows[0]["mining_params"]["min_rank"] == 1 and rows[0]["mining_params"]["bm25"]["k1"] == 1.5
     assert rows[0]["seed"] == 7 and rows[0]["generator_model"] == "fake-teacher"

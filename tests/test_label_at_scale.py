@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -26,15 +27,19 @@ from labeler_utils.label_at_scale import (
     CHUNKS,
     LabelSettings,
     ResumeRefused,
-    WorkStore,
     committed_chunks,
     label_pairs,
+    plot_chunks,
+    plot_label_mix,
 )
+from labeler_utils.label_inputs import WorkStore
 
 DATA = Path(__file__).parent / "data"
 PROJECT_ROOT = Path(__file__).parent.parent
-WORDS = ("vpn error timeout gateway restart travel policy lunch menu pizza expense report the document "
-         "answers query relevant").split()  # fmt: skip
+WORDS = (
+    "vpn error timeout gateway restart travel policy lunch menu pizza expense report the document "
+    "answers query relevant"
+).split()
 GOOD = {"query_id": "q1", "query": "vpn error", "doc_id": "d1", "document": "the vpn gateway error timeout restart"}
 
 
@@ -52,8 +57,15 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    rows = [{"query_id": f"q{i % 37}", "query": " ".join(rng.sample(WORDS, 3)), "doc_id": f"d{i}",
-             "document": " ".join(rng.choices(WORDS, k=rng.randrange(5, 300)))} for i in range(n)]  # fmt: skip
+    rows = [
+        {
+            "query_id": f"q{i % 37}",
+            "query": " ".join(rng.sample(WORDS, 3)),
+            "doc_id": f"d{i}",
+            "document": " ".join(rng.choices(WORDS, k=rng.randrange(5, 300))),
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -76,9 +88,26 @@ def test_kill_9_mid_run_then_resume_gives_every_pair_exactly_one_label(tiny_mode
     pairs_path = tmp_path / "pairs.jsonl"
     pairs = write_pairs(pairs_path, 200)
     out_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "labeler_utils", "label", "--model", str(tiny_model_dir), "--input",
-               str(pairs_path), "--output", str(out_dir), "--chunk-size", "5", "--batch-size", "1",
-               "--max-length", "128", "--threads", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "labeler_utils",
+        "label",
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(pairs_path),
+        "--output",
+        str(out_dir),
+        "--chunk-size",
+        "5",
+        "--batch-size",
+        "1",
+        "--max-length",
+        "128",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -153,8 +182,22 @@ def test_cli_reports_a_refused_resume_and_a_foreign_folder_with_exit_code_2(tiny
     out_dir = tmp_path / "out"
 
     def label(output: Path, *options: str) -> int:
-        return main(["label", "--model", str(tiny_model_dir), "--input", str(pairs_path), "--output", str(output),
-                     "--max-length", "128", "--chunk-size", "5", *options])  # fmt: skip
+        return main(
+            [
+                "label",
+                "--model",
+                str(tiny_model_dir),
+                "--input",
+                str(pairs_path),
+                "--output",
+                str(output),
+                "--max-length",
+                "128",
+                "--chunk-size",
+                "5",
+                *options,
+            ]
+        )
 
     assert label(out_dir, "--max-chunks", "1") == 0
     assert label(out_dir, "--batch-size", "2") == 2
@@ -170,13 +213,20 @@ BAD_LINES = {
     "malformed JSON": (b'{"query_id": "q9", "query": "vpn error",', "not valid JSON"),
     "not an object": (b'["q9", "vpn error"]', "expected a JSON object"),
     "missing field": (json.dumps({k: v for k, v in GOOD.items() if k != "doc_id"}).encode(), "missing field 'doc_id'"),
-    "missing document": (json.dumps({**GOOD, "doc_id": "d9", "document": None}).encode(),
-                         "missing field 'document' (or give --collection"),
+    "missing document": (
+        json.dumps({**GOOD, "doc_id": "d9", "document": None}).encode(),
+        "missing field 'document' (or give --collection",
+    ),
     "empty text": (json.dumps({**GOOD, "doc_id": "d9", "document": "  \t "}).encode(), "field 'document' is empty"),
     "wrong type": (json.dumps({**GOOD, "doc_id": "d9", "query": 42}).encode(), "field 'query' must be a string"),
-    "non-UTF-8 bytes": (b'{"query_id": "q9", "query": "caf\xe9", "doc_id": "d9", "document": "menu"}', "not valid UTF-8"),
-    "lone surrogate": (b'{"query_id": "q9", "query": "vpn \\ud800", "doc_id": "d9", "document": "menu"}',
-                       "invalid Unicode"),
+    "non-UTF-8 bytes": (
+        b'{"query_id": "q9", "query": "caf\xe9", "doc_id": "d9", "document": "menu"}',
+        "not valid UTF-8",
+    ),
+    "lone surrogate": (
+        b'{"query_id": "q9", "query": "vpn \\ud800", "doc_id": "d9", "document": "menu"}',
+        "invalid Unicode",
+    ),
     "over-long query": (json.dumps({**GOOD, "doc_id": "d9", "query": "vpn " * 40}).encode(), "over the limit of 32"),
     "repeated pair": (json.dumps(GOOD).encode(), "repeats line 1"),
 }
@@ -202,8 +252,12 @@ def test_bad_line_stops_with_file_and_line_or_is_skipped_and_recorded(case, tiny
 
 def test_long_documents_are_truncated_and_counted(tiny_model_dir, tmp_path):
     pairs_path = tmp_path / "pairs.jsonl"
-    pairs_path.write_text("".join(json.dumps({**GOOD, "doc_id": f"d{i}", "document": "vpn error " * n}) + "\n"
-                                  for i, n in enumerate((3, 400, 5, 10_000))))  # fmt: skip
+    pairs_path.write_text(
+        "".join(
+            json.dumps({**GOOD, "doc_id": f"d{i}", "document": "vpn error " * n}) + "\n"
+            for i, n in enumerate((3, 400, 5, 10_000))
+        )
+    )
     summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
     assert summary["truncated_documents"] == 2 and summary["pairs_labeled"] == 4
 
@@ -220,7 +274,8 @@ def test_outputs_jsonl_parquet_qrels_agree_and_read_as_predictions(tiny_model_di
     assert table["grade"].tolist() == [r["grade"] for r in labels]
     assert table[["p0", "p1", "p2", "p3"]].to_numpy().tolist() == [r["distribution"] for r in labels]
     assert (out_dir / "labels.qrels").read_text().splitlines() == [
-        f"{r['query_id']} 0 {r['doc_id']} {r['grade']}" for r in labels]  # fmt: skip
+        f"{r['query_id']} 0 {r['doc_id']} {r['grade']}" for r in labels
+    ]
     predictions = read_predictions(out_dir / "labels.jsonl")
     assert len(predictions) == 25 and predictions["expected_relevance"].between(0, 3).all()
     assert summary["labels_per_second"] > 0 and summary["peak_rss_mb"] > 0
@@ -230,8 +285,11 @@ def test_outputs_jsonl_parquet_qrels_agree_and_read_as_predictions(tiny_model_di
 def test_whitespace_ids_are_refused_before_labeling_and_only_for_qrels(tiny_model_dir, tmp_path):
     pairs_path = tmp_path / "pairs.jsonl"
     pairs_path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "doc_id": "My Documents/report.md"}) + "\n")
-    with pytest.raises(InputError, match=f"{re.escape(str(pairs_path))}:2: doc_id 'My Documents/report.md' "
-                                         "contains whitespace, which TREC qrels cannot hold"):  # fmt: skip
+    with pytest.raises(
+        InputError,
+        match=f"{re.escape(str(pairs_path))}:2: doc_id 'My Documents/report.md' "
+        "contains whitespace, which TREC qrels cannot hold",
+    ):
         label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
     assert not (tmp_path / "out").exists()  # refused before labeling: nothing labeled, nothing left behind
     skip = LabelSettings(batch_size=4, chunk_size=10, max_length=128, skip_bad_lines=True)
@@ -240,16 +298,31 @@ def test_whitespace_ids_are_refused_before_labeling_and_only_for_qrels(tiny_mode
     grade = read_labels(tmp_path / "skip")[0]["grade"]
     assert (tmp_path / "skip" / "labels.qrels").read_text().split() == ["q1", "0", "d1", str(grade)]
 
-    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, formats=("jsonl",),
-                          progress=False)  # fmt: skip
+    summary = label_pairs(
+        tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, formats=("jsonl",), progress=False
+    )
     assert summary["pairs_labeled"] == 2 and not (tmp_path / "out" / "labels.qrels").exists()
     with pytest.raises(InputError, match=f"{re.escape(str(pairs_path))}:2: doc_id"):  # qrels asked for only now
         label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
 
 
 def cli_label(model: Path, pairs_path: Path, output: Path, *options: str) -> int:
-    return main(["label", "--model", str(model), "--input", str(pairs_path), "--output", str(output),
-                 "--max-length", "128", "--chunk-size", "5", *options])  # fmt: skip
+    return main(
+        [
+            "label",
+            "--model",
+            str(model),
+            "--input",
+            str(pairs_path),
+            "--output",
+            str(output),
+            "--max-length",
+            "128",
+            "--chunk-size",
+            "5",
+            *options,
+        ]
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -257,8 +330,9 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def test_cli_output_that_is_a_file_or_unwritable_and_a_zero_chunk_size_exit_2(tiny_model_dir, tmp_path, capsys,
-                                                                              monkeypatch):  # fmt: skip
+def test_cli_output_that_is_a_file_or_unwritable_and_a_zero_chunk_size_exit_2(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     pairs_path = tmp_path / "pairs.jsonl"
     write_pairs(pairs_path, 12)
     a_file = tmp_path / "labels.txt"
@@ -312,8 +386,18 @@ def test_cli_full_disk_while_indexing_texts_names_the_work_file(tiny_model_dir, 
 
     monkeypatch.setattr(WorkStore, "load", full_disk)
     out_dir = tmp_path / "out"
-    assert cli_label(tiny_model_dir, DATA / "scale_run.trec", out_dir, "--collection", str(DATA / "scale_collection.tsv"),
-                     "--topics", str(DATA / "scale_topics.tsv")) == 2  # fmt: skip
+    assert (
+        cli_label(
+            tiny_model_dir,
+            DATA / "scale_run.trec",
+            out_dir,
+            "--collection",
+            str(DATA / "scale_collection.tsv"),
+            "--topics",
+            str(DATA / "scale_topics.tsv"),
+        )
+        == 2
+    )
     assert error_lines(capsys.readouterr().err) == [f"error: {out_dir / 'work.sqlite'}: database or disk is full"]
 
 
@@ -344,9 +428,14 @@ def test_outputs_get_the_mode_the_umask_allows(tiny_model_dir, tmp_path):
         label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", settings=SMALL, progress=False)
     finally:
         os.umask(old)
-    modes = {p.relative_to(tmp_path / "out").as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in (tmp_path / "out").rglob("*") if p.is_file()}  # fmt: skip
-    assert {"manifest.json", "summary.json", "labels.jsonl", "labels.parquet", "chunks/chunk-000000.jsonl"} <= set(modes)
+    modes = {
+        p.relative_to(tmp_path / "out").as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "out").rglob("*")
+        if p.is_file()
+    }
+    assert {"manifest.json", "summary.json", "labels.jsonl", "labels.parquet", "chunks/chunk-000000.jsonl"} <= set(
+        modes
+    )
     assert set(modes.values()) == {0o640}
 
 
@@ -370,13 +459,26 @@ def test_parquet_input_is_read_by_batches_and_labels_like_jsonl(tiny_model_dir, 
 
 @pytest.mark.parametrize("collection", ["scale_collection.tsv", "scale_collection.jsonl"])
 def test_trec_run_labels_each_distinct_pair_once(collection, tiny_model_dir, tmp_path):
-    summary = label_pairs(tiny_model_dir, DATA / "scale_run.trec", tmp_path / "out", collection=DATA / collection,
-                          topics=DATA / "scale_topics.tsv", settings=SMALL, progress=False)  # fmt: skip
+    summary = label_pairs(
+        tiny_model_dir,
+        DATA / "scale_run.trec",
+        tmp_path / "out",
+        collection=DATA / collection,
+        topics=DATA / "scale_topics.tsv",
+        settings=SMALL,
+        progress=False,
+    )
     assert summary["format"] == "trec" and summary["input_units"] == 9
     assert summary["pairs_labeled"] == 6 and summary["duplicate_pairs"] == 3 and summary["skipped_lines"] == 0
     qrels = [line.split() for line in (tmp_path / "out" / "labels.qrels").read_text().splitlines()]
-    assert [(q, d) for q, _, d, _ in qrels] == [("101", "d1"), ("101", "d2"), ("102", "d2"), ("102", "d1"),
-                                                ("103", "d3"), ("103", "d1")]  # fmt: skip
+    assert [(q, d) for q, _, d, _ in qrels] == [
+        ("101", "d1"),
+        ("101", "d2"),
+        ("102", "d2"),
+        ("102", "d1"),
+        ("103", "d3"),
+        ("103", "d1"),
+    ]
     assert all(zero == "0" and grade in "0123" for _, zero, _, grade in qrels)
 
 
@@ -396,10 +498,17 @@ def test_trec_run_with_an_unknown_document_or_bad_line(tiny_model_dir, tmp_path)
 
 def test_jsonl_pairs_may_take_documents_from_a_collection(tiny_model_dir, tmp_path):
     pairs_path = tmp_path / "pairs.jsonl"
-    pairs_path.write_text("".join(json.dumps({"query_id": "q1", "query": "vpn error", "doc_id": d}) + "\n"
-                                  for d in ("d1", "d3")))  # fmt: skip
-    summary = label_pairs(tiny_model_dir, pairs_path, tmp_path / "out", collection=DATA / "scale_collection.tsv",
-                          settings=SMALL, progress=False)  # fmt: skip
+    pairs_path.write_text(
+        "".join(json.dumps({"query_id": "q1", "query": "vpn error", "doc_id": d}) + "\n" for d in ("d1", "d3"))
+    )
+    summary = label_pairs(
+        tiny_model_dir,
+        pairs_path,
+        tmp_path / "out",
+        collection=DATA / "scale_collection.tsv",
+        settings=SMALL,
+        progress=False,
+    )
     assert summary["pairs_labeled"] == 2
 
 
@@ -407,8 +516,36 @@ def test_a_collection_with_a_repeated_id_names_both_lines(tiny_model_dir, tmp_pa
     collection = tmp_path / "collection.tsv"
     collection.write_text("d1\tvpn error\nd2\tlunch menu\nd1\tpizza\n")
     with pytest.raises(InputError, match=f"{collection}:3: id 'd1' is given twice \\(first at {collection}:1\\)"):
-        label_pairs(tiny_model_dir, DATA / "scale_run.trec", tmp_path / "out", collection=collection,
-                    topics=DATA / "scale_topics.tsv", settings=SMALL, progress=False)  # fmt: skip
+        label_pairs(
+            tiny_model_dir,
+            DATA / "scale_run.trec",
+            tmp_path / "out",
+            collection=collection,
+            topics=DATA / "scale_topics.tsv",
+            settings=SMALL,
+            progress=False,
+        )
+
+
+def test_plot_chunks_shows_speed_and_memory_per_chunk():
+    metas = [
+        {"index": i, "labels": 64, "seconds": seconds, "peak_rss_mb": rss}
+        for i, (seconds, rss) in enumerate([(2.0, 500.0), (4.0, 510.0), (0.0, 505.0)])
+    ]
+    speed_ax, memory_ax = plot_chunks(iter(metas)).axes
+    (speed,) = speed_ax.lines
+    assert list(speed.get_xdata()) == [0, 1, 2] and list(speed.get_ydata())[:2] == [32.0, 16.0]
+    assert math.isnan(speed.get_ydata()[2])  # a chunk of no measurable time has no rate
+    assert list(memory_ax.lines[0].get_ydata()) == [500.0, 510.0, 505.0] and memory_ax.get_ylim() == (0, 612.0)
+
+
+def test_plot_label_mix_counts_every_grade_and_the_expected_relevance():
+    import pandas as pd
+
+    labels = pd.DataFrame({"grade": [0, 0, 0, 2, 3], "expected_relevance": [0.1, 0.2, 0.4, 2.1, 2.9]})
+    grades_ax, expected_ax = plot_label_mix(labels).axes
+    assert [bar.get_height() for bar in grades_ax.patches] == [3, 0, 1, 1]  # grade 1, never given, is a zero bar
+    assert len(expected_ax.patches) == 30 and sum(bar.get_height() for bar in expected_ax.patches) == 5
 
 
 @pytest.mark.notebooks
@@ -421,8 +558,11 @@ def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume(tiny_mod
     queries = [{"query_id": f"q{i}", "query": d.title, "seed_doc_id": d.doc_id} for i, d in enumerate(documents[:4])]
     (tmp_path / "02_query_synthesis").mkdir()
     (tmp_path / "02_query_synthesis" / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    execute_notebook("08_label_at_scale", tmp_path, {"model": str(tiny_model_dir), "max_length": 128,
-                                                     "chunk_size": 8, "interrupt_after_chunks": 2, "threads": 1})
+    execute_notebook(
+        "08_label_at_scale",
+        tmp_path,
+        {"model": str(tiny_model_dir), "max_length": 128, "chunk_size": 8, "interrupt_after_chunks": 2, "threads": 1},
+    )
     metrics = json.loads((tmp_path / "08_label_at_scale" / "metrics.json").read_text())
     assert metrics["pairs_labeled"] == 40 and metrics["resumed_after_chunks"] == 2 and metrics["skipped_lines"] == 0
     assert sum(metrics["grade_counts"].values()) == 40

@@ -17,8 +17,9 @@ from labeler_utils.local_server import LocalLLMServer, connect_llm, free_cpu_thr
 from labeler_utils.teacher import TeacherLabeler
 
 MESSAGES = [{"role": "user", "content": "Grade this pair."}]
-ENDPOINT = Endpoint(base_url="http://127.0.0.1:9/v1", model="test-model",
-                    price_input_per_million=2.5, price_output_per_million=10.0)
+ENDPOINT = Endpoint(
+    base_url="http://127.0.0.1:9/v1", model="test-model", price_input_per_million=2.5, price_output_per_million=10.0
+)
 
 
 def _status_error(cls: type[openai.APIStatusError], code: int) -> openai.APIStatusError:
@@ -27,8 +28,9 @@ def _status_error(cls: type[openai.APIStatusError], code: int) -> openai.APIStat
 
 
 def make_client(tmp_path, script, **kwargs) -> LLMClient:
-    return LLMClient(ENDPOINT, tmp_path / "cache.sqlite", openai_client=scripted_client(script),
-                     backoff_seconds=0.0, **kwargs)
+    return LLMClient(
+        ENDPOINT, tmp_path / "cache.sqlite", openai_client=scripted_client(script), backoff_seconds=0.0, **kwargs
+    )
 
 
 def test_rerun_is_served_from_cache_without_calls(tmp_path):
@@ -149,8 +151,10 @@ def test_truncated_json_and_missing_choices_are_retried_over_http(tmp_path):
     assert result.text == "Final grade: 2" and len(server.requests) == 4
 
 
-@pytest.mark.parametrize(("reply", "kind"), [(TRUNCATED, "JSONDecodeError"), (NO_CHOICES, "MalformedResponse"),
-                                             (NOT_JSON, "MalformedResponse")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [(TRUNCATED, "JSONDecodeError"), (NO_CHOICES, "MalformedResponse"), (NOT_JSON, "MalformedResponse")],
+)
 def test_malformed_answers_fail_as_llm_error_after_the_retries(reply, kind, tmp_path):
     with ScriptedHTTPServer(replies(reply)) as server:
         client = http_client(tmp_path, server, max_retries=2)
@@ -159,14 +163,18 @@ def test_malformed_answers_fail_as_llm_error_after_the_retries(reply, kind, tmp_
     assert len(server.requests) == 3 and client.ledger.failures == 1 and client.ledger.retries == 2
 
 
-@pytest.mark.parametrize(("status", "header", "value", "seconds"), [
-    (429, "retry-after-ms", "700", 0.7),
-    (429, "Retry-After", "1", 1.0),
-    (503, "Retry-After", "1.5", 1.5),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("status", "header", "value", "seconds"),
+    [
+        (429, "retry-after-ms", "700", 0.7),
+        (429, "Retry-After", "1", 1.0),
+        (503, "Retry-After", "1.5", 1.5),
+    ],
+)
 def test_retry_after_is_honoured(status, header, value, seconds, tmp_path):
-    with ScriptedHTTPServer(replies((status, {header: value}, b'{"error": {"message": "slow down"}}'),
-                                    ok("Final grade: 1"))) as server:  # fmt: skip
+    with ScriptedHTTPServer(
+        replies((status, {header: value}, b'{"error": {"message": "slow down"}}'), ok("Final grade: 1"))
+    ) as server:
         assert http_client(tmp_path, server, max_retries=2).chat(MESSAGES).text == "Final grade: 1"
     assert server.arrivals[1] - server.arrivals[0] >= seconds
 
@@ -189,7 +197,9 @@ def test_a_missing_key_variable_for_a_remote_endpoint_is_named(monkeypatch):
     for name in ("OPENAI_APIKEY", "AZURE_KEY"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="api_key_env: the environment variable 'OPENAI_APIKEY' is not set"):
-        Endpoint(base_url="https://api.openai.com/v1", model="gpt-4o", api_key_env="OPENAI_APIKEY").make_openai_client(1)
+        Endpoint(base_url="https://api.openai.com/v1", model="gpt-4o", api_key_env="OPENAI_APIKEY").make_openai_client(
+            1
+        )
     azure = Endpoint(base_url="https://me.openai.azure.com", model="d", api_key_env="AZURE_KEY", kind="azure")
     with pytest.raises(ValueError, match="'AZURE_KEY'"):
         azure.make_openai_client(1)
@@ -199,8 +209,12 @@ def test_a_missing_key_variable_for_a_remote_endpoint_is_named(monkeypatch):
 
 def test_server_error_text_is_stored_with_the_key_and_tokens_masked(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_LLM_KEY", "team-secret-0042")
-    echo = {"error": {"message": "Incorrect API key provided: team-secret-0042 (sk-proj-AbCdEf0123456789); "
-                                 "header was Authorization: Bearer eyJhbGciOi.J9x"}}  # fmt: skip
+    echo = {
+        "error": {
+            "message": "Incorrect API key provided: team-secret-0042 (sk-proj-AbCdEf0123456789); "
+            "header was Authorization: Bearer eyJhbGciOi.J9x"
+        }
+    }
     with ScriptedHTTPServer(replies((401, {}, json.dumps(echo).encode()))) as server:
         client = http_client(tmp_path, server)
         with pytest.raises(LLMError) as failure:

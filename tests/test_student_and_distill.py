@@ -72,8 +72,9 @@ def test_long_documents_are_truncated_to_fit(tiny_model_dir):
     prompt_end = tokenizer.encode(prompt_text(tokenizer, "expense report", ""), add_special_tokens=False)[-2:]
     assert ids[-2:] == prompt_end  # the cut prompt still ends where the grade goes
     short_ids, short_cut = encode_prompt(tokenizer, "vpn", "restart", max_length=96)
-    assert not short_cut and short_ids == tokenizer.encode(prompt_text(tokenizer, "vpn", "restart"),
-                                                             add_special_tokens=False)
+    assert not short_cut and short_ids == tokenizer.encode(
+        prompt_text(tokenizer, "vpn", "restart"), add_special_tokens=False
+    )
 
 
 def test_query_document_query_format_reads_the_query_again_before_the_grade(tiny_model_dir):
@@ -83,7 +84,9 @@ def test_query_document_query_format_reads_the_query_again_before_the_grade(tiny
     assert plain.count("vpn error") == 1 and twice.count("vpn error") == 2
     assert twice.index("restart the gateway") < twice.rindex("vpn error")
     ids, truncated = encode_prompt(tokenizer, "expense report", "lunch menu " * 500, 96, "query-document-query")
-    assert truncated and len(ids) < 96 and tokenizer.decode(ids).count("expense report") == 2  # the cut is in the document
+    assert (
+        truncated and len(ids) < 96 and tokenizer.decode(ids).count("expense report") == 2
+    )  # the cut is in the document
     prefix = shared_prompt_prefix(tokenizer, 96, "query-document-query")
     assert prefix == shared_prompt_prefix(tokenizer, 96) and ids[: len(prefix)] == prefix
     with pytest.raises(ValueError, match="prompt_format must be one of"):
@@ -170,20 +173,33 @@ def test_shared_prefix_forward_equals_the_whole_forward_with_gradients(tiny_mode
 
 
 def test_collator_pads_right_and_masks_padding():
-    batch = GradeCollator(pad_token_id=0)([
-        {"input_ids": [5, 6, 7], "labels": [-100, -100, 7], "grade": 1, "teacher_distribution": [0, 1, 0, 0]},
-        {"input_ids": [5, 8], "labels": [-100, 8], "grade": 2, "teacher_distribution": [0, 0, 1, 0]},
-    ])
+    batch = GradeCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, -100, 7], "grade": 1, "teacher_distribution": [0, 1, 0, 0]},
+            {"input_ids": [5, 8], "labels": [-100, 8], "grade": 2, "teacher_distribution": [0, 0, 1, 0]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 8, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 7], [-100, 8, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
 def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tmp_path):
-    records = [{"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
-               for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))] * 4
-    config = DistillConfig(base_model=str(tiny_model_dir), qlora=False, max_steps=40, batch_size=8,
-                           max_length=128, learning_rate=1e-2, lora_rank=8, logging_steps=5, warmup_ratio=0.0)
+    records = [
+        {"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
+        for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))
+    ] * 4
+    config = DistillConfig(
+        base_model=str(tiny_model_dir),
+        qlora=False,
+        max_steps=40,
+        batch_size=8,
+        max_length=128,
+        learning_rate=1e-2,
+        lora_rank=8,
+        logging_steps=5,
+        warmup_ratio=0.0,
+    )
     manifest = train_student(records, tmp_path, config, {"source": "unit test"})
     adapter = tmp_path / "adapter"
     saved = json.loads((adapter / ADAPTER_MANIFEST).read_text())
@@ -197,27 +213,47 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
 
 def test_an_adapter_is_read_in_the_prompt_format_it_was_trained_with(tiny_model_dir, tmp_path):
     records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])]
-    config = DistillConfig(base_model=str(tiny_model_dir), qlora=False, max_steps=2, batch_size=4, max_length=128,
-                           prompt_format="query-document-query")
+    config = DistillConfig(
+        base_model=str(tiny_model_dir),
+        qlora=False,
+        max_steps=2,
+        batch_size=4,
+        max_length=128,
+        prompt_format="query-document-query",
+    )
     assert train_student(records, tmp_path, config)["config"]["prompt_format"] == "query-document-query"
     labeler = StudentLabeler.load(tmp_path / "adapter")
     assert labeler.prompt_format == "query-document-query"
     _, tokenizer = load_causal_lm(tiny_model_dir)
-    assert labeler.encode_pair("vpn", "restart")[0] == encode_prompt(tokenizer, "vpn", "restart", 128,
-                                                                     "query-document-query")[0]
+    assert (
+        labeler.encode_pair("vpn", "restart")[0]
+        == encode_prompt(tokenizer, "vpn", "restart", 128, "query-document-query")[0]
+    )
     with pytest.raises(ValueError, match="was trained with prompt_format 'query-document-query'"):
         StudentLabeler.load(tmp_path / "adapter", prompt_format="query-document")
     merged = StudentLabeler.load(merge_adapter(tmp_path / "adapter", tmp_path / "merged"))  # the merged export too
     assert merged.prompt_format == "query-document-query" and merged.max_length == 128
-    assert StudentLabeler.load(tiny_model_dir, prompt_format="query-document-query").prompt_format == "query-document-query"
+    assert (
+        StudentLabeler.load(tiny_model_dir, prompt_format="query-document-query").prompt_format
+        == "query-document-query"
+    )
 
 
 def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings(tiny_model_dir, tmp_path):
     import shutil
 
     records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])] * 4
-    config = DistillConfig(base_model=str(tiny_model_dir), qlora=False, max_steps=4, batch_size=8, max_length=128,
-                           learning_rate=1e-2, lora_rank=8, warmup_ratio=0.0, save_steps=2)
+    config = DistillConfig(
+        base_model=str(tiny_model_dir),
+        qlora=False,
+        max_steps=4,
+        batch_size=8,
+        max_length=128,
+        learning_rate=1e-2,
+        lora_rank=8,
+        warmup_ratio=0.0,
+        save_steps=2,
+    )
     first = train_student(records, tmp_path, config)
     assert first["resumed_from"] is None and first["global_steps"] == 4
     checkpoints = tmp_path / "checkpoints"
@@ -232,10 +268,21 @@ def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings
 
 def test_qlora_trains_lora_on_a_4bit_nf4_base(tiny_model_dir, tmp_path):
     """The QLoRA path (NF4, double quantization, LoRA on every linear projection); bitsandbytes trains it on a CPU too."""
-    records = [{"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
-               for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))] * 4
-    config = DistillConfig(base_model=str(tiny_model_dir), qlora=True, max_steps=40, batch_size=8, max_length=128,
-                           learning_rate=1e-2, lora_rank=8, logging_steps=5, warmup_ratio=0.0)
+    records = [
+        {"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
+        for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))
+    ] * 4
+    config = DistillConfig(
+        base_model=str(tiny_model_dir),
+        qlora=True,
+        max_steps=40,
+        batch_size=8,
+        max_length=128,
+        learning_rate=1e-2,
+        lora_rank=8,
+        logging_steps=5,
+        warmup_ratio=0.0,
+    )
     manifest = train_student(records, tmp_path, config, {"source": "unit test"})
     assert manifest["method"] == "qlora-nf4"
     losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]

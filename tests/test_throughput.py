@@ -64,8 +64,17 @@ def test_device_peak_table():
 
 
 def _row(name: str, kind: str, lps: float, batch: int | None = None, measured: bool = True) -> tp.Measurement:
-    return tp.Measurement(name=name, kind=kind, measured=measured, pairs=10, seconds=10 / lps, labels_per_second=lps,
-                          prompt_tokens_per_pair=500, completion_tokens_per_pair=0, batch_size=batch)
+    return tp.Measurement(
+        name=name,
+        kind=kind,
+        measured=measured,
+        pairs=10,
+        seconds=10 / lps,
+        labels_per_second=lps,
+        prompt_tokens_per_pair=500,
+        completion_tokens_per_pair=0,
+        batch_size=batch,
+    )
 
 
 def _example_rows() -> list[tp.Measurement]:
@@ -112,8 +121,19 @@ def test_summary_ratios_costs_and_targets():
     assert not target["met"] and target["shortfall_factor"] == pytest.approx(10.0)
     assert slow["speedup_vs_teacher"] is None
 
-    markdown = tp.markdown_report({**summary, "machine": {"cpu": "x", "usable_cores": 2, "torch_threads": 2,
-                                                          "torch": "t", "transformers": "t", "load_average": [0.1]}})
+    markdown = tp.markdown_report(
+        {
+            **summary,
+            "machine": {
+                "cpu": "x",
+                "usable_cores": 2,
+                "torch_threads": 2,
+                "torch": "t",
+                "transformers": "t",
+                "load_average": [0.1],
+            },
+        }
+    )
     assert "**stated**" in markdown and "single_pass_vs_naive_generate_speed" in markdown
 
 
@@ -173,15 +193,27 @@ def test_load_pairs_from_jsonl(tmp_path: Path):
 @pytest.mark.parametrize(
     "report",
     [
-        {"labelers": {"teacher": {"qwk": 0.61}, "student_zero_shot": {"qwk": 0.12},
-                      "student_distilled": {"qwk": {"estimate": 0.48, "low": 0.4}}}},
+        {
+            "labelers": {
+                "teacher": {"qwk": 0.61},
+                "student_zero_shot": {"qwk": 0.12},
+                "student_distilled": {"qwk": {"estimate": 0.48, "low": 0.4}},
+            }
+        },
         {  # stage 06's layout: labelers -> name -> metrics -> qwk -> estimate, then comparisons
-            "labelers": {name: {"n": 10, "metrics": {"kappa": {"estimate": 0.0}, "qwk": {"estimate": q, "ci_low": 0.0}}}
-                         for name, q in (("student_distilled", 0.48), ("student_zero_shot", 0.12), ("teacher", 0.61))},
+            "labelers": {
+                name: {"n": 10, "metrics": {"kappa": {"estimate": 0.0}, "qwk": {"estimate": q, "ci_low": 0.0}}}
+                for name, q in (("student_distilled", 0.48), ("student_zero_shot", 0.12), ("teacher", 0.61))
+            },
             "comparisons": {"student_distilled_vs_teacher": {"qwk": {"estimate": -0.13}}},
         },
-        {"rows": [{"labeler": "teacher", "qwk": 0.61}, {"labeler": "student_zero_shot", "qwk": 0.12},
-                  {"labeler": "student_distilled", "quadratic_weighted_kappa": 0.48}]},
+        {
+            "rows": [
+                {"labeler": "teacher", "qwk": 0.61},
+                {"labeler": "student_zero_shot", "qwk": 0.12},
+                {"labeler": "student_distilled", "quadratic_weighted_kappa": 0.48},
+            ]
+        },
     ],
 )
 def test_quality_from_report_layouts(tmp_path: Path, report):
@@ -204,8 +236,9 @@ def test_quality_from_missing_or_broken_report(tmp_path: Path):
 def test_measure_teacher_counts_every_call_and_usage():
     client = scripted_client([chat_response("Brief reason.\nFinal grade: 2", prompt_tokens=300, completion_tokens=20)])
     pairs = [("vpn error", "restart the gateway")] * 3  # the same pair three times: asked three times
-    m = tp.measure_teacher(pairs, base_url="http://127.0.0.1:9/v1", model="scripted", openai_client=client,
-                           top_logprobs=None, warmup=True)
+    m = tp.measure_teacher(
+        pairs, base_url="http://127.0.0.1:9/v1", model="scripted", openai_client=client, top_logprobs=None, warmup=True
+    )
     assert m.grades == [2, 2, 2]
     assert m.prompt_tokens_per_pair == 300 and m.completion_tokens_per_pair == 20
     assert len(client.chat.completions.requests) == 4  # warm-up + 3, none served from a cache
@@ -250,7 +283,8 @@ def test_naive_generate_and_single_pass_agree_on_the_grade(tiny_student: Student
     engine = list(tiny_student.label(TINY_PAIRS, batch_size=4, progress=False))  # padded batches
     for (query, document), label in zip(TINY_PAIRS, engine):
         grade, text, n_prompt, n_new = tp.naive_generate_label(
-            tiny_student.model, tiny_student.tokenizer, query, document, tiny_student.max_length, max_new_tokens=2)
+            tiny_student.model, tiny_student.tokenizer, query, document, tiny_student.max_length, max_new_tokens=2
+        )
         assert grade == label.grade, (query, text)
         assert n_new >= 1 and n_prompt > 10
 
@@ -334,9 +368,10 @@ def test_rubric_prompt_tokens_equal_a_direct_count(tiny_student: StudentLabeler)
 
     tokenizer = tiny_student.tokenizer
     assert not getattr(tokenizer, "chat_template", None)  # the rubric text alone
-    rubric = [build_messages(q, d)[0]["content"] for q, d in TINY_PAIRS]
-    direct = [len(tokenizer.encode(text, add_special_tokens=False)) for text in rubric]
-    assert tp.rubric_prompt_tokens(tokenizer, TINY_PAIRS, reasoning=True) == sum(direct) / len(direct)
+    for reasoning in (True, False):
+        rubric = [build_messages(q, d, reasoning=reasoning)[0]["content"] for q, d in TINY_PAIRS]
+        direct = [len(tokenizer.encode(text, add_special_tokens=False)) for text in rubric]
+        assert tp.rubric_prompt_tokens(tokenizer, TINY_PAIRS, reasoning=reasoning) == sum(direct) / len(direct)
 
     templated = copy.deepcopy(tokenizer)
     templated.chat_template = (
@@ -345,10 +380,14 @@ def test_rubric_prompt_tokens_equal_a_direct_count(tiny_student: StudentLabeler)
     )
     for reasoning in (True, False):
         direct = [
-            len(templated.encode(
-                templated.apply_chat_template(build_messages(q, d, reasoning=reasoning), tokenize=False,
-                                              add_generation_prompt=True),
-                add_special_tokens=False))
+            len(
+                templated.encode(
+                    templated.apply_chat_template(
+                        build_messages(q, d, reasoning=reasoning), tokenize=False, add_generation_prompt=True
+                    ),
+                    add_special_tokens=False,
+                )
+            )
             for q, d in TINY_PAIRS
         ]
         assert tp.rubric_prompt_tokens(templated, TINY_PAIRS, reasoning=reasoning) == sum(direct) / len(direct)

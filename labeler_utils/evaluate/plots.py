@@ -285,9 +285,12 @@ def plot_learning_curve(points: Sequence[Mapping[str, Any]], all_queries: float)
         xs = [all_queries if p["queries"] == "all" else p["queries"] for p in line]
         for ax, key in zip(axes, ("qwk_calibrated", "spearman")):
             estimates = np.array([p[key]["estimate"] for p in line])
-            errors = np.array([[p[key]["estimate"] - p[key]["ci_low"], p[key]["ci_high"] - p[key]["estimate"]]
-                               for p in line]).T
-            ax.errorbar(xs, estimates, yerr=errors, marker="o", capsize=3, label=f"{student}, {cap or 'all'} pairs/query")
+            errors = np.array(
+                [[p[key]["estimate"] - p[key]["ci_low"], p[key]["ci_high"] - p[key]["estimate"]] for p in line]
+            ).T
+            ax.errorbar(
+                xs, estimates, yerr=errors, marker="o", capsize=3, label=f"{student}, {cap or 'all'} pairs/query"
+            )
     for ax, title in zip(axes, ("QWK with the human grades (share-calibrated)", "Spearman of expected relevance")):
         ax.set_xscale("log")
         ax.set_xlabel("teacher-labelled training queries (per split)")

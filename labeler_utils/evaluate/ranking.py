@@ -14,7 +14,7 @@ from scipy import stats
 
 from ..artifacts import InputError
 from ..benchmarks import iter_delimited
-from ..hard_negatives import Tokenizer, TokenizerSettings
+from ..text import Tokenizer, TokenizerSettings
 from .agreement_metrics import labeler_scores
 
 NDCG_CUTOFF = 10

@@ -54,7 +54,7 @@ from .engines import (
     parse_generated_grade,
     quantize_int8,
 )
-from .machine import PeakMemory, cpu_model, flops_report, load_average, machine_info
+from .machine import PeakMemory, cpu_model, cpu_seconds, flops_report, load_average, machine_info, peak_rss_mb
 from .measure import (
     Measurement,
     Pair,
@@ -100,9 +100,11 @@ __all__ = [
     # machine
     "PeakMemory",
     "cpu_model",
+    "cpu_seconds",
     "flops_report",
     "load_average",
     "machine_info",
+    "peak_rss_mb",
     # engines
     "ENGINE_VARIANTS",
     "PrefixCachedStudentLabeler",

@@ -52,12 +52,17 @@ TARGETS: dict[str, float] = {
 
 
 def token_cost_per_1000(
-    prompt_tokens_per_pair: float, completion_tokens_per_pair: float, price_in_per_million: float,
+    prompt_tokens_per_pair: float,
+    completion_tokens_per_pair: float,
+    price_in_per_million: float,
     price_out_per_million: float,
 ) -> float:
     """USD per 1,000 labels billed per token: ``1000 * (p * in + c * out) / 1e6``."""
-    return 1000.0 * (prompt_tokens_per_pair * price_in_per_million
-                     + completion_tokens_per_pair * price_out_per_million) / 1e6
+    return (
+        1000.0
+        * (prompt_tokens_per_pair * price_in_per_million + completion_tokens_per_pair * price_out_per_million)
+        / 1e6
+    )
 
 
 def machine_cost_per_1000(labels_per_second: float, price_per_hour: float) -> float:

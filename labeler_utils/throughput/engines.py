@@ -34,7 +34,10 @@ ENGINE_VARIANTS = ("prefix_cache", "int8", "bfloat16")
 
 
 def load_student(
-    model_or_adapter: str | Path, max_length: int = 512, merge: bool = True, dtype: Any = None,
+    model_or_adapter: str | Path,
+    max_length: int = 512,
+    merge: bool = True,
+    dtype: Any = None,
 ) -> Labeler:
     """Load a student of any family for timing; a LoRA adapter is merged into its base in memory (``merge=True``).
 
@@ -61,7 +64,12 @@ def parse_generated_grade(text: str, grades: Sequence[int] = (0, 1, 2, 3)) -> in
 
 
 def naive_generate_label(
-    model: Any, tokenizer: Any, query: str, document: str, max_length: int = 512, max_new_tokens: int = 4,
+    model: Any,
+    tokenizer: Any,
+    query: str,
+    document: str,
+    max_length: int = 512,
+    max_new_tokens: int = 4,
     prompt_format: str = PROMPT_FORMATS[0],
 ) -> tuple[int | None, str, int, int]:
     """One pair the naive way: ``model.generate`` (greedy) on the same prompt, then parse the digit.
@@ -74,10 +82,16 @@ def naive_generate_label(
     input_ids = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad,
     )
-    new = output[0, len(ids):]
+    new = output[0, len(ids) :]
     text = tokenizer.decode(new, skip_special_tokens=True)
     return parse_generated_grade(text), text, len(ids), int(new.numel())
 
@@ -91,8 +105,14 @@ class PrefixCachedStudentLabeler(StudentLabeler):
     to the full forward pass. Results equal the plain engine's up to float rounding.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, device: str | None = None,
-                 prompt_format: str = PROMPT_FORMATS[0]):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_length: int = 512,
+        device: str | None = None,
+        prompt_format: str = PROMPT_FORMATS[0],
+    ):
         super().__init__(model, tokenizer, max_length=max_length, device=device, prompt_format=prompt_format)
         self.prefix_ids = shared_prompt_prefix(tokenizer, max_length, prompt_format)
         body = self.transformer().get_decoder()
@@ -104,8 +124,13 @@ class PrefixCachedStudentLabeler(StudentLabeler):
 
     @classmethod
     def from_labeler(cls, labeler: StudentLabeler) -> PrefixCachedStudentLabeler:
-        return cls(labeler.model, labeler.tokenizer, max_length=labeler.max_length, device=str(labeler.device),
-                   prompt_format=labeler.prompt_format)
+        return cls(
+            labeler.model,
+            labeler.tokenizer,
+            max_length=labeler.max_length,
+            device=str(labeler.device),
+            prompt_format=labeler.prompt_format,
+        )
 
     @torch.inference_mode()
     def score_batch(self, encoded: Sequence[list[int]]) -> list[GradeLabel]:
@@ -154,6 +179,7 @@ def in_precision(labeler: Labeler, dtype: torch.dtype) -> Labeler:
 def label_agreement(reference: Sequence[GradeLabel], other: Sequence[GradeLabel]) -> dict[str, float]:
     """Share of equal grades and the largest absolute probability difference between two engines."""
     same = sum(a.grade == b.grade for a, b in zip(reference, other))
-    diff = max((abs(x - y) for a, b in zip(reference, other) for x, y in zip(a.distribution, b.distribution)),
-               default=0.0)
+    diff = max(
+        (abs(x - y) for a, b in zip(reference, other) for x, y in zip(a.distribution, b.distribution)), default=0.0
+    )
     return {"grade_agreement": same / max(len(reference), 1), "max_probability_difference": diff}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import resource
 import threading
 import time
 from collections.abc import Sequence
@@ -74,9 +75,18 @@ def machine_info() -> dict[str, Any]:
         pass
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        info["gpu"] = {"name": name, "count": torch.cuda.device_count(), "peak_tflops_bf16": device_peak_tflops(name),
-                       "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+        info["gpu"] = {
+            "name": name,
+            "count": torch.cuda.device_count(),
+            "peak_tflops_bf16": device_peak_tflops(name),
+            "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        }
     return info
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_bytes(pid: int) -> int:
@@ -88,7 +98,10 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time a process has used (all threads, user + system; default: this one): unlike wall time, not slowed by
+    other jobs. 0 for a process that went away."""
+    pid = os.getpid() if pid is None else pid
     try:
         import psutil
 
@@ -164,11 +177,12 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------------
 
 
-def flops_report(student: Labeler, prompt_tokens_per_pair: float, labels_per_second: float | None,
-                 peak_tflops: float | None = None) -> dict[str, Any]:
+def flops_report(
+    student: Labeler, prompt_tokens_per_pair: float, labels_per_second: float | None, peak_tflops: float | None = None
+) -> dict[str, Any]:
     """FLOPs per pair of the single pass and the fraction of peak reached (device peak, or this CPU's estimate)."""
     config = student.transformer().config
-    params = matmul_parameter_count(student.model)
+    params = matmul_parameter_count(student.transformer())
     linear = prefill_flops_per_pair(params, prompt_tokens_per_pair)
     attention = attention_flops_per_pair(config.num_hidden_layers, config.hidden_size, prompt_tokens_per_pair)
     report: dict[str, Any] = {

@@ -24,7 +24,7 @@ from .engines import (
     naive_generate_label,
     quantize_int8,
 )
-from .machine import PeakMemory, _cpu_seconds, load_average
+from .machine import PeakMemory, cpu_seconds, load_average
 
 Pair = tuple[str, str]
 
@@ -74,7 +74,9 @@ def pairs_for(run_dir: str | Path | None, n: int, corpus_dir: str | Path = DEMO_
     """The run folder's pairs when it has them (at least ``n``), else demo-corpus pairs; returns (pairs, source)."""
     if run_dir is not None:
         path = Path(run_dir)
-        if (path / "03_hard_negatives" / "pairs.jsonl").exists() and (path / "01_seed_documents" / "documents.jsonl").exists():
+        if (path / "03_hard_negatives" / "pairs.jsonl").exists() and (
+            path / "01_seed_documents" / "documents.jsonl"
+        ).exists():
             pairs = load_pairs(path, n)
             if len(pairs) >= n:
                 return pairs, f"{path}/03_hard_negatives/pairs.jsonl"
@@ -116,22 +118,40 @@ class Measurement:
 
 
 def _finish(
-    name: str, kind: str, pairs: int, seconds: float, prompt_tokens: float, completion_tokens: float,
-    memory: PeakMemory, cpu_seconds: float | None, load_before: list[float], grades: list[int | None],
-    batch_size: int | None = None, notes: str = "",
+    name: str,
+    kind: str,
+    pairs: int,
+    seconds: float,
+    prompt_tokens: float,
+    completion_tokens: float,
+    memory: PeakMemory,
+    cpu_seconds: float | None,
+    load_before: list[float],
+    grades: list[int | None],
+    batch_size: int | None = None,
+    notes: str = "",
 ) -> Measurement:
     stopped = memory.stopped_seconds
     if stopped > 0:
         notes += f"; {stopped:.1f} s stopped by a signal taken out (wall clock {seconds:.1f} s)"
         seconds = max(seconds - stopped, 1e-9)
     return Measurement(
-        name=name, kind=kind, measured=True, pairs=pairs, seconds=round(seconds, 3),
+        name=name,
+        kind=kind,
+        measured=True,
+        pairs=pairs,
+        seconds=round(seconds, 3),
         labels_per_second=pairs / seconds if seconds > 0 else float("inf"),
-        prompt_tokens_per_pair=prompt_tokens / max(pairs, 1), completion_tokens_per_pair=completion_tokens / max(pairs, 1),
-        batch_size=batch_size, peak_rss_mb=round(memory.peak_mb, 1),
+        prompt_tokens_per_pair=prompt_tokens / max(pairs, 1),
+        completion_tokens_per_pair=completion_tokens / max(pairs, 1),
+        batch_size=batch_size,
+        peak_rss_mb=round(memory.peak_mb, 1),
         cuda_peak_mb=round(memory.cuda_peak_mb, 1) if memory.cuda_peak_mb is not None else None,
         cpu_seconds_per_label=round(cpu_seconds / max(pairs, 1), 3) if cpu_seconds is not None else None,
-        load_before=load_before, load_after=load_average(), grades=grades, notes=notes,
+        load_before=load_before,
+        load_after=load_average(),
+        grades=grades,
+        notes=notes,
         stopped_seconds=round(stopped, 1),
     )
 
@@ -164,8 +184,8 @@ def measure_teacher(
     stands in for the ``openai`` client of a remote endpoint (tests); ``server_threads`` sets the
     local server's threads (default: its own choice, all cores up to 8).
     """
-    from ..local_server import LocalLLMServer
     from ..llm_client import Endpoint, LLMClient
+    from ..local_server import LocalLLMServer
     from ..teacher import TeacherLabeler
 
     max_tokens = max_tokens or (160 if reasoning else 12)
@@ -176,8 +196,12 @@ def measure_teacher(
             server = LocalLLMServer(model, n_ctx=n_ctx, n_threads=server_threads).start()
             client = LLMClient(server.endpoint(), cache_path, max_concurrency=1)
         else:
-            client = LLMClient(Endpoint(base_url=base_url, model=model, api_key_env=api_key_env), cache_path,
-                               max_concurrency=max_concurrency, openai_client=openai_client)
+            client = LLMClient(
+                Endpoint(base_url=base_url, model=model, api_key_env=api_key_env),
+                cache_path,
+                max_concurrency=max_concurrency,
+                openai_client=openai_client,
+            )
         client.cache.get = lambda key: None  # lookups disabled: a repeated pair is asked again, never served
         try:
             teacher = TeacherLabeler(client, reasoning=reasoning, max_tokens=max_tokens, top_logprobs=top_logprobs)
@@ -185,14 +209,14 @@ def measure_teacher(
                 teacher.label_pair("warm-up query", "A short warm-up document that is not part of the measurement.")
             before = client.ledger.to_dict()
             pids = [server._process.pid] if server is not None and server._process is not None else [os.getpid()]
-            cpu_start = sum(_cpu_seconds(pid) for pid in pids) if server is not None else None
+            cpu_start = sum(cpu_seconds(pid) for pid in pids) if server is not None else None
             load_before = load_average()
             records = [{"query": q, "document": d} for q, d in pairs]
             with PeakMemory(pids) as memory:
                 start = time.perf_counter()
                 labels = teacher.label_records(records, description="teacher labels (timed)")
                 seconds = time.perf_counter() - start
-            cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_start if cpu_start is not None else None
+            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_start if cpu_start is not None else None
             after = client.ledger.to_dict()
         finally:
             client.cache.close()
@@ -202,16 +226,27 @@ def measure_teacher(
         raise RuntimeError("cached answers were served during a throughput measurement; they must not count")
     failed = [label.get("error") for label in labels if label.get("error") not in (None, "unparseable")]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(pairs)} teacher requests failed, so the timing is not a labeling "
-                           f"throughput (first error: {failed[0]})")
+        raise RuntimeError(
+            f"{len(failed)} of {len(pairs)} teacher requests failed, so the timing is not a labeling "
+            f"throughput (first error: {failed[0]})"
+        )
     where = "embedded llama.cpp server" if base_url is None else base_url
     measurement = _finish(
-        f"teacher {model} ({where}{', reasoning' if reasoning else ', grade only'})", "teacher", len(pairs), seconds,
-        after["prompt_tokens"] - before["prompt_tokens"], after["completion_tokens"] - before["completion_tokens"],
-        memory, cpu, load_before, [label["grade"] for label in labels],
-        notes=(f"calls={after['calls'] - before['calls']}, failures={after['failures'] - before['failures']}, "
-               f"unparseable={after['unparseable'] - before['unparseable']}; cache lookups disabled; "
-               + ("RSS and CPU time are the server process's" if server is not None else "remote: memory not measurable")),
+        f"teacher {model} ({where}{', reasoning' if reasoning else ', grade only'})",
+        "teacher",
+        len(pairs),
+        seconds,
+        after["prompt_tokens"] - before["prompt_tokens"],
+        after["completion_tokens"] - before["completion_tokens"],
+        memory,
+        cpu,
+        load_before,
+        [label["grade"] for label in labels],
+        notes=(
+            f"calls={after['calls'] - before['calls']}, failures={after['failures'] - before['failures']}, "
+            f"unparseable={after['unparseable'] - before['unparseable']}; cache lookups disabled; "
+            + ("RSS and CPU time are the server process's" if server is not None else "remote: memory not measurable")
+        ),
     )
     if base_url is not None:
         measurement.peak_rss_mb = None
@@ -219,15 +254,27 @@ def measure_teacher(
 
 
 def stated_teacher(
-    name: str, labels_per_second: float, prompt_tokens_per_pair: float, completion_tokens_per_pair: float,
-    price_in_per_million: float, price_out_per_million: float, notes: str = "",
+    name: str,
+    labels_per_second: float,
+    prompt_tokens_per_pair: float,
+    completion_tokens_per_pair: float,
+    price_in_per_million: float,
+    price_out_per_million: float,
+    notes: str = "",
 ) -> Measurement:
     """A teacher whose throughput is stated, not measured (e.g. a hosted API); cost billed per token."""
     return Measurement(
-        name=name, kind="teacher_stated", measured=False, pairs=0, seconds=0.0, labels_per_second=labels_per_second,
-        prompt_tokens_per_pair=prompt_tokens_per_pair, completion_tokens_per_pair=completion_tokens_per_pair,
-        cost_per_1000_labels=token_cost_per_1000(prompt_tokens_per_pair, completion_tokens_per_pair,
-                                                 price_in_per_million, price_out_per_million),
+        name=name,
+        kind="teacher_stated",
+        measured=False,
+        pairs=0,
+        seconds=0.0,
+        labels_per_second=labels_per_second,
+        prompt_tokens_per_pair=prompt_tokens_per_pair,
+        completion_tokens_per_pair=completion_tokens_per_pair,
+        cost_per_1000_labels=token_cost_per_1000(
+            prompt_tokens_per_pair, completion_tokens_per_pair, price_in_per_million, price_out_per_million
+        ),
         cost_basis=f"${price_in_per_million}/M in + ${price_out_per_million}/M out (stated)",
         notes=notes,
     )
@@ -237,9 +284,8 @@ def rubric_prompt_tokens(tokenizer: Any, pairs: Sequence[Pair], reasoning: bool)
     """Mean tokens per pair of the teacher's rubric prompt, counted with ``tokenizer`` (e.g. the student's).
 
     The prompt is :func:`labeler_utils.teacher.build_messages` in the tokenizer's chat template, with
-    the generation prompt. A tokenizer without a chat template counts the rubric text alone, built
-    with the default (reasoning) answer instruction whatever ``reasoning`` is. This is how a hosted
-    teacher's prompt tokens are estimated for :func:`stated_teacher`.
+    the generation prompt; a tokenizer without a chat template counts the rubric text alone. This is
+    how a hosted teacher's prompt tokens are estimated for :func:`stated_teacher`.
     """
     from ..teacher import build_messages
 
@@ -249,7 +295,7 @@ def rubric_prompt_tokens(tokenizer: Any, pairs: Sequence[Pair], reasoning: bool)
                 build_messages(query, document, reasoning=reasoning), tokenize=False, add_generation_prompt=True
             )
         else:
-            text = build_messages(query, document)[0]["content"]
+            text = build_messages(query, document, reasoning=reasoning)[0]["content"]
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     return sum(count(query, document) for query, document in pairs) / len(pairs)
@@ -261,51 +307,83 @@ def rubric_prompt_tokens(tokenizer: Any, pairs: Sequence[Pair], reasoning: bool)
 
 
 def measure_naive_generate(
-    student: StudentLabeler, pairs: Sequence[Pair], max_new_tokens: int = 4, name: str = "student naive generate()",
+    student: StudentLabeler,
+    pairs: Sequence[Pair],
+    max_new_tokens: int = 4,
+    name: str = "student naive generate()",
     warmup: bool = True,
 ) -> Measurement:
     """Time per-pair greedy ``generate()`` of ``max_new_tokens`` tokens with the student's model."""
     model, tokenizer = student.model, student.tokenizer
     if warmup:
-        naive_generate_label(model, tokenizer, "warm-up", "warm-up document", student.max_length, max_new_tokens,
-                             student.prompt_format)
+        naive_generate_label(
+            model, tokenizer, "warm-up", "warm-up document", student.max_length, max_new_tokens, student.prompt_format
+        )
     prompt_tokens = completion_tokens = 0
     grades: list[int | None] = []
     load_before = load_average()
     with PeakMemory() as memory:
         cpu_start, start = time.process_time(), time.perf_counter()
         for query, document in pairs:
-            grade, _, n_prompt, n_new = naive_generate_label(model, tokenizer, query, document, student.max_length,
-                                                             max_new_tokens, student.prompt_format)
+            grade, _, n_prompt, n_new = naive_generate_label(
+                model, tokenizer, query, document, student.max_length, max_new_tokens, student.prompt_format
+            )
             grades.append(grade)
             prompt_tokens += n_prompt
             completion_tokens += n_new
         _synchronize()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return _finish(name, "naive_generate", len(pairs), seconds, prompt_tokens, completion_tokens, memory, cpu,
-                   load_before, grades, batch_size=1,
-                   notes=f"greedy, max_new_tokens={max_new_tokens}, first digit parsed; "
-                         f"{sum(g is None for g in grades)} answers without a grade digit")
+    return _finish(
+        name,
+        "naive_generate",
+        len(pairs),
+        seconds,
+        prompt_tokens,
+        completion_tokens,
+        memory,
+        cpu,
+        load_before,
+        grades,
+        batch_size=1,
+        notes=f"greedy, max_new_tokens={max_new_tokens}, first digit parsed; "
+        f"{sum(g is None for g in grades)} answers without a grade digit",
+    )
 
 
 def measure_single_pass(
-    student: Labeler, pairs: Sequence[Pair], batch_size: int, bucket_size: int = 512, name: str | None = None,
+    student: Labeler,
+    pairs: Sequence[Pair],
+    batch_size: int,
+    bucket_size: int = 512,
+    name: str | None = None,
     warmup: bool = True,
 ) -> tuple[Measurement, list[GradeLabel]]:
     """Time ``student.label`` (one forward pass per pair, length-bucketed batches) at ``batch_size``."""
     if warmup:  # one short pass: first-call set-up (allocator, kernels) is not labeling throughput
         list(student.label([(pairs[0][0], pairs[0][1][:200])], batch_size=1, progress=False))
-    prompt_tokens = sum(len(student.encode_pair(q, d)[0]) for q, d in pairs)
+    prompt_tokens = sum(student.encoded_length(student.encode_pair(q, d)[0]) for q, d in pairs)
     load_before = load_average()
     with PeakMemory() as memory:
         cpu_start, start = time.process_time(), time.perf_counter()
-        labels = list(student.label(pairs, batch_size=batch_size, bucket_size=bucket_size, total=len(pairs),
-                                    progress=False))
+        labels = list(
+            student.label(pairs, batch_size=batch_size, bucket_size=bucket_size, total=len(pairs), progress=False)
+        )
         _synchronize()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    measurement = _finish(name or f"student single pass, batch {batch_size}", "single_pass", len(pairs), seconds,
-                          prompt_tokens, 0, memory, cpu, load_before, [label.grade for label in labels],
-                          batch_size=batch_size, notes="one forward pass, grade-token probabilities; tokenisation timed")
+    measurement = _finish(
+        name or f"student single pass, batch {batch_size}",
+        "single_pass",
+        len(pairs),
+        seconds,
+        prompt_tokens,
+        0,
+        memory,
+        cpu,
+        load_before,
+        [label.grade for label in labels],
+        batch_size=batch_size,
+        notes="one forward pass, grade-token probabilities; tokenisation timed",
+    )
     return measurement, labels
 
 
@@ -397,8 +475,15 @@ def run_all(
     teacher_pairs = pairs if teacher_pairs is None else teacher_pairs
     if teacher_pairs:
         log(f"teacher on {len(teacher_pairs)} pairs ({teacher_base_url or 'embedded llama.cpp server'}) ...")
-        measurements.append(measure_teacher(teacher_pairs, base_url=teacher_base_url, model=teacher_model,
-                                            api_key_env=api_key_env, reasoning=teacher_reasoning,
-                                            server_threads=teacher_threads))
+        measurements.append(
+            measure_teacher(
+                teacher_pairs,
+                base_url=teacher_base_url,
+                model=teacher_model,
+                api_key_env=api_key_env,
+                reasoning=teacher_reasoning,
+                server_threads=teacher_threads,
+            )
+        )
         log(f"  {measurements[-1].labels_per_second:.3f} labels/s (load {load_average()})")
     return measurements, extras

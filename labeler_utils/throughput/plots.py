@@ -35,20 +35,24 @@ def plot_throughput_vs_batch_size(
     ax.plot([m.batch_size for m in single], [m.labels_per_second for m in single], "o-", label="student single pass")
     for m in measurements:
         if m.kind == "single_pass" and m not in single:
-            ax.scatter([m.batch_size], [m.labels_per_second], marker="*", s=140, zorder=3,
-                       label=m.name.split(", batch")[0])
+            ax.scatter(
+                [m.batch_size], [m.labels_per_second], marker="*", s=140, zorder=3, label=m.name.split(", batch")[0]
+            )
     for m in measurements:
         if m.kind in _LINE_STYLES:
             color, line = _LINE_STYLES[m.kind]
-            ax.axhline(m.labels_per_second, color=color, linestyle=line,
-                       label=f"{m.name} ({m.labels_per_second:.2f}/s)")
+            ax.axhline(
+                m.labels_per_second, color=color, linestyle=line, label=f"{m.name} ({m.labels_per_second:.2f}/s)"
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.set_xlabel("batch size")
     ax.set_ylabel("labels per second")
-    ax.set_title(f"labeling throughput ({machine['cpu']}, {machine['usable_cores']} cores, "
-                 f"load {machine['load_average'][0]})", fontsize=10)
+    ax.set_title(
+        f"labeling throughput ({machine['cpu']}, {machine['usable_cores']} cores, load {machine['load_average'][0]})",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
@@ -63,10 +67,21 @@ def plot_cost_per_1000_labels(measurements: Sequence[Measurement]) -> Figure:
     rows = [m for m in measurements if m.cost_per_1000_labels is not None]
     fig = Figure(figsize=(7, 0.45 * len(rows) + 1.2))
     ax = fig.subplots()
-    colors = ["tab:purple" if not m.measured else "tab:gray" if m.kind == "teacher" else
-              "tab:red" if m.kind == "naive_generate" else "tab:blue" for m in rows]
-    ax.barh([m.name if m.measured or "stated" in m.name else m.name + " [stated]" for m in rows],
-            [m.cost_per_1000_labels for m in rows], color=colors)
+    colors = [
+        "tab:purple"
+        if not m.measured
+        else "tab:gray"
+        if m.kind == "teacher"
+        else "tab:red"
+        if m.kind == "naive_generate"
+        else "tab:blue"
+        for m in rows
+    ]
+    ax.barh(
+        [m.name if m.measured or "stated" in m.name else m.name + " [stated]" for m in rows],
+        [m.cost_per_1000_labels for m in rows],
+        color=colors,
+    )
     for y, m in enumerate(rows):
         ax.text(m.cost_per_1000_labels, y, f" ${m.cost_per_1000_labels:.4f}", va="center", fontsize=7)
     ax.set_xscale("log")
@@ -89,8 +104,9 @@ def plot_quality_vs_cost(quality: Mapping[str, float], points: Mapping[str, floa
     for name, qwk in quality.items():
         if points.get(name) is not None:
             ax.scatter(points[name], qwk, s=80)
-            ax.annotate(name.replace("_", " "), (points[name], qwk), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+            ax.annotate(
+                name.replace("_", " "), (points[name], qwk), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
     ax.set_xscale("log")
     ax.margins(x=0.4, y=0.15)
     ax.set_xlabel("USD per 1,000 labels (log scale)")

@@ -19,7 +19,9 @@ STAGE = "07_throughput_cost"
 
 
 def price_measurements(
-    measurements: Iterable[Measurement], machine_price_per_hour: float, teacher_price_in: float = 0.0,
+    measurements: Iterable[Measurement],
+    machine_price_per_hour: float,
+    teacher_price_in: float = 0.0,
     teacher_price_out: float = 0.0,
 ) -> None:
     """Set each measured row's cost per 1,000 labels: by machine-hour, or per token for a remote teacher.
@@ -31,8 +33,9 @@ def price_measurements(
         if not m.measured:
             continue
         if m.kind == "teacher" and (teacher_price_in or teacher_price_out):
-            m.cost_per_1000_labels = token_cost_per_1000(m.prompt_tokens_per_pair, m.completion_tokens_per_pair,
-                                                         teacher_price_in, teacher_price_out)
+            m.cost_per_1000_labels = token_cost_per_1000(
+                m.prompt_tokens_per_pair, m.completion_tokens_per_pair, teacher_price_in, teacher_price_out
+            )
             m.cost_basis = f"${teacher_price_in}/M in + ${teacher_price_out}/M out (stated)"
         else:
             m.cost_per_1000_labels = machine_cost_per_1000(m.labels_per_second, machine_price_per_hour)
@@ -40,7 +43,9 @@ def price_measurements(
 
 
 def summarize(
-    measurements: Sequence[Measurement], machine: dict[str, Any], settings: dict[str, Any],
+    measurements: Sequence[Measurement],
+    machine: dict[str, Any],
+    settings: dict[str, Any],
     flops: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON summary: headline numbers, ratios, targets, and every measurement row.
@@ -84,7 +89,8 @@ def summarize(
         "student_labels_per_second": lps(best),
         "student_best_batch_size": best.batch_size if best else None,
         "student_best_variant": {"name": best_any.name, "labels_per_second": best_any.labels_per_second}
-        if best_any else None,
+        if best_any
+        else None,
         "teacher_labels_per_second": lps(teacher),
         "naive_generate_labels_per_second": lps(naive),
         "speedup_vs_teacher": speedup_teacher,
@@ -92,7 +98,9 @@ def summarize(
         "speedup_best_variant_vs_naive_generate": ratio(lps(best_any), lps(naive)),
         "cost_per_1000_labels": costs,
         "cost_ratio_teacher_vs_student": cost_ratio,
-        "hosted_api_teacher_stated": None if stated is None else {
+        "hosted_api_teacher_stated": None
+        if stated is None
+        else {
             "labels_per_second": stated.labels_per_second,
             "cost_per_1000_labels": stated.cost_per_1000_labels,
             "student_speedup": ratio(lps(best), stated.labels_per_second),
@@ -122,16 +130,23 @@ def other_students_summary(measurements: Sequence[Measurement], teacher: Measure
             "cost_per_1000_labels": best.cost_per_1000_labels,
             "peak_rss_mb": best.peak_rss_mb,
             "speedup_vs_teacher": ratio(best.labels_per_second, teacher.labels_per_second if teacher else None),
-            "cost_ratio_teacher_vs_student": ratio(teacher.cost_per_1000_labels if teacher else None,
-                                                   best.cost_per_1000_labels),
+            "cost_ratio_teacher_vs_student": ratio(
+                teacher.cost_per_1000_labels if teacher else None, best.cost_per_1000_labels
+            ),
         }
     return summary
 
 
 def _target(name: str, value: float | None, basis: str) -> dict[str, Any]:
     goal = TARGETS[name]
-    return {"name": name, "target": goal, "value": value, "met": value is not None and value >= goal,
-            "shortfall_factor": ratio(goal, value) if value is not None and value < goal else None, "basis": basis}
+    return {
+        "name": name,
+        "target": goal,
+        "value": value,
+        "met": value is not None and value >= goal,
+        "shortfall_factor": ratio(goal, value) if value is not None and value < goal else None,
+        "basis": basis,
+    }
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -184,31 +199,46 @@ def markdown_report(summary: dict[str, Any]) -> str:
     lines += ["", "| ratio | value | target | met? | basis |", "| --- | ---: | ---: | --- | --- |"]
     for t in summary["targets"]:
         shortfall = f" (short by {t['shortfall_factor']:.1f}x)" if t.get("shortfall_factor") else ""
-        lines.append(f"| {t['name']} | {_fmt(t['value'])}x | {t['target']:.0f}x | "
-                     f"{'yes' if t['met'] else 'no' + shortfall} | {t['basis']} |")
+        lines.append(
+            f"| {t['name']} | {_fmt(t['value'])}x | {t['target']:.0f}x | "
+            f"{'yes' if t['met'] else 'no' + shortfall} | {t['basis']} |"
+        )
     api = summary.get("hosted_api_teacher_stated")
     if api:
-        lines.append(f"| student vs hosted API teacher, speed | {_fmt(api['student_speedup'])}x | – | – | "
-                     "student measured, API throughput **stated** |")
-        lines.append(f"| hosted API teacher vs student, cost | {_fmt(api['cost_ratio_vs_student'])}x | – | – | "
-                     "student measured, API tokens measured locally, prices **stated** |")
+        lines.append(
+            f"| student vs hosted API teacher, speed | {_fmt(api['student_speedup'])}x | – | – | "
+            "student measured, API throughput **stated** |"
+        )
+        lines.append(
+            f"| hosted API teacher vs student, cost | {_fmt(api['cost_ratio_vs_student'])}x | – | – | "
+            "student measured, API tokens measured locally, prices **stated** |"
+        )
     for name, other in (summary.get("other_students") or {}).items():
-        lines.append(f"| {name} (best: {other['best_row']}) vs teacher, speed | {_fmt(other['speedup_vs_teacher'])}x | "
-                     f"{TARGETS['student_vs_teacher_speed']:.0f}x | – | measured |")
-        lines.append(f"| teacher vs {name}, cost | {_fmt(other['cost_ratio_teacher_vs_student'])}x | "
-                     f"{TARGETS['teacher_vs_student_cost']:.0f}x | – | measured throughput x stated prices |")
+        lines.append(
+            f"| {name} (best: {other['best_row']}) vs teacher, speed | {_fmt(other['speedup_vs_teacher'])}x | "
+            f"{TARGETS['student_vs_teacher_speed']:.0f}x | – | measured |"
+        )
+        lines.append(
+            f"| teacher vs {name}, cost | {_fmt(other['cost_ratio_teacher_vs_student'])}x | "
+            f"{TARGETS['teacher_vs_student_cost']:.0f}x | – | measured throughput x stated prices |"
+        )
     variant = summary.get("student_best_variant")
     if variant and summary.get("speedup_best_variant_vs_naive_generate"):
-        lines.append(f"| best engine variant ({variant['name']}) vs naive generate | "
-                     f"{_fmt(summary['speedup_best_variant_vs_naive_generate'])}x | – | – | measured |")
+        lines.append(
+            f"| best engine variant ({variant['name']}) vs naive generate | "
+            f"{_fmt(summary['speedup_best_variant_vs_naive_generate'])}x | – | – | measured |"
+        )
     flops = summary.get("flops") or {}
     if flops:
-        lines += ["", f"FLOPs per pair: {_fmt(flops.get('prefill_gflops_per_pair'), 1)} GFLOP prefill "
-                      f"(2 x {flops.get('matmul_parameters'):,} matmul parameters x {_fmt(flops.get('prompt_tokens_per_pair'), 0)} tokens) "
-                      f"+ {_fmt(flops.get('attention_gflops_per_pair'), 1)} GFLOP attention; achieved "
-                      f"{_fmt(flops.get('achieved_gflops_per_second'), 1)} GFLOP/s = "
-                      f"{_fmt(100 * flops['fraction_of_peak'] if flops.get('fraction_of_peak') else None, 1)}% of "
-                      f"{_fmt(flops.get('peak_tflops'), 3)} TFLOP/s peak ({flops.get('device')})."]
+        lines += [
+            "",
+            f"FLOPs per pair: {_fmt(flops.get('prefill_gflops_per_pair'), 1)} GFLOP prefill "
+            f"(2 x {flops.get('matmul_parameters'):,} matmul parameters x {_fmt(flops.get('prompt_tokens_per_pair'), 0)} tokens) "
+            f"+ {_fmt(flops.get('attention_gflops_per_pair'), 1)} GFLOP attention; achieved "
+            f"{_fmt(flops.get('achieved_gflops_per_second'), 1)} GFLOP/s = "
+            f"{_fmt(100 * flops['fraction_of_peak'] if flops.get('fraction_of_peak') else None, 1)}% of "
+            f"{_fmt(flops.get('peak_tflops'), 3)} TFLOP/s peak ({flops.get('device')}).",
+        ]
     notes = summary["settings"].get("assumptions")
     if notes:
         lines += ["", "Stated assumptions:", *[f"- {k}: {v}" for k, v in notes.items()]]
