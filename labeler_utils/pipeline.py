@@ -102,8 +102,9 @@ def render_report(summary: dict[str, Any]) -> str:
         "",
         "What the agreement figures mean (accuracy, kappa, qwk against the benchmark's grades): the bundled models "
         "are far too small to be good teachers; they exercise the pipeline, and these figures show that it runs end "
-        "to end, not how good the labels are. Label quality on real human judgments (TREC DL 2019) is in the "
-        f"README: [Reproducing the central claim on TREC DL 2019]({readme}#reproducing-the-central-claim-on-trec-dl-2019).",
+        "to end, not how good the labels are. Label quality on real human judgments (TREC DL 2019 and 2020) is in the "
+        f"README: [Reproducing the central claim on 97 TREC DL queries]({readme}"
+        "#reproducing-the-central-claim-on-97-trec-dl-queries-2019--2020).",
         "",
         "Executed notebooks are in `notebooks/` of the run folder; each stage's artifacts in its own folder.",
     ]

@@ -219,7 +219,11 @@ def test_pipeline_report_says_what_the_agreement_figures_mean(tmp_path):
     )
     assert "exercise the pipeline" in report and "not how good the labels are" in report
     link = re.search(
-        r"\[Reproducing the central claim[^\]]*\]\(([^)#]+)#reproducing-the-central-claim-on-trec-dl-2019\)", report
+        r"\[Reproducing the central claim[^\]]*\]\(([^)#]+)#reproducing-the-central-claim-on-97-trec-dl-queries-2019--2020\)",
+        report,
     )
     assert link and (run / link.group(1)).resolve() == config.PROJECT_ROOT / "README.md"
-    assert "## Reproducing the central claim on TREC DL 2019" in (config.PROJECT_ROOT / "README.md").read_text()
+    assert (
+        "## Reproducing the central claim on 97 TREC DL queries (2019 + 2020)"
+        in (config.PROJECT_ROOT / "README.md").read_text()
+    )
