@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,14 +185,15 @@ def test_collator_pads_right_and_masks_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
-def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tmp_path):
+def learnable_run(tiny_model_dir: Path, qlora: bool) -> tuple[list[dict], DistillConfig]:
+    """Four pairs with distinct grades, repeated, and a config that fits them in 40 steps (LoRA or QLoRA)."""
     records = [
         {"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
         for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))
     ] * 4
     config = DistillConfig(
         base_model=str(tiny_model_dir),
-        qlora=False,
+        qlora=qlora,
         max_steps=40,
         batch_size=8,
         max_length=128,
@@ -200,6 +202,11 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
         logging_steps=5,
         warmup_ratio=0.0,
     )
+    return records, config
+
+
+def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tmp_path):
+    records, config = learnable_run(tiny_model_dir, qlora=False)
     manifest = train_student(records, tmp_path, config, {"source": "unit test"})
     adapter = tmp_path / "adapter"
     saved = json.loads((adapter / ADAPTER_MANIFEST).read_text())
@@ -268,21 +275,7 @@ def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings
 
 def test_qlora_trains_lora_on_a_4bit_nf4_base(tiny_model_dir, tmp_path):
     """The QLoRA path (NF4, double quantization, LoRA on every linear projection); bitsandbytes trains it on a CPU too."""
-    records = [
-        {"query": q, "document": d, "grade": g, "query_id": str(i), "doc_id": str(i)}
-        for i, ((q, d), g) in enumerate(zip(PAIRS, [3, 0, 2, 1]))
-    ] * 4
-    config = DistillConfig(
-        base_model=str(tiny_model_dir),
-        qlora=True,
-        max_steps=40,
-        batch_size=8,
-        max_length=128,
-        learning_rate=1e-2,
-        lora_rank=8,
-        logging_steps=5,
-        warmup_ratio=0.0,
-    )
+    records, config = learnable_run(tiny_model_dir, qlora=True)
     manifest = train_student(records, tmp_path, config, {"source": "unit test"})
     assert manifest["method"] == "qlora-nf4"
     losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]
