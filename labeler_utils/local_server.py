@@ -7,8 +7,10 @@ the stages never know whether they talk to this server, OpenAI, Azure, vLLM or O
 
 On a shared CPU the server degrades gracefully: it starts as many threads as there are cores the
 other processes leave free (usable cores less the busy ones, sampled at start-up), and its OpenMP
-threads sleep at barriers instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), so that a thread that
-lost its core no longer makes the others burn theirs waiting for it (``bench/server_contention.py``).
+threads sleep at barriers after a brief spin (``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT``
+20,000), so that a thread that lost its core no longer makes the others burn theirs waiting for it,
+while a quiet machine keeps the speed of spinning threads (sleeping at once made stage 02 1.5x
+slower there; ``bench/server_contention.py``).
 """
 
 from __future__ import annotations
@@ -77,15 +79,18 @@ class LocalLLMServer:
         startup_timeout: float = 180.0,
         log_path: str | Path | None = None,
         wait_policy: str | None = "PASSIVE",
+        spin_count: int | None = 20_000,
     ):
         """``n_threads`` (generation and prompt processing) defaults to :func:`free_cpu_threads` at start-up;
-        ``wait_policy`` is the server's ``OMP_WAIT_POLICY`` (None: OpenMP's default, spinning a while;
-        an ``OMP_WAIT_POLICY`` in the environment wins)."""
+        ``wait_policy`` is the server's ``OMP_WAIT_POLICY`` (None: OpenMP's default, spinning a while) and
+        ``spin_count`` its ``GOMP_SPINCOUNT``, the spins before a waiting thread sleeps (used with a wait
+        policy only; None: the policy's own); either variable set in the environment wins."""
         self.model = model
         self.gguf_path = server_gguf_path(model)
         self.n_ctx = n_ctx
         self.n_threads = n_threads or free_cpu_threads()
         self.wait_policy = wait_policy
+        self.spin_count = spin_count
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path or CACHE_DIR / "logs" / f"llama-server-{self.port}.log")
@@ -143,6 +148,8 @@ class LocalLLMServer:
         env = dict(os.environ)
         if self.wait_policy is not None:
             env.setdefault("OMP_WAIT_POLICY", self.wait_policy)
+            if self.spin_count is not None:
+                env.setdefault("GOMP_SPINCOUNT", str(self.spin_count))
         log = self.log_path.open("wb")
         self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self._wait_until_ready()

@@ -216,6 +216,11 @@ STUDENTS: dict[str, StudentSpec] = {
         "causal_lm", {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
     ),
 }
+#: Ensembles scored wherever all their members are: the mean of the members' expected relevance, cut at the
+#: teacher's grade shares (nothing fitted; the members' rank correlation on held-out pairs: 0.29 for these two).
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "ensemble gemma3-270m-query-twice + minilm-bi-encoder": ("gemma3-270m-query-twice", "minilm-bi-encoder"),
+}
 #: The student of the project's default family (``Profile.student_family``): summary.json's "default_student".
 DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family == Profile.student_family)
 
@@ -530,8 +535,9 @@ def evaluate_set(
     seed: int,
     own_teachers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's (paired);
-    ``own_teachers`` maps a student trained on other grades to that column, also compared pairwise."""
+    """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's and minus the
+    untrained cosine's (paired, when the cosine is among ``labelers``); ``own_teachers`` maps a student trained
+    on other grades to that column, also compared pairwise."""
     results: dict[str, Any] = {}
     for labeler in labelers:
         metrics = {
@@ -546,6 +552,8 @@ def evaluate_set(
         }
         if labeler != teacher:
             results[labeler]["qwk_minus_teacher"] = paired_bootstrap(frame, labeler, teacher, "qwk", n_boot, seed)
+        if COSINE_LABELER in labelers and labeler not in (teacher, COSINE_LABELER):
+            results[labeler]["qwk_minus_cosine"] = paired_bootstrap(frame, labeler, COSINE_LABELER, "qwk", n_boot, seed)
         own = (own_teachers or {}).get(labeler)
         if own is not None and own != teacher:
             results[labeler]["qwk_minus_own_teacher"] = {
@@ -557,6 +565,11 @@ def evaluate_set(
 
 def _interval(result: dict[str, Any]) -> str:
     return f"{result['estimate']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}]"
+
+
+def _difference(paired: dict[str, Any] | None) -> str:
+    """A paired difference with its interval, or a dash."""
+    return f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]" if paired else "–"
 
 
 def _train_time(train: dict[str, Any]) -> str:
@@ -591,15 +604,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{eval_set['pairs']} pairs, {eval_set['queries']} held-out queries; human grade counts "
             f"{eval_set['human_grade_counts']}.",
             "",
-            "| labeler | n | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | QWK - teacher |",
-            "|---|---|" + "---|" * (len(METRICS) + 1),
+            "| labeler | n | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | QWK - teacher | QWK - cosine |",
+            "|---|---|" + "---|" * (len(METRICS) + 2),
         ]
         for labeler, result in eval_set["labelers"].items():
-            diff = result.get("qwk_minus_teacher")
-            diff_text = f"{diff['difference']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]" if diff else "–"
+            diffs = [_difference(result.get(key)) for key in ("qwk_minus_teacher", "qwk_minus_cosine")]
             cells = [_interval(result["metrics"][m]) for m in METRICS]
             shown = f"{labeler} (teacher)" if labeler == report["settings"]["teacher"] else labeler
-            lines.append(f"| {shown} | {result['n']} | " + " | ".join(cells) + f" | {diff_text} |")
+            lines.append(f"| {shown} | {result['n']} | " + " | ".join(cells + diffs) + " |")
         lines.append("")
         own = {
             labeler: r["qwk_minus_own_teacher"]
@@ -815,6 +827,17 @@ def pooled_predictions(outputs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat([read_predictions(output["path"]) for output in outputs])
 
 
+def ensemble_predictions(members: Sequence[pd.DataFrame], pairs: pd.DataFrame) -> pd.DataFrame:
+    """The mean expected relevance of several labelers' predictions on ``pairs`` (grades are set by the caller)."""
+    keys = ["query_id", "doc_id"]
+    merged = pairs[keys].astype(str)
+    for i, member in enumerate(members):
+        scores = member[keys].astype(str).assign(**{f"score{i}": member["expected_relevance"].to_numpy()})
+        merged = merged.merge(scores, on=keys, how="inner")
+    score_columns = [f"score{i}" for i in range(len(members))]
+    return merged[keys].assign(expected_relevance=merged[score_columns].mean(axis=1), grade=pd.NA)
+
+
 def evaluation_sets(
     frame: pd.DataFrame,
     splits: Sequence[Split],
@@ -851,6 +874,14 @@ def evaluation_sets(
                     own_teachers.update({outputs[0]["labeler"]: source, calibrated: source})
                     if source != teacher and source not in labelers:
                         labelers.insert(1, source)  # the student's own teacher, scored on the same pairs
+        for ensemble, members in ENSEMBLES.items():
+            if all(m in students and settings["max_eval_pairs_per_query"].get(m) in (None, cap) for m in members):
+                outputs = [
+                    [report_students[m]["splits"][s.name]["stages"]["distilled"] for s in splits] for m in members
+                ]
+                predictions = ensemble_predictions([pooled_predictions(o) for o in outputs], table)
+                table = attach_predictions(table, share_calibrated(predictions, frame, splits, teacher), ensemble)
+                labelers.append(ensemble)
         title = "All held-out pairs" if cap is None else f"At most {cap} random held-out pairs per query"
         print(f"== evaluating: {title}")
         results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed, own_teachers)
@@ -991,14 +1022,26 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
     def qwk(labeler: str) -> float | None:
         return labelers[labeler]["metrics"]["qwk"]["estimate"] if labeler in labelers else None
 
-    rows = {
-        name: {
-            "qwk": qwk(f"{name} distilled"),
-            "qwk_share_calibrated": qwk(f"{name} distilled, share-calibrated"),
-            "spearman": labelers.get(f"{name} distilled", {}).get("metrics", {}).get(SPEARMAN, {}).get("estimate"),
-            "qwk_minus_teacher": labelers.get(f"{name} distilled", {}).get("qwk_minus_teacher"),
+    def scored_row(labeler: str, calibrated: str) -> dict[str, Any]:
+        """A labeler's numbers on the first evaluation set that scores it (all pairs, else a per-query cap)."""
+        scored = next((e for e in report["evaluation_sets"] if labeler in e["labelers"]), eval_set)
+        found = scored["labelers"]
+        result, calibrated_result = found.get(labeler, {}), found.get(calibrated, {})
+        return {
+            "evaluation_set": scored["title"],
+            "qwk": result.get("metrics", {}).get("qwk", {}).get("estimate"),
+            "qwk_share_calibrated": calibrated_result.get("metrics", {}).get("qwk", {}).get("estimate"),
+            "spearman": result.get("metrics", {}).get(SPEARMAN, {}).get("estimate"),
+            "teacher_qwk_same_pairs": found[teacher]["metrics"]["qwk"]["estimate"],
+            "qwk_minus_teacher": result.get("qwk_minus_teacher"),
+            "qwk_minus_cosine": result.get("qwk_minus_cosine"),
         }
-        for name in students
+
+    rows = {name: scored_row(f"{name} distilled", f"{name} distilled, share-calibrated") for name in students}
+    ensembles = {
+        name: scored_row(name, name)  # an ensemble's grades are share-calibrated already
+        for name in ENSEMBLES
+        if any(name in e["labelers"] for e in report["evaluation_sets"])
     }
     default = DEFAULT_STUDENT if DEFAULT_STUDENT in students else None
     return {
@@ -1013,8 +1056,9 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
         "default_student": default,
         "default_student_qwk": rows[default]["qwk"] if default else None,
         "students": rows,
-        "best_student": max(
-            rows, key=lambda n: max(v for v in (rows[n]["qwk"], rows[n]["qwk_share_calibrated"], -1.0) if v is not None)
+        "ensembles": ensembles,
+        "best_student": max(  # by QWK minus the teacher's on the same pairs: fair across evaluation sets
+            rows, key=lambda n: (rows[n]["qwk_minus_teacher"] or {}).get("difference", -np.inf)
         ),
         "command": report["command"],
         "date": report["date"],

@@ -435,27 +435,42 @@ def test_a_family_loads_a_student_from_its_training_output_folder(tiny_model_dir
 
 def test_script_summary_has_the_headline_keys(script):
     interval = {"estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6}
-    labelers = {
-        name: {"metrics": {"qwk": {**interval, "estimate": qwk}, script.SPEARMAN: interval}}
-        for name, qwk in (
-            ("recorded:t", 0.58),
-            (script.COSINE_LABELER, 0.4),
-            ("minilm-bi-encoder distilled", 0.45),
-            ("minilm-bi-encoder distilled, share-calibrated", 0.47),
-        )
-    }
+
+    def scored(*rows: tuple[str, float, float | None]) -> dict:
+        return {
+            name: {
+                "metrics": {"qwk": {**interval, "estimate": qwk}, script.SPEARMAN: interval},
+                **({"qwk_minus_teacher": {"difference": diff}} if diff is not None else {}),
+            }
+            for name, qwk, diff in rows
+        }
+
+    labelers = scored(
+        ("recorded:t", 0.58, None),
+        (script.COSINE_LABELER, 0.4, -0.18),
+        ("minilm-bi-encoder distilled", 0.45, -0.13),
+        ("minilm-bi-encoder distilled, share-calibrated", 0.47, -0.11),
+    )
+    capped = scored(("recorded:t", 0.50, None), ("minilm-cross-encoder distilled", 0.40, -0.10))
     report = {
         "protocol": "5-fold",
         "splits": [{"test_queries": ["a", "b"]}, {"test_queries": ["c"]}],
-        "evaluation_sets": [{"tag": "all", "title": "All held-out pairs", "pairs": 30, "labelers": labelers}],
+        "evaluation_sets": [
+            {"tag": "all", "title": "All held-out pairs", "pairs": 30, "labelers": labelers},
+            {"tag": "cap5", "title": "At most 5", "pairs": 10, "labelers": capped},
+        ],
         "command": "x",
         "date": "d",
     }
-    summary = script.summary(report, ["minilm-bi-encoder"], "recorded:t")
+    summary = script.summary(report, ["minilm-bi-encoder", "minilm-cross-encoder"], "recorded:t")
     assert {"queries", "folds", "teacher_qwk", "default_student", "default_student_qwk", "cosine_qwk"} <= set(summary)
     assert summary["queries"] == 3 and summary["folds"] == 2 and summary["teacher_qwk"] == 0.58
-    assert summary["cosine_qwk"] == 0.4 and summary["best_student"] == "minilm-bi-encoder"
-    assert summary["students"]["minilm-bi-encoder"]["qwk_share_calibrated"] == 0.47
+    assert summary["cosine_qwk"] == 0.4 and summary["default_student_qwk"] == 0.45
+    bi, cross = summary["students"]["minilm-bi-encoder"], summary["students"]["minilm-cross-encoder"]
+    assert bi["qwk_share_calibrated"] == 0.47 and bi["teacher_qwk_same_pairs"] == 0.58
+    # a student scored only on the capped set is reported there, against the teacher on those pairs
+    assert cross["evaluation_set"] == "At most 5" and cross["qwk"] == 0.40 and cross["teacher_qwk_same_pairs"] == 0.50
+    assert summary["best_student"] == "minilm-cross-encoder"  # the smaller gap to the teacher on its own pairs
     assert summary["default_student"] == script.DEFAULT_STUDENT or summary["default_student"] is None
 
 
@@ -468,3 +483,15 @@ def test_script_students_each_build_a_config_of_their_family(script):
         script.STUDENTS["minilm-bi-encoder-from-llama3-8b"].label_column("recorded:t") == "recorded:llama3_8b_umbrela"
     )
     assert script.STUDENTS["minilm-bi-encoder"].label_column("recorded:t") == "recorded:t"
+
+
+def test_script_ensemble_averages_its_members_on_the_pairs_both_scored(script):
+    pairs = pd.DataFrame({"query_id": ["q", "q", "r"], "doc_id": ["a", "b", "c"]})
+    first = pd.DataFrame(
+        {"query_id": ["q", "q", "r"], "doc_id": ["a", "b", "c"], "expected_relevance": [0.0, 1.0, 3.0]}
+    )
+    second = pd.DataFrame({"query_id": ["q", "r"], "doc_id": ["b", "c"], "expected_relevance": [2.0, 2.0]})
+    merged = script.ensemble_predictions([first, second], pairs)
+    assert merged[["doc_id", "expected_relevance"]].values.tolist() == [["b", 1.5], ["c", 2.5]]
+    assert merged["grade"].isna().all()  # the caller cuts the mean at the teacher's grade shares
+    assert all(m in script.STUDENTS for members in script.ENSEMBLES.values() for m in members)

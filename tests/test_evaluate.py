@@ -491,3 +491,25 @@ def test_ndcg_equals_trec_eval_through_ir_measures_when_no_scores_tie():
         ours[f"q{q}"] = ev.ndcg(scores, grades, k=10)
     theirs = {m.query_id: m.value for m in ir_measures.iter_calc([nDCG @ 10], qrels, run)}
     assert theirs == pytest.approx(ours, abs=1e-9)
+
+
+def test_learning_curves_are_read_from_reproduction_results(tmp_path):
+    interval = {"estimate": 0.4, "ci_low": 0.3, "ci_high": 0.5}
+    point = {
+        "student": "s",
+        "queries": "all",
+        "pairs_per_query": None,
+        "mean_train_pairs": 99.6,
+        "eval_pairs": 40,
+        **{key: interval for key in ("qwk", "qwk_calibrated", "spearman")},
+    }
+    results = {"splits": [{"train_queries": 8}, {"train_queries": 9}], "learning_curve": {"points": [point]}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    points, all_queries = ev.read_learning_curves([tmp_path / "results.json"])
+    assert points == [point] and all_queries == 8.5
+    table = ev.learning_curve_table(points)
+    assert table.loc[0, "pairs per query"] == "all" and table.loc[0, "mean training pairs"] == 100
+    assert table.loc[0, "QWK share-calibrated"] == "0.400 [0.300, 0.500]"
+    (tmp_path / "plain.json").write_text(json.dumps({"splits": []}))
+    with pytest.raises(ValueError, match="plain.json: no 'learning_curve'"):
+        ev.read_learning_curves([tmp_path / "plain.json"])

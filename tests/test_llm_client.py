@@ -232,13 +232,14 @@ def test_real_local_server_answers_and_stops(tmp_path):
     try:
         result = client.chat([{"role": "user", "content": "Say hello."}], max_tokens=8, top_logprobs=3)
         assert result.text.strip() and result.completion_tokens > 0 and result.top_logprobs
-        # Under CPU contention: threads that fit the free cores, for prompts too, sleeping (not spinning) at barriers.
+        # Under CPU contention: threads that fit the free cores, for prompts too, sleeping at barriers after a brief spin.
         pid = server._process.pid
         command = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
         threads = command[command.index("--n_threads") + 1]
         assert command[command.index("--n_threads_batch") + 1] == threads and 1 <= int(threads) <= os.cpu_count()
         environ = open(f"/proc/{pid}/environ", "rb").read().decode().split("\0")
         assert f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}" in environ
+        assert f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '20000')}" in environ
     finally:
         server.stop()
     with pytest.raises(LLMError):

@@ -22,7 +22,7 @@ import pytest
 
 from labeler_utils import hard_negatives as hn
 from labeler_utils.artifacts import read_jsonl
-from labeler_utils.config import DEMO_BENCHMARK_PATH, STAGES, get_profile
+from labeler_utils.config import DEMO_BENCHMARK_PATH, PROJECT_ROOT, STAGES, get_profile
 from labeler_utils.pipeline import execute_notebook, stage_metrics
 
 pytestmark = pytest.mark.notebooks
@@ -220,6 +220,9 @@ def test_06_evaluate(run_path):
     assert (run_path / "06_evaluate" / "report.md").exists()
     assert {"pairs": metrics["pairs"], "queries": metrics["queries"]} == BENCHMARK_SUBSET
     assert (report["benchmark"]["pairs"], report["benchmark"]["queries"]) == (metrics["pairs"], metrics["queries"])
+    curves = sorted((PROJECT_ROOT / "docs" / "results" / "trec_dl_cv").glob("learning_curve*/results.json"))
+    recorded_points = sum(len(json.loads(p.read_text())["learning_curve"]["points"]) for p in curves)
+    assert metrics["learning_curve_points"] == recorded_points > 0  # the recorded TREC DL learning curves
     assert metrics["labelers"] == list(report["labelers"]) and set(metrics["labelers"]) == set(LABELERS)
     human = {(r["query_id"], r["doc_id"]): r["grade"] for r in read_jsonl(DEMO_BENCHMARK_PATH)}
     stage_of = {"teacher": "04_teacher_labels", "student_zero_shot": "05_distill", "student_distilled": "05_distill"}

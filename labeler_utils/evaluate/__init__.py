@@ -97,6 +97,8 @@ from .report import (
     COMPARISON_METRICS,
     agreement_by_group,
     evaluation_report,
+    learning_curve_table,
+    read_learning_curves,
     report_markdown,
     summary_tables,
 )
@@ -161,6 +163,8 @@ __all__ = [
     # report
     "COMPARISON_METRICS",
     "agreement_by_group",
+    "learning_curve_table",
+    "read_learning_curves",
     "evaluation_report",
     "report_markdown",
     "summary_tables",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations
@@ -287,3 +288,41 @@ def evaluation_report(
     with atomic_write(out_dir / "report.md") as handle:
         handle.write(report_markdown(report))
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Learning curves recorded by scripts/reproduce_trec_dl.py
+# --------------------------------------------------------------------------------------------
+
+LEARNING_CURVE_METRICS = {"qwk": "QWK", "qwk_calibrated": "QWK share-calibrated", "spearman": "Spearman"}
+
+
+def read_learning_curves(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], float]:
+    """The learning-curve points of reproduction results files (``results.json``), and the mean number of
+    training queries per split (where the points marked ``"all"`` are drawn)."""
+    points: list[dict[str, Any]] = []
+    train_queries: list[int] = []
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        if not results.get("learning_curve"):
+            raise ValueError(f"{path}: no 'learning_curve' (run the reproduction with --learning-curve)")
+        points += results["learning_curve"]["points"]
+        train_queries += [split["train_queries"] for split in results["splits"]]
+    return points, float(np.mean(train_queries))
+
+
+def learning_curve_table(points: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per learning-curve point: training size, held-out pairs, and the metrics with their intervals."""
+    return pd.DataFrame(
+        [
+            {
+                "student": point["student"],
+                "training queries": point["queries"],
+                "pairs per query": point["pairs_per_query"] or "all",
+                "mean training pairs": round(point["mean_train_pairs"]),
+                "held-out pairs": point["eval_pairs"],
+                **{title: _with_interval(point[key]) for key, title in LEARNING_CURVE_METRICS.items()},
+            }
+            for point in points
+        ]
+    )
