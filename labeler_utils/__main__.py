@@ -43,7 +43,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from .artifacts import InputError
-    from .label_at_scale import LabelSettings, ResumeRefused, label_pairs
+    from .label_at_scale import Engine, LabelSettings, ResumeRefused, label_pairs
 
     if args.threads:
         import torch
@@ -51,6 +51,7 @@ def _label(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         settings = LabelSettings(args.batch_size, args.chunk_size, args.max_length, args.skip_bad_lines, args.precision)
+        engine = Engine(args.engine, args.workers, args.address, args.cpus_per_worker, args.gpus_per_worker)
         summary = label_pairs(
             args.model,
             args.input,
@@ -62,6 +63,7 @@ def _label(args: argparse.Namespace) -> int:
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
             restart=args.restart,
             max_chunks=args.max_chunks,
+            engine=engine,
         )
     except (InputError, ResumeRefused, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -95,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.set_defaults(handler=_pipeline)
 
-    from .label_at_scale import OUTPUT_FILES, LabelSettings
+    from .label_at_scale import ENGINES, OUTPUT_FILES, Engine, LabelSettings
     from .label_inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY
     from .student import PRECISIONS
 
-    defaults = LabelSettings()
+    defaults, engine = LabelSettings(), Engine()
     label = commands.add_parser(
         "label",
         help="label a large pair file with a student, resumably",
@@ -161,7 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch (default: one per core); on a busy shared machine 1 can be faster for small models",
+        help="CPU threads for torch (default: one per core); on a busy shared machine 1 can be faster for small "
+        "models. The local engine's; a Ray actor runs --cpus-per-worker threads",
+    )
+    label.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=engine.name,
+        help="local: this process labels the chunks; ray: a pool of Ray Data actors does, each loading the student "
+        "once (the labels are the same; a run may resume with the other engine)",
+    )
+    label.add_argument("--workers", type=int, default=engine.workers, help="ray: actors in the pool")
+    label.add_argument(
+        "--address",
+        help="ray: the cluster to join: auto (the running one), ray://head:10001, host:6379; default: a new "
+        "local Ray instance (or the cluster RAY_ADDRESS names)",
+    )
+    label.add_argument(
+        "--cpus-per-worker", type=float, default=engine.cpus_per_worker, help="ray: CPUs (torch threads) per actor"
+    )
+    label.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="ray: GPUs per actor, e.g. 1, or 0.5 for two actors per GPU (default: 1 each when the cluster has a "
+        "GPU per actor, else its GPUs shared evenly, else 0)",
     )
     label.add_argument("--max-chunks", type=int, help="stop after committing this many chunks (resume later)")
     label.set_defaults(handler=_label)

@@ -9,12 +9,15 @@ folder holds::
     work.sqlite                    collection and topic texts, and the first line of each pair, on disk
     chunks/chunk-000123.meta.json  counts and skipped lines of chunk 123, written first
     chunks/chunk-000123.jsonl      labels of chunk 123; its atomic rename is the chunk's commit
+    shards/shard-000123.jsonl      the ray engine's input of chunk 123, until it is committed
     labels.jsonl, labels.parquet, labels.qrels, skipped.jsonl, summary.json   merged at the end
 
 Killed at any moment and started again with the same arguments, a run resumes after its last
 committed chunk: no pair is labeled twice, lost or duplicated. Different arguments on a folder
-with committed chunks are refused (``restart=True`` discards them). Reading and validating the
-input is :mod:`labeler_utils.label_inputs`; this module is the run engine around it.
+with committed chunks are refused (``restart=True`` discards them); the engine that labels the
+chunks (this process, or a pool of Ray actors: :mod:`labeler_utils.label_ray`) is not part of a
+run's identity. Reading and validating the input is :mod:`labeler_utils.label_inputs`, the folder's
+layout, summary and merge :mod:`labeler_utils.label_outputs`; this module is the run engine.
 """
 
 from __future__ import annotations
@@ -24,24 +27,18 @@ import fcntl
 import hashlib
 import itertools
 import json
-import math
-import os
 import shutil
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .artifacts import InputError, atomic_write, read_json, write_json
-from .benchmarks import GRADES
 from .families import load_labeler
 from .label_inputs import (
     BadLine,
@@ -53,21 +50,28 @@ from .label_inputs import (
     WorkStore,
     bad_input,
     check_input,
-    check_qrels_ids,
     file_fingerprint,
     open_pairs,
+)
+from .label_outputs import (
+    CHUNKS,
+    LOCK,
+    MANIFEST,
+    OUTPUT_FILES,
+    SHARDS,
+    SKIPPED,
+    SUMMARY,
+    WORK_DB,
+    chunk_path,
+    committed_chunks,
+    summarize,
+    write_outputs,
 )
 from .labeler import resolve_dtype
 from .throughput.machine import cpu_seconds, peak_rss_mb
 
-MANIFEST = "manifest.json"
-WORK_DB = "work.sqlite"
-CHUNKS = "chunks"
-SUMMARY = "summary.json"
-SKIPPED = "skipped.jsonl"
-LOCK = ".lock"
-OUTPUT_FILES = {"jsonl": "labels.jsonl", "parquet": "labels.parquet", "qrels": "labels.qrels"}
 MANIFEST_VERSION = 1
+ENGINES = ("local", "ray")
 
 
 class ResumeRefused(RuntimeError):
@@ -91,6 +95,35 @@ class LabelSettings:
         resolve_dtype(self.precision)
 
 
+@dataclass(frozen=True)
+class Engine:
+    """How the chunks are labeled; not part of a run's identity (a run may resume with another engine).
+
+    ``"local"``: this process, with one student. ``"ray"``: a pool of ``workers`` Ray Data actors,
+    each loading the student once (:mod:`labeler_utils.label_ray`); ``address`` None starts a
+    local Ray instance (or joins the cluster ``RAY_ADDRESS`` or ``ray start`` set up), ``"auto"``
+    joins the running cluster, ``"ray://head:10001"`` a remote one. Each actor reserves
+    ``cpus_per_worker`` CPUs (its torch threads) and ``gpus_per_worker`` GPUs (None: one each when
+    the cluster has a GPU per actor, else its GPUs shared evenly, else none; 0.5 puts two actors on
+    a GPU).
+    """
+
+    name: str = "local"
+    workers: int = 1
+    address: str | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.name!r}")
+        if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
+            raise ValueError("workers must be at least 1, cpus_per_worker above 0 and gpus_per_worker not negative")
+        ray_options = (self.workers, self.address, self.cpus_per_worker, self.gpus_per_worker)
+        if self.name == "local" and ray_options != (1, None, 1.0, None):
+            raise ValueError("workers, address, cpus_per_worker and gpus_per_worker are options of the ray engine")
+
+
 # --------------------------------------------------------------------------------------------
 # Fingerprints
 # --------------------------------------------------------------------------------------------
@@ -112,20 +145,8 @@ def model_fingerprint(model: str | Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The output folder: manifest, lock, chunks
+# The output folder: lock, manifest, resume
 # --------------------------------------------------------------------------------------------
-
-
-def chunk_path(out_dir: Path, index: int, suffix: str = ".jsonl") -> Path:
-    return out_dir / CHUNKS / f"chunk-{index:06d}{suffix}"
-
-
-def committed_chunks(out_dir: Path) -> int:
-    """How many chunks are committed: consecutive ``chunk-*.jsonl`` files (with their meta) from 0."""
-    count = 0
-    while chunk_path(out_dir, count).exists() and chunk_path(out_dir, count, ".meta.json").exists():
-        count += 1
-    return count
 
 
 @contextmanager
@@ -155,10 +176,18 @@ def exclusive(out_dir: Path) -> Iterator[None]:
                 out_dir.rmdir()
 
 
+def remove_work_files(out_dir: Path) -> None:
+    """Remove what only an unfinished run needs: the work store (texts, pair index) and the ray engine's shards."""
+    shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+    for suffix in ("", "-wal", "-shm"):
+        (out_dir / f"{WORK_DB}{suffix}").unlink(missing_ok=True)
+
+
 def clear_output(out_dir: Path) -> None:
     """Remove everything a labeling run wrote into ``out_dir`` (not the lock, not foreign files)."""
     shutil.rmtree(out_dir / CHUNKS, ignore_errors=True)
-    for name in (MANIFEST, SUMMARY, SKIPPED, *OUTPUT_FILES.values(), WORK_DB, f"{WORK_DB}-wal", f"{WORK_DB}-shm"):
+    remove_work_files(out_dir)
+    for name in (MANIFEST, SUMMARY, SKIPPED, *OUTPUT_FILES.values()):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -231,7 +260,13 @@ def label_record(pair: PairRecord, label: Any, labeler_name: str) -> dict[str, A
 
 @dataclass
 class ChunkMeta:
-    """What one committed chunk holds: counts, time, memory and its skipped lines."""
+    """What one committed chunk holds: counts, time, memory and its skipped lines.
+
+    ``seconds``: the wall time the run spent labeling the chunk (the ray engine: what the chunk's
+    interval adds to the time at least one actor was labeling, so that labels over seconds is the
+    pool's rate; start-up is left out, as the local engine's model loading is); ``cpu_seconds``
+    and ``peak_rss_mb``: of the process that labeled it.
+    """
 
     index: int
     units: int
@@ -283,10 +318,13 @@ def label_pairs(
     restart: bool = False,
     max_chunks: int | None = None,
     progress: bool = True,
+    engine: Engine = Engine(),
 ) -> dict[str, Any]:
     """Label every pair of ``input_path`` into ``output_dir``, resuming a run stopped earlier.
 
-    ``max_chunks`` stops after that many newly committed chunks (the run resumes later). Returns
+    ``max_chunks`` stops after that many newly committed chunks (the run resumes later).
+    ``engine`` says how the chunks are labeled (this process, or a pool of Ray actors); it is not
+    part of the run's identity, so a run may resume with another engine or worker count. Returns
     the summary (``complete`` False when stopped early); the complete summary is also written
     to ``summary.json``. Raises ``InputError`` for bad input (unless ``settings.skip_bad_lines``)
     and ``ResumeRefused`` for a folder holding another run.
@@ -294,6 +332,10 @@ def label_pairs(
     unknown = set(formats) - set(OUTPUT_FILES)
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of {list(OUTPUT_FILES)}, got {list(formats)}")
+    if engine.name == "ray":
+        from .label_ray import require_ray
+
+        require_ray()
     out_dir = Path(output_dir)
     source = open_pairs(input_path, input_format)
     collection_path, topics_path = (Path(p) if p is not None else None for p in (collection, topics))
@@ -311,237 +353,161 @@ def label_pairs(
         identity = {"format": source.kind, **fingerprints, **model_fingerprint(model), "settings": asdict(settings)}
         manifest = start_or_resume(out_dir, identity, restart)
         manifest["input_path"] = str(source.path.resolve())
+        job = ChunkJob(out_dir, manifest, source, model, collection_path, topics_path, settings, formats, max_chunks)
+        about = {"engine": asdict(engine), "call_seconds": job.timings}  # how this call went, beside the totals
         if not manifest["complete"]:
             try:
-                manifest = _label_chunks(
-                    out_dir,
-                    manifest,
-                    source,
-                    model,
-                    collection_path,
-                    topics_path,
-                    settings,
-                    "qrels" in formats,
-                    max_chunks,
-                    progress,
-                )
+                if engine.name == "ray":
+                    from .label_ray import label_chunks_ray
+
+                    label_chunks_ray(job, engine, progress)
+                else:
+                    label_chunks_local(job, progress)
             except InputError:
                 if manifest["total_units"] is None:  # refused before any labeling: nothing worth keeping
                     clear_output(out_dir)
                 raise
             if not manifest["complete"]:
-                return summarize(out_dir, manifest)
-        for suffix in ("", "-wal", "-shm"):  # the texts and pair index are needed no more
-            (out_dir / f"{WORK_DB}{suffix}").unlink(missing_ok=True)
-        summary = summarize(out_dir, manifest)
+                return {**summarize(out_dir, manifest), **about}
+        remove_work_files(out_dir)  # the texts, pair index and shards are needed no more
+        summary = {**summarize(out_dir, manifest), **about}
         write_outputs(out_dir, formats, source)
         summary["outputs"] = {fmt: str(out_dir / OUTPUT_FILES[fmt]) for fmt in formats}
         write_json(out_dir / SUMMARY, summary)
         return summary
 
 
-def _label_chunks(
-    out_dir: Path,
-    manifest: dict[str, Any],
-    source: PairSource,
-    model: str | Path,
-    collection: Path | None,
-    topics: Path | None,
-    settings: LabelSettings,
-    qrels: bool,
-    max_chunks: int | None,
-    progress: bool,
-) -> dict[str, Any]:
-    """Validate the input once (``qrels``: ids must fit qrels lines), then label and commit the chunks not committed yet."""
-    for stale in [*out_dir.glob(".*.tmp"), *(out_dir / CHUNKS).glob(".*.tmp")]:  # writes cut short by a kill
-        stale.unlink()
-    labeler = load_student(model, settings.max_length, settings.precision)
-    labeler_name = manifest["identity"]["model"]
-    store = WorkStore(out_dir / WORK_DB)
-    try:
-        store.load("documents", collection, manifest["identity"]["collection"], progress)
-        store.load("queries", topics, manifest["identity"]["topics"], progress)
-        reader = UnitReader(source, store, labeler.tokenizer, labeler.max_length, qrels)
-        if manifest["total_units"] is None:
-            manifest["total_units"] = check_input(reader, settings.skip_bad_lines, progress)
-            manifest["labeler_max_length"] = labeler.max_length
-            write_json(out_dir / MANIFEST, manifest)
-        done = committed_chunks(out_dir)
+@dataclass
+class ChunkJob:
+    """One call's work on a run folder: what every engine shares around the labeling itself.
+
+    An engine opens the input with :meth:`prepared` (the work store filled, the input checked
+    once), takes the chunks still to label from :meth:`chunk_range`, reads them with
+    :meth:`chunks` (the bad-line policy) and commits each with :meth:`commit`, in chunk order.
+    """
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    source: PairSource
+    model: str | Path
+    collection: Path | None
+    topics: Path | None
+    settings: LabelSettings
+    formats: tuple[str, ...]
+    max_chunks: int | None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of this call's steps besides labeling
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[step]`` (the summary's ``call_seconds``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = round(self.timings.get(step, 0.0) + time.perf_counter() - start, 3)
+
+    @property
+    def labeler_name(self) -> str:
+        return self.manifest["identity"]["model"]
+
+    @property
+    def total_chunks(self) -> int:
+        return -(-self.manifest["total_units"] // self.settings.chunk_size)
+
+    @contextmanager
+    def prepared(self, labeler: Any, progress: bool) -> Iterator[UnitReader]:
+        """The unit reader over the input, its texts in the work store, the input checked on the first call.
+
+        ``labeler`` gives the tokenizer and max length of the query-length check. SQLite errors
+        ("database or disk is full") are raised as ``OSError`` naming the work file.
+        """
+        for stale in [*self.out_dir.glob(".*.tmp"), *self.out_dir.glob("*/.*.tmp")]:  # writes cut short by a kill
+            stale.unlink()
+        store = WorkStore(self.out_dir / WORK_DB)
+        try:
+            store.load("documents", self.collection, self.manifest["identity"]["collection"], progress)
+            store.load("queries", self.topics, self.manifest["identity"]["topics"], progress)
+            reader = UnitReader(self.source, store, labeler.tokenizer, labeler.max_length, "qrels" in self.formats)
+            if self.manifest["total_units"] is None:
+                with self.timed("input_check"):
+                    self.manifest["total_units"] = check_input(reader, self.settings.skip_bad_lines, progress)
+                self.manifest["labeler_max_length"] = labeler.max_length
+                write_json(self.out_dir / MANIFEST, self.manifest)
+            yield reader
+        except sqlite3.OperationalError as exc:
+            raise OSError(None, str(exc), str(self.out_dir / WORK_DB)) from exc
+        finally:
+            store.close()
+
+    def chunk_range(self, progress: bool) -> range:
+        """The indices of the chunks this call labels: from the first uncommitted one, at most ``max_chunks``."""
+        done = committed_chunks(self.out_dir)
         if done and progress:
-            print(f"resuming {out_dir}: {done} chunk(s) already committed", flush=True)
-        total_chunks = -(-manifest["total_units"] // settings.chunk_size)
-        units = reader.units(skip=done * settings.chunk_size)
-        with tqdm(
-            total=manifest["total_units"],
-            initial=min(done * settings.chunk_size, manifest["total_units"]),
+            print(f"resuming {self.out_dir}: {done} chunk(s) already committed", flush=True)
+        end = self.total_chunks if self.max_chunks is None else min(self.total_chunks, done + self.max_chunks)
+        self.manifest.update(chunks_done=done, complete=done == self.total_chunks)
+        return range(done, end)
+
+    def chunks(self, reader: UnitReader, indices: range) -> Iterator[tuple[int, list[Unit]]]:
+        """``(index, units)`` of each chunk in ``indices``, read in order; a bad line stops the run unless skipped."""
+        units = reader.units(skip=indices.start * self.settings.chunk_size)
+        for index in indices:
+            chunk = list(itertools.islice(units, self.settings.chunk_size))
+            bad = next((unit for unit in chunk if isinstance(unit, BadLine)), None)
+            if bad and not self.settings.skip_bad_lines:  # only when the file was changed during the run
+                raise bad_input(self.source, bad)
+            reader.store.commit()
+            yield index, chunk
+
+    def progress_bar(self, indices: range, progress: bool) -> Any:
+        """The driver's bar over the input units, starting after the chunks committed before."""
+        total = self.manifest["total_units"]
+        return tqdm(
+            total=total,
+            initial=min(indices.start * self.settings.chunk_size, total),
             desc="labeling",
             unit="pair",
             disable=not progress,
             smoothing=0.1,
-        ) as bar:
-            for index in range(done, min(total_chunks, done + max_chunks) if max_chunks is not None else total_chunks):
-                start, cpu_start = time.perf_counter(), cpu_seconds()
-                chunk = list(itertools.islice(units, settings.chunk_size))
-                bad = [unit for unit in chunk if isinstance(unit, BadLine)]
-                if bad and not settings.skip_bad_lines:  # only when the file was changed during the run
-                    raise bad_input(source, bad[0])
-                records, truncated = label_chunk(labeler, chunk, settings.batch_size, labeler_name, bar.update)
-                store.commit()
-                meta = ChunkMeta(
-                    index=index,
-                    units=len(chunk),
-                    labels=len(records),
-                    truncated=truncated,
-                    duplicates=sum(isinstance(u, DuplicatePair) for u in chunk),
-                    seconds=time.perf_counter() - start,
-                    cpu_seconds=cpu_seconds() - cpu_start,
-                    peak_rss_mb=peak_rss_mb(),
-                    skipped=[{"line": u.line, "reason": u.reason} for u in bad],
-                )
-                commit_chunk(out_dir, meta, records)
-                bar.update(len(chunk) - len(records))
-                done = index + 1
-                manifest.update(chunks_done=done, complete=done == total_chunks)
-                write_json(out_dir / MANIFEST, manifest)
-        manifest.update(chunks_done=done, complete=done == total_chunks)
-    except sqlite3.OperationalError as exc:  # "database or disk is full", "disk I/O error": name the file
-        raise OSError(None, str(exc), str(out_dir / WORK_DB)) from exc
-    finally:
-        store.close()
-    return manifest
+        )
+
+    def commit(self, meta: ChunkMeta, records: list[dict[str, Any]]) -> None:
+        """Commit a chunk (the next one in order) and record the progress in the manifest."""
+        commit_chunk(self.out_dir, meta, records)
+        done = meta.index + 1
+        self.manifest.update(chunks_done=done, complete=done == self.total_chunks)
+        write_json(self.out_dir / MANIFEST, self.manifest)
 
 
-def chunk_metas(out_dir: Path, count: int) -> Iterator[dict[str, Any]]:
-    for index in range(count):
-        yield read_json(chunk_path(out_dir, index, ".meta.json"))
-
-
-def plot_chunks(metas: Iterable[dict[str, Any]]) -> Figure:
-    """Labels per second and peak resident memory of each committed chunk (the :func:`chunk_metas`).
-
-    A flat memory line is what streaming buys: the thousandth chunk needs no more than the first.
-    """
-    metas = list(metas)
-    chunks = [meta["index"] for meta in metas]
-    memory = [meta["peak_rss_mb"] for meta in metas]
-    fig = Figure(figsize=(11, 3.2))
-    speed_ax, memory_ax = fig.subplots(1, 2)
-    speed_ax.plot(chunks, [m["labels"] / m["seconds"] if m["seconds"] else math.nan for m in metas], marker=".")
-    speed_ax.set(title="labels per second", xlabel="chunk")
-    memory_ax.plot(chunks, memory, marker=".")
-    memory_ax.set(title="peak RSS (MB)", xlabel="chunk", ylim=(0, max(memory, default=1.0) * 1.2))
-    fig.tight_layout()
-    return fig
-
-
-def plot_label_mix(labels: pd.DataFrame) -> Figure:
-    """Bars of the grades given and a histogram of the expected relevance (``labels.parquet``'s columns)."""
-    fig = Figure(figsize=(11, 3.2))
-    grades_ax, expected_ax = fig.subplots(1, 2)
-    counts = labels["grade"].value_counts().reindex(GRADES, fill_value=0)
-    grades_ax.bar(GRADES, counts.to_numpy(), color="tab:blue")
-    grades_ax.set(title="grades", xticks=list(GRADES), xlabel="grade", ylabel="pairs")
-    expected_ax.hist(labels["expected_relevance"], bins=30, range=(0, 3), color="tab:gray")
-    expected_ax.set(title="expected relevance", xlabel="sum(g * p_g)", ylabel="pairs")
-    fig.tight_layout()
-    return fig
-
-
-def summarize(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Totals over the committed chunks: pairs, skips, truncation, labels per second, peak memory."""
-    totals: Counter[str] = Counter()
-    peak = 0.0
-    for meta in chunk_metas(out_dir, manifest["chunks_done"]):
-        totals.update({k: meta[k] for k in ("units", "labels", "truncated", "duplicates", "seconds", "cpu_seconds")})
-        totals["skipped"] += len(meta["skipped"])
-        peak = max(peak, meta["peak_rss_mb"])
-    identity = manifest["identity"]
-    return {
-        "complete": manifest["complete"],
-        "input": manifest.get("input_path"),
-        "format": identity["format"],
-        "model": identity["model"],
-        **identity["settings"],
-        "labeler_max_length": manifest.get("labeler_max_length"),
-        "input_units": manifest["total_units"],
-        "units_done": totals["units"],
-        "chunks_done": manifest["chunks_done"],
-        "pairs_labeled": totals["labels"],
-        "skipped_lines": totals["skipped"],
-        "duplicate_pairs": totals["duplicates"],
-        "truncated_documents": totals["truncated"],
-        "labeling_seconds": round(totals["seconds"], 3),
-        "labels_per_second": round(totals["labels"] / totals["seconds"], 3) if totals["seconds"] else None,
-        "labeling_cpu_seconds": round(totals["cpu_seconds"], 3),
-        "labels_per_cpu_second": round(totals["labels"] / totals["cpu_seconds"], 3) if totals["cpu_seconds"] else None,
-        "peak_rss_mb": round(peak, 1),
-        "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Merging
-# --------------------------------------------------------------------------------------------
-
-
-def iter_labels(out_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every committed label, in input order, streamed from the chunk files."""
-    for index in range(committed_chunks(out_dir)):
-        with chunk_path(out_dir, index).open(encoding="utf-8") as handle:
-            yield from (json.loads(line) for line in handle)
-
-
-def write_outputs(out_dir: Path, formats: tuple[str, ...], source: PairSource) -> None:
-    """Merge the chunks into the requested label files and ``skipped.jsonl``, each atomically, streaming.
-
-    Ids are checked for qrels before labeling; a run labeled without qrels and merged with them
-    now can still hold an id with whitespace: an error naming its input line.
-    """
-    count = committed_chunks(out_dir)
-    with atomic_write(out_dir / SKIPPED) as handle:
-        for meta in chunk_metas(out_dir, count):
-            handle.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in meta["skipped"])
-    if "jsonl" in formats:
-        with atomic_write(out_dir / OUTPUT_FILES["jsonl"], "wb") as handle:
-            for index in range(count):
-                with chunk_path(out_dir, index).open("rb") as chunk:
-                    shutil.copyfileobj(chunk, handle)
-    if "parquet" in formats:
-        _write_parquet(out_dir, count)
-    if "qrels" in formats:
-        with atomic_write(out_dir / OUTPUT_FILES["qrels"]) as handle:
-            for record in iter_labels(out_dir):
-                try:
-                    check_qrels_ids(record["query_id"], record["doc_id"])
-                except ValueError as exc:
-                    raise InputError(f"{source.where(record['line'])}: {exc}") from None
-                handle.write(f"{record['query_id']} 0 {record['doc_id']} {record['grade']}\n")
-
-
-def _write_parquet(out_dir: Path, count: int) -> None:
-    """``labels.parquet``: one row group per chunk, columns ids, line, grade, expected relevance, p0..p3."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema(
-        [
-            ("query_id", pa.string()),
-            ("doc_id", pa.string()),
-            ("line", pa.int64()),
-            ("grade", pa.int8()),
-            ("expected_relevance", pa.float64()),
-            *((f"p{g}", pa.float64()) for g in GRADES),
-        ]
+def chunk_meta(
+    index: int, units: list[Unit], records: list[dict[str, Any]], truncated: int, seconds: float, cpu: float
+) -> ChunkMeta:
+    """The meta of a labeled chunk: its counts and skipped lines, the time given, this process's peak memory."""
+    return ChunkMeta(
+        index=index,
+        units=len(units),
+        labels=len(records),
+        truncated=truncated,
+        duplicates=sum(isinstance(u, DuplicatePair) for u in units),
+        seconds=seconds,
+        cpu_seconds=cpu,
+        peak_rss_mb=peak_rss_mb(),
+        skipped=[{"line": u.line, "reason": u.reason} for u in units if isinstance(u, BadLine)],
     )
-    with atomic_write(out_dir / OUTPUT_FILES["parquet"], "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
-        for index in range(count):
-            with chunk_path(out_dir, index).open(encoding="utf-8") as chunk:
-                records = [json.loads(line) for line in chunk]
-            columns = {
-                name: [r[name] for r in records]
-                for name in ("query_id", "doc_id", "line", "grade", "expected_relevance")
-            }
-            for g in GRADES:
-                columns[f"p{g}"] = [r["distribution"][g] for r in records]
-            writer.write_table(pa.table(columns, schema=schema))
+
+
+def label_chunks_local(job: ChunkJob, progress: bool) -> None:
+    """The local engine: this process loads the student and labels and commits the chunks one after another."""
+    with job.timed("model_load"):
+        labeler = load_student(job.model, job.settings.max_length, job.settings.precision)
+    with job.prepared(labeler, progress) as reader:
+        indices = job.chunk_range(progress)
+        with job.progress_bar(indices, progress) as bar:
+            for index, chunk in job.chunks(reader, indices):
+                start, cpu_start = time.perf_counter(), cpu_seconds()
+                records, truncated = label_chunk(labeler, chunk, job.settings.batch_size, job.labeler_name, bar.update)
+                meta = chunk_meta(
+                    index, chunk, records, truncated, time.perf_counter() - start, cpu_seconds() - cpu_start
+                )
+                job.commit(meta, records)
+                bar.update(len(chunk) - len(records))

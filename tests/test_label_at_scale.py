@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from labeler_utils.__main__ import main
 from labeler_utils.artifacts import InputError
@@ -29,10 +28,9 @@ from labeler_utils.label_at_scale import (
     ResumeRefused,
     committed_chunks,
     label_pairs,
-    plot_chunks,
-    plot_label_mix,
 )
 from labeler_utils.label_inputs import WorkStore
+from labeler_utils.label_outputs import plot_chunks, plot_label_mix
 
 DATA = Path(__file__).parent / "data"
 PROJECT_ROOT = Path(__file__).parent.parent
@@ -43,13 +41,7 @@ WORDS = (
 GOOD = {"query_id": "q1", "query": "vpn error", "doc_id": "d1", "document": "the vpn gateway error timeout restart"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine a 2-layer model is many times faster on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_pairs(path: Path, n: int, seed: int = 0) -> list[dict]:
@@ -549,7 +541,7 @@ def test_plot_label_mix_counts_every_grade_and_the_expected_relevance():
 
 
 @pytest.mark.notebooks
-def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume(tiny_model_dir, tmp_path):
+def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume_and_on_ray(tiny_model_dir, tmp_path):
     from labeler_utils.documents import load_corpus, save_documents
     from labeler_utils.pipeline import execute_notebook
 
@@ -566,3 +558,6 @@ def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume(tiny_mod
     metrics = json.loads((tmp_path / "08_label_at_scale" / "metrics.json").read_text())
     assert metrics["pairs_labeled"] == 40 and metrics["resumed_after_chunks"] == 2 and metrics["skipped_lines"] == 0
     assert sum(metrics["grade_counts"].values()) == 40
+    # the ray engine beside the local one (2 actors on a local Ray instance): the same pairs, every grade the same
+    assert metrics["ray_pairs_labeled"] == 40 and metrics["ray_same_pairs"] and metrics["ray_same_grades"] == 1.0
+    assert metrics["ray_labels_per_second"] > 0 and metrics["ray_call_seconds"]["ray_init"] > 0
