@@ -216,11 +216,6 @@ STUDENTS: dict[str, StudentSpec] = {
         "causal_lm", {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
     ),
 }
-#: Ensembles scored wherever all their members are: the mean of the members' expected relevance, cut at the
-#: teacher's grade shares (nothing fitted; the members' rank correlation on held-out pairs: 0.29 for these two).
-ENSEMBLES: dict[str, tuple[str, ...]] = {
-    "ensemble gemma3-270m-query-twice + minilm-bi-encoder": ("gemma3-270m-query-twice", "minilm-bi-encoder"),
-}
 #: The student of the project's default family (``Profile.student_family``): summary.json's "default_student".
 DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family == Profile.student_family)
 
@@ -827,17 +822,6 @@ def pooled_predictions(outputs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat([read_predictions(output["path"]) for output in outputs])
 
 
-def ensemble_predictions(members: Sequence[pd.DataFrame], pairs: pd.DataFrame) -> pd.DataFrame:
-    """The mean expected relevance of several labelers' predictions on ``pairs`` (grades are set by the caller)."""
-    keys = ["query_id", "doc_id"]
-    merged = pairs[keys].astype(str)
-    for i, member in enumerate(members):
-        scores = member[keys].astype(str).assign(**{f"score{i}": member["expected_relevance"].to_numpy()})
-        merged = merged.merge(scores, on=keys, how="inner")
-    score_columns = [f"score{i}" for i in range(len(members))]
-    return merged[keys].assign(expected_relevance=merged[score_columns].mean(axis=1), grade=pd.NA)
-
-
 def evaluation_sets(
     frame: pd.DataFrame,
     splits: Sequence[Split],
@@ -874,14 +858,6 @@ def evaluation_sets(
                     own_teachers.update({outputs[0]["labeler"]: source, calibrated: source})
                     if source != teacher and source not in labelers:
                         labelers.insert(1, source)  # the student's own teacher, scored on the same pairs
-        for ensemble, members in ENSEMBLES.items():
-            if all(m in students and settings["max_eval_pairs_per_query"].get(m) in (None, cap) for m in members):
-                outputs = [
-                    [report_students[m]["splits"][s.name]["stages"]["distilled"] for s in splits] for m in members
-                ]
-                predictions = ensemble_predictions([pooled_predictions(o) for o in outputs], table)
-                table = attach_predictions(table, share_calibrated(predictions, frame, splits, teacher), ensemble)
-                labelers.append(ensemble)
         title = "All held-out pairs" if cap is None else f"At most {cap} random held-out pairs per query"
         print(f"== evaluating: {title}")
         results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed, own_teachers)
@@ -1038,11 +1014,6 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
         }
 
     rows = {name: scored_row(f"{name} distilled", f"{name} distilled, share-calibrated") for name in students}
-    ensembles = {
-        name: scored_row(name, name)  # an ensemble's grades are share-calibrated already
-        for name in ENSEMBLES
-        if any(name in e["labelers"] for e in report["evaluation_sets"])
-    }
     default = DEFAULT_STUDENT if DEFAULT_STUDENT in students else None
     return {
         "protocol": report["protocol"],
@@ -1056,7 +1027,6 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
         "default_student": default,
         "default_student_qwk": rows[default]["qwk"] if default else None,
         "students": rows,
-        "ensembles": ensembles,
         "best_student": max(  # by QWK minus the teacher's on the same pairs: fair across evaluation sets
             rows, key=lambda n: (rows[n]["qwk_minus_teacher"] or {}).get("difference", -np.inf)
         ),

@@ -483,15 +483,3 @@ def test_script_students_each_build_a_config_of_their_family(script):
         script.STUDENTS["minilm-bi-encoder-from-llama3-8b"].label_column("recorded:t") == "recorded:llama3_8b_umbrela"
     )
     assert script.STUDENTS["minilm-bi-encoder"].label_column("recorded:t") == "recorded:t"
-
-
-def test_script_ensemble_averages_its_members_on_the_pairs_both_scored(script):
-    pairs = pd.DataFrame({"query_id": ["q", "q", "r"], "doc_id": ["a", "b", "c"]})
-    first = pd.DataFrame(
-        {"query_id": ["q", "q", "r"], "doc_id": ["a", "b", "c"], "expected_relevance": [0.0, 1.0, 3.0]}
-    )
-    second = pd.DataFrame({"query_id": ["q", "r"], "doc_id": ["b", "c"], "expected_relevance": [2.0, 2.0]})
-    merged = script.ensemble_predictions([first, second], pairs)
-    assert merged[["doc_id", "expected_relevance"]].values.tolist() == [["b", 1.5], ["c", 2.5]]
-    assert merged["grade"].isna().all()  # the caller cuts the mean at the teacher's grade shares
-    assert all(m in script.STUDENTS for members in script.ENSEMBLES.values() for m in members)
