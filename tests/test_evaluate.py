@@ -503,7 +503,8 @@ def test_learning_curves_are_read_from_reproduction_results(tmp_path):
         "eval_pairs": 40,
         **{key: interval for key in ("qwk", "qwk_calibrated", "spearman")},
     }
-    results = {"splits": [{"train_queries": 8}, {"train_queries": 9}], "learning_curve": {"points": [point]}}
+    splits = [{"train_queries": [f"q{i}" for i in range(n)]} for n in (8, 9)]  # query ids, as the script writes
+    results = {"splits": splits, "learning_curve": {"points": [point]}}
     (tmp_path / "results.json").write_text(json.dumps(results))
     points, all_queries = ev.read_learning_curves([tmp_path / "results.json"])
     assert points == [point] and all_queries == 8.5

@@ -307,7 +307,7 @@ def read_learning_curves(paths: Sequence[str | Path]) -> tuple[list[dict[str, An
         if not results.get("learning_curve"):
             raise ValueError(f"{path}: no 'learning_curve' (run the reproduction with --learning-curve)")
         points += results["learning_curve"]["points"]
-        train_queries += [split["train_queries"] for split in results["splits"]]
+        train_queries += [len(split["train_queries"]) for split in results["splits"]]
     return points, float(np.mean(train_queries))
 
 
