@@ -109,23 +109,9 @@ class QueryBatchSampler(DefaultBatchSampler):
     the same query and never one query's documents with another's.
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int,
-        drop_last: bool,
-        valid_label_columns: list[str] | None = None,
-        generator: torch.Generator | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            dataset,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            valid_label_columns=valid_label_columns,
-            generator=generator,
-            seed=seed,
-        )
+    def __init__(self, dataset: Any, *args: Any, **kwargs: Any) -> None:
+        """The arguments of sentence-transformers' ``DefaultBatchSampler``, which the trainer passes."""
+        super().__init__(dataset, *args, **kwargs)
         groups: dict[str, list[int]] = {}
         for index, query in enumerate(dataset["query"]):
             groups.setdefault(query, []).append(index)
