@@ -44,6 +44,7 @@ from .labeler import (
     GradeLabel,
     Labeler,
     default_device,
+    exceed_probabilities,
     inverse_frequency_weights,
     read_manifest,
     record_distribution,
@@ -103,7 +104,7 @@ def training_labels(records: Sequence[dict[str, Any]], config: CrossEncoderConfi
     if config.objective == "regression":
         return [sum(g * p for g, p in zip(GRADES, d)) / GRADES[-1] for d in distributions]
     if config.objective == "ordinal":
-        return [[float(sum(d[k + 1 :])) for k in range(len(GRADES) - 1)] for d in distributions]
+        return exceed_probabilities(torch.tensor(distributions, dtype=torch.float64)).tolist()
     if config.soft_labels and any(r.get("distribution") is not None for r in records):
         return distributions
     return [int(r["grade"]) for r in records]

@@ -4,8 +4,11 @@
   projection. On a CPU: plain LoRA on a float32 base (bitsandbytes 4-bit is not worth it there).
 * trl's ``SFTTrainer`` drives training. Examples are tokenised here so that the label is exactly
   one token: the grade digit right after the student prompt. The loss is computed on that token
-  only — cross-entropy on the hard grade, optionally mixed with the KL divergence between the
-  teacher's grade distribution and the student's distribution over the four grade tokens.
+  only. Two objectives: ``"classification"``, cross-entropy on the hard grade, optionally mixed with
+  the KL divergence between the teacher's grade distribution and the student's distribution over
+  the four grade tokens; ``"ordinal"``, binary cross-entropy of the student's ``P(grade > k)``
+  (sums of its grade-token probabilities) towards the teacher's, for k = 0, 1, 2, so that a grade
+  off by two costs more than one off by one. Labelling reads the grade tokens the same way for both.
 * The adapter is saved with a manifest (base model, data, hyperparameters, seed, versions).
 """
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import write_json
-from .labeler import MANIFEST, inverse_frequency_weights, write_manifest
+from .labeler import MANIFEST, exceed_probabilities, inverse_frequency_weights, write_manifest
 from .models import load_causal_lm, resolve_model
 from .student import (
     FAMILY,
@@ -39,6 +42,7 @@ from .student import (
 )
 
 LORA_TARGETS = "all-linear"
+OBJECTIVES = ("classification", "ordinal")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class DistillConfig:
     max_length: int = 512
     soft_label_weight: float = 0.0  # 0 = hard-label cross-entropy only; 1 = KL to the teacher only
     class_balance: bool = False  # weight the loss by inverse grade frequency
+    objective: str = OBJECTIVES[0]  # "classification" (cross-entropy) or "ordinal" (cumulative, see grade_loss)
     prompt_format: str = PROMPT_FORMATS[0]  # see student.PROMPT_FORMATS; the labeler reads it from the manifest
     gradient_checkpointing: bool | None = None  # None: on for QLoRA (memory), off on CPU (speed)
     shared_prefix: bool | None = None  # instruction prefix run once per batch; None: on unless checkpointing
@@ -68,6 +73,10 @@ class DistillConfig:
     weight_decay: float = 0.0
     seed: int = 0
     logging_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: choose one of {OBJECTIVES}")
 
     def use_qlora(self) -> bool:
         return torch.cuda.is_available() if self.qlora is None else self.qlora
@@ -154,20 +163,33 @@ def grade_loss(
     grade_ids: torch.Tensor,
     soft_label_weight: float,
     class_weights: torch.Tensor | None = None,
+    objective: str = OBJECTIVES[0],
 ) -> torch.Tensor:
-    """Loss at the grade position only: (1-w) * CE(hard grade) + w * KL(teacher || student).
+    """Loss at the grade position only: (1-w) * hard-grade term + w * teacher-distribution term.
 
     ``answer_logits`` are the next-token logits ``[batch, vocab]`` at the position right before
-    each row's grade token; the hard target is the grade's token, ``grade_ids[grade]``.
+    each row's grade token. ``"classification"``: cross-entropy to the grade's token,
+    ``grade_ids[grade]``, plus KL(teacher || student) over the grade tokens. ``"ordinal"``: mean binary
+    cross-entropy of the student's ``P(grade > k)`` (from its softmax over the four grade tokens)
+    towards 0/1 of the hard grade, plus the same towards the teacher distribution's ``P(grade > k)``.
+    ``class_weights`` weigh each row's hard term by its grade.
     """
     answer_logits = answer_logits.float()
-    hard = F.cross_entropy(answer_logits, grade_ids[grades], reduction="none")
+    if objective == "ordinal":
+        exceed = exceed_probabilities(torch.softmax(answer_logits[:, grade_ids], dim=-1)).clamp(1e-6, 1 - 1e-6)
+        one_hot = F.one_hot(grades, len(GRADES)).float()
+        hard = F.binary_cross_entropy(exceed, exceed_probabilities(one_hot), reduction="none").mean(dim=-1)
+    else:
+        hard = F.cross_entropy(answer_logits, grade_ids[grades], reduction="none")
     if class_weights is not None:
         hard = hard * class_weights.to(hard.device)[grades]
     loss = hard.mean() * (1.0 - soft_label_weight)
     if soft_label_weight > 0:
-        student_log_probs = F.log_softmax(answer_logits[:, grade_ids], dim=-1)
-        soft = F.kl_div(student_log_probs, teacher_distribution.float(), reduction="batchmean")
+        if objective == "ordinal":
+            soft = F.binary_cross_entropy(exceed, exceed_probabilities(teacher_distribution.float()))
+        else:
+            student_log_probs = F.log_softmax(answer_logits[:, grade_ids], dim=-1)
+            soft = F.kl_div(student_log_probs, teacher_distribution.float(), reduction="batchmean")
         loss = loss + soft_label_weight * soft
     return loss
 
@@ -218,9 +240,11 @@ def _trainer_class() -> type:
             soft_label_weight: float,
             class_weights: torch.Tensor | None,
             prefix_ids: Sequence[int],
+            objective: str,
             **kwargs: Any,
         ):
             super().__init__(*args, **kwargs)
+            self.objective = objective
             self.grade_ids = torch.tensor(grade_ids)
             self.soft_label_weight = soft_label_weight
             self.class_weights = class_weights
@@ -241,7 +265,13 @@ def _trainer_class() -> type:
                 model, inputs["input_ids"], inputs["attention_mask"], answer_positions, self.prefix_ids
             )
             loss = grade_loss(
-                logits, grades, teacher, self.grade_ids.to(labels.device), self.soft_label_weight, self.class_weights
+                logits,
+                grades,
+                teacher,
+                self.grade_ids.to(labels.device),
+                self.soft_label_weight,
+                self.class_weights,
+                self.objective,
             )
             return (loss, logits) if return_outputs else loss
 
@@ -349,6 +379,7 @@ def train_student(
         soft_label_weight=config.soft_label_weight,
         class_weights=class_weights,
         prefix_ids=prefix_ids,
+        objective=config.objective,
     )
     resume_from = _checkpoint_to_resume(output_dir / "checkpoints", config, examples) if config.save_steps else None
     start = time.perf_counter()

@@ -109,6 +109,11 @@ def record_distribution(record: dict[str, Any], soft_labels: bool) -> list[float
     return [float(p) for p in distribution]
 
 
+def exceed_probabilities(distributions: torch.Tensor) -> torch.Tensor:
+    """``[..., 3]`` probabilities ``P(grade > k)`` for k = 0, 1, 2 of ``[..., 4]`` grade distributions."""
+    return (1.0 - torch.cumsum(distributions, dim=-1)[..., :-1]).clamp(0.0, 1.0)
+
+
 def grade_counts(records: Iterable[dict[str, Any]]) -> np.ndarray:
     """How many records carry each grade 0-3."""
     return np.bincount([int(r["grade"]) for r in records], minlength=len(GRADES))

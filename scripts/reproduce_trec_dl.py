@@ -215,6 +215,11 @@ STUDENTS: dict[str, StudentSpec] = {
     "gemma3-270m-query-twice": StudentSpec(
         "causal_lm", {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
     ),
+    "gemma3-270m-query-twice-ordinal": StudentSpec(
+        "causal_lm",
+        {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query", "objective": "ordinal"},
+        description="as gemma3-270m-query-twice, binary cross-entropy of P(grade > k) over the grade tokens",
+    ),
 }
 #: The student of the project's default family (``Profile.student_family``): summary.json's "default_student".
 DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family == Profile.student_family)

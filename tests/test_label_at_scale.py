@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from labeler_utils.__main__ import main
 from labeler_utils.artifacts import InputError
@@ -191,9 +192,14 @@ def test_cli_reports_a_refused_resume_and_a_foreign_folder_with_exit_code_2(tiny
             ]
         )
 
+    threads_before = torch.get_num_threads()
     assert label(out_dir, "--max-chunks", "1") == 0
+    # without --threads: the cores other processes leave free, at least one
+    threads = int(re.search(r"labelling with (\d+) torch thread", capsys.readouterr().err).group(1))
+    assert 1 <= threads <= len(os.sched_getaffinity(0))
     assert label(out_dir, "--batch-size", "2") == 2
     assert "batch_size: 16 -> 2" in capsys.readouterr().err
+    torch.set_num_threads(threads_before)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

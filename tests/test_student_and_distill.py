@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,35 @@ def test_grade_loss_hard_and_soft():
     assert soft.item() == pytest.approx(expected_kl.item(), abs=1e-6)
 
 
+def test_ordinal_grade_loss_is_the_binary_cross_entropy_of_exceeding_each_grade():
+    vocab, grade_ids = 10, torch.tensor([4, 5, 6, 7])
+    logits = torch.full((1, vocab), -1.0)
+    logits[0, grade_ids] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))  # grade-token probabilities 0.1-0.4
+    exceed = [0.9, 0.7, 0.4]  # P(grade > 0), P(grade > 1), P(grade > 2)
+    hard = grade_loss(logits, torch.tensor([2]), torch.tensor([[0.0, 0.0, 1.0, 0.0]]), grade_ids, 0.0, None, "ordinal")
+    # grade 2 exceeds grades 0 and 1, not 2: targets 1, 1, 0
+    expected_hard = -(math.log(exceed[0]) + math.log(exceed[1]) + math.log(1 - exceed[2])) / 3
+    assert hard.item() == pytest.approx(expected_hard, abs=1e-5)
+    teacher = torch.tensor([[0.5, 0.0, 0.5, 0.0]])  # targets 0.5, 0.5, 0
+    soft = grade_loss(logits, torch.tensor([2]), teacher, grade_ids, 1.0, None, "ordinal")
+    expected_soft = -sum(t * math.log(c) + (1 - t) * math.log(1 - c) for t, c in zip([0.5, 0.5, 0.0], exceed)) / 3
+    assert soft.item() == pytest.approx(expected_soft, abs=1e-5)
+    # mass one grade off costs less than mass three off, unlike cross-entropy, which sees the true grade's token only
+    near = torch.full((1, vocab), -1.0)
+    near[0, grade_ids] = torch.log(torch.tensor([0.05, 0.05, 0.85, 0.05]))
+    far = torch.full((1, vocab), -1.0)
+    far[0, grade_ids] = torch.log(torch.tensor([0.85, 0.05, 0.05, 0.05]))
+    truth = torch.tensor([3])
+    assert grade_loss(near, truth, teacher, grade_ids, 0.0, None, "ordinal") < grade_loss(
+        far, truth, teacher, grade_ids, 0.0, None, "ordinal"
+    )
+    assert grade_loss(near, truth, teacher, grade_ids, 0.0).item() == pytest.approx(
+        grade_loss(far, truth, teacher, grade_ids, 0.0).item()
+    )
+    with pytest.raises(ValueError, match="objective 'ranking'"):
+        DistillConfig(objective="ranking")
+
+
 def test_class_weights_give_every_grade_the_same_total_weight():
     weights = inverse_frequency_weights([0, 0, 0, 2, 3, 3])
     assert weights.tolist() == pytest.approx([6 / 12, 6 / 4, 6 / 4, 6 / 8])  # grade 1 absent: counted as 1
@@ -216,6 +246,17 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
     assert losses[-1] < losses[0] / 2  # it fits 4 distinct pairs
     labeler = StudentLabeler.load(adapter)
     assert [lab.grade for lab in labeler.label(PAIRS, progress=False)] == [3, 0, 2, 1]
+
+
+def test_ordinal_lora_training_learns_the_grades_through_the_same_labeler(tiny_model_dir, tmp_path):
+    records, config = learnable_run(tiny_model_dir, qlora=False)
+    config.objective, config.max_steps = "ordinal", 120  # its gradients at the grade tokens are smaller
+    manifest = train_student(records, tmp_path, config, {"source": "unit test"})
+    assert manifest["config"]["objective"] == "ordinal"
+    losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0] / 2
+    labels = list(StudentLabeler.load(tmp_path / "adapter").label(PAIRS, progress=False))
+    assert [lab.grade for lab in labels] == [3, 0, 2, 1], [lab.distribution for lab in labels]
 
 
 def test_an_adapter_is_read_in_the_prompt_format_it_was_trained_with(tiny_model_dir, tmp_path):
