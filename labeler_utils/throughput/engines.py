@@ -105,16 +105,10 @@ class PrefixCachedStudentLabeler(StudentLabeler):
     to the full forward pass. Results equal the plain engine's up to float rounding.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        max_length: int = 512,
-        device: str | None = None,
-        prompt_format: str = PROMPT_FORMATS[0],
-    ):
-        super().__init__(model, tokenizer, max_length=max_length, device=device, prompt_format=prompt_format)
-        self.prefix_ids = shared_prompt_prefix(tokenizer, max_length, prompt_format)
+    def __init__(self, *args: Any, **kwargs: Any):
+        """The arguments of :class:`StudentLabeler`."""
+        super().__init__(*args, **kwargs)
+        self.prefix_ids = shared_prompt_prefix(self.tokenizer, self.max_length, self.prompt_format)
         body = self.transformer().get_decoder()
         with torch.inference_mode():
             out = body(input_ids=torch.tensor([self.prefix_ids], device=self.device), use_cache=True)
