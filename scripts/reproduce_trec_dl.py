@@ -226,12 +226,23 @@ DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family ==
 
 
 def query_splits(
-    frame: pd.DataFrame, test_fraction: float, seed: int, kfold: int | None = None, cross_source: bool = False
+    frame: pd.DataFrame,
+    test_fraction: float,
+    seed: int,
+    kfold: int | None = None,
+    cross_source: bool = False,
+    only: Sequence[str] = (),
 ) -> list[Split]:
-    """The hold-out split, ``kfold`` folds, or the train-on-one-file / test-on-another splits, by query."""
+    """The hold-out split, ``kfold`` folds, or the train-on-one-file / test-on-another splits, by query;
+    ``only`` keeps the splits of those names (the same folds as a full run, fewer of them)."""
     if cross_source:
-        return cross_source_splits(frame)
-    return kfold_splits(frame, kfold, seed) if kfold else holdout_split(frame, test_fraction, seed)
+        splits = cross_source_splits(frame)
+    else:
+        splits = kfold_splits(frame, kfold, seed) if kfold else holdout_split(frame, test_fraction, seed)
+    unknown = sorted(set(only) - {s.name for s in splits})
+    if unknown:
+        raise SystemExit(f"--splits {unknown}: this protocol's splits are {[s.name for s in splits]}")
+    return [s for s in splits if s.name in only] if only else splits
 
 
 def evaluation_pairs(frame: pd.DataFrame, split: Split, max_pairs_per_query: int | None, seed: int) -> pd.DataFrame:
@@ -745,6 +756,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the queries of each --pairs file, test on those of each other file",
     )
     parser.add_argument(
+        "--splits",
+        help="comma list of the protocol's split names to run and pool (e.g. fold1of5,fold2of5; default: all), "
+        "for a slow student on part of the folds",
+    )
+    parser.add_argument(
         "--students",
         default="minilm-cross-encoder",
         help=f"comma list among {', '.join(STUDENTS)} (default: %(default)s)",
@@ -1066,8 +1082,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{args.pairs} have no recorded labeler {teacher!r}; they have {[c for c in frame if c.startswith(RECORDED_PREFIX)]}"
         )
     frame = add_committee(frame, recorded_labelers(frame), COMMITTEE)
-    splits = query_splits(frame, args.test_fraction, args.seed, args.kfold, args.cross_source)
+    only = [name.strip() for name in (args.splits or "").split(",") if name.strip()]
+    splits = query_splits(frame, args.test_fraction, args.seed, args.kfold, args.cross_source, only)
     protocol = "cross-source" if args.cross_source else f"{args.kfold}-fold" if args.kfold else "holdout"
+    if only:
+        protocol += f" ({len(splits)} of its splits: {', '.join(s.name for s in splits)})"
 
     report_students: dict[str, Any] = {}
     for name in students:

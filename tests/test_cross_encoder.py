@@ -207,6 +207,9 @@ def test_script_split_holds_every_query_out_on_one_side_only(script):
     folds = script.query_splits(frame, 0.5, 0, kfold=3)
     assert sorted(q for fold in folds for q in fold.test_ids) == sorted(frame["query_id"].unique())
     assert all(not fold.train_ids & fold.test_ids for fold in folds)
+    assert script.query_splits(frame, 0.5, 0, kfold=3, only=["fold3of3", "fold1of3"]) == [folds[0], folds[2]]
+    with pytest.raises(SystemExit, match="fold4of3"):
+        script.query_splits(frame, 0.5, 0, kfold=3, only=["fold4of3"])
 
 
 def test_script_evaluation_subsample_is_capped_per_query_and_reproducible(script):
