@@ -165,6 +165,7 @@ ZERO_SHOT_DESCRIPTIONS = {
 }
 ENCODER = {"epochs": 2.0, "batch_size": 16, "max_length": 256}
 CAUSAL = {"epochs": 2.0, "batch_size": 8, "max_length": 256, "qlora": None}
+QUERY_TWICE = {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
 STUDENTS: dict[str, StudentSpec] = {
     "minilm-cross-encoder": StudentSpec("cross_encoder", ENCODER, COSINE),
     "minilm-cross-encoder-balanced": StudentSpec("cross_encoder", {**ENCODER, "class_balance": True}, COSINE),
@@ -212,12 +213,10 @@ STUDENTS: dict[str, StudentSpec] = {
     ),
     "smollm2-135m-instruct": StudentSpec("causal_lm", {**CAUSAL, "base_model": "smollm2-135m-instruct"}),
     "gemma3-270m": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m"}),
-    "gemma3-270m-query-twice": StudentSpec(
-        "causal_lm", {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
-    ),
+    "gemma3-270m-query-twice": StudentSpec("causal_lm", QUERY_TWICE),
     "gemma3-270m-query-twice-ordinal": StudentSpec(
         "causal_lm",
-        {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query", "objective": "ordinal"},
+        {**QUERY_TWICE, "objective": "ordinal"},
         description="as gemma3-270m-query-twice, binary cross-entropy of P(grade > k) over the grade tokens",
     ),
 }
