@@ -46,13 +46,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from labeler_utils.config import DEMO_CORPUS_DIR, PROFILES  # noqa: E402
+from labeler_utils.core.config import DEMO_CORPUS_DIR, PROFILES  # noqa: E402
+from labeler_utils.core.resources import load_average  # noqa: E402
 from labeler_utils.documents import Document, document_card, load_corpus, select_documents  # noqa: E402
-from labeler_utils.llm_client import LLMClient  # noqa: E402
-from labeler_utils.local_server import LocalLLMServer, free_cpu_threads  # noqa: E402
+from labeler_utils.llm.client import LLMClient  # noqa: E402
+from labeler_utils.llm.local_server import LocalLLMServer, free_cpu_threads  # noqa: E402
 from labeler_utils.query_synthesis import GenerationSettings, read_queries, synthesize_queries  # noqa: E402
 from labeler_utils.teacher import TeacherLabeler  # noqa: E402
-from labeler_utils.throughput.machine import cpu_model, load_average  # noqa: E402
+from labeler_utils.throughput.machine import cpu_model  # noqa: E402
 
 COMPETITORS = {
     "python": "while True: pass",  # one busy thread

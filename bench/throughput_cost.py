@@ -197,11 +197,11 @@ def resolve_student(args: argparse.Namespace) -> str:
 
 def count_teacher_prompt_tokens(tokenizer, pairs, reasoning: bool) -> float:
     """Tokens of the teacher's rubric prompt in chat form, counted with the student's tokenizer (a proxy)."""
-    from labeler_utils.teacher import build_messages
+    from labeler_utils.teacher import rubric_messages
 
     total = 0
     for query, document in pairs:
-        messages = build_messages(query, document, reasoning=reasoning)
+        messages = rubric_messages(query, document, reasoning=reasoning)
         text = (
             tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             if getattr(tokenizer, "chat_template", None)
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "server start-up excluded",
         },
     }
-    summary = tp.summarize(measurements, machine, settings, flops)
+    summary = tp.summarize_throughput(measurements, machine, settings, flops)
     summary["total_bench_seconds"] = round(time.perf_counter() - started, 1)
     json_path, md_path = tp.write_results(summary, args.out)
     print()

@@ -7,11 +7,11 @@ import json
 import sys
 import textwrap
 
-from .config import PROFILES, STAGES
+from .core.config import PROFILES, STAGES
 
 
 def _prepare_models(args: argparse.Namespace) -> None:
-    from .models import BUNDLED_MODELS, resolve_model
+    from .core.models import BUNDLED_MODELS, resolve_model
 
     for name in args.models or BUNDLED_MODELS:
         print(f"{name}: {resolve_model(name)}")
@@ -42,13 +42,13 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from .artifacts import InputError
-    from .label_at_scale import Engine, LabelSettings, ResumeRefused, label_pairs
+    from .core.artifacts import InputError
+    from .labeling.job import Engine, LabelSettings, ResumeRefused, label_pairs
 
     if args.engine == "local":
         import torch
 
-        from .local_server import free_cpu_threads
+        from .llm.local_server import free_cpu_threads
 
         torch.set_num_threads(args.threads or free_cpu_threads())
         print(f"labelling with {torch.get_num_threads()} torch thread(s)", file=sys.stderr)
@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.set_defaults(handler=_pipeline)
 
-    from .label_at_scale import ENGINES, OUTPUT_FILES, Engine, LabelSettings
-    from .label_inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY
-    from .student import PRECISIONS
+    from .labeling.inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY
+    from .labeling.job import ENGINES, OUTPUT_FILES, Engine, LabelSettings
+    from .students.causal_lm.labeler import PRECISIONS
 
     defaults, engine = LabelSettings(), Engine()
     label = commands.add_parser(

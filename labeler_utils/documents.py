@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from .artifacts import InputError, iter_jsonl, read_jsonl, write_jsonl
+from .core.artifacts import InputError, iter_jsonl, read_jsonl, write_jsonl
 
 TEXT_SUFFIXES = (".md", ".markdown", ".txt")
 HTML_SUFFIXES = (".html", ".htm")

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .config import PROFILES, STAGES, new_run_id
+from .core.config import PROFILES, STAGES, new_run_id
 from .pipeline import NOTEBOOKS_DIR
 
 RUN_SETTINGS = ("profile", "run_id", "stages", "notebooks")

@@ -24,21 +24,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .artifacts import InputError, read_jsonl, write_jsonl
+from .core.artifacts import InputError, read_jsonl, write_jsonl
+from .core.records import parse_grade_answer
 from .documents import Document, document_card
-from .llm_client import LLMClient, Message, parse_with_retries
-from .teacher import parse_grade
-from .text import (  # noqa: F401  (stage 03's retrieval names, re-exported for its notebook)
-    INDEX_FILE,
+from .llm.client import LLMClient, Message, parse_with_retries
+from .text import (
     BM25Index,
-    Tokenizer,
-    TokenizerSettings,
-    corpus_fingerprint,
-    find_near_duplicates,
-    jaccard,
-    load_or_build_index,
     normalize_query,
-    shingles,
 )
 
 STAGE = "03_hard_negatives"
@@ -369,14 +361,14 @@ def sample_check_messages(query: str, document: Document, card_chars: int = 1200
 def sample_check_grader(client: LLMClient, card_chars: int = 1200) -> Callable[[str, Document], int | None]:
     """A ``grade_fn`` for :func:`verify_negatives`: :func:`sample_check_messages` through ``client``.
 
-    The answer is read by the teacher's strict :func:`~labeler_utils.teacher.parse_grade` (a bare
+    The answer is read by the teacher's strict :func:`~labeler_utils.core.records.parse_grade_answer` (a bare
     digit, ``Final grade: N`` or JSON); one that does not parse is retried once with a new seed,
     then recorded as unparseable under this stage and graded ``None``.
     """
 
     def grade(query: str, document: Document) -> int | None:
         value, _ = parse_with_retries(
-            client, sample_check_messages(query, document, card_chars), parse_grade, stage=STAGE, max_tokens=4
+            client, sample_check_messages(query, document, card_chars), parse_grade_answer, stage=STAGE, max_tokens=4
         )
         return value
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write, write_json
-from .config import PROJECT_ROOT, STAGES, run_dir
+from .core.artifacts import atomic_write, write_json
+from .core.config import PROJECT_ROOT, STAGES, run_dir
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 METRICS_FILE = "metrics.json"
@@ -58,7 +58,7 @@ def run_pipeline(
     A stage whose notebook fails stops the run; the folder keeps every artifact written so far,
     and any stage can be re-run on its own against the same folder.
     """
-    from .config import new_run_id
+    from .core.config import new_run_id
 
     run_path = run_dir(run_id or new_run_id(profile))
     timings: dict[str, float] = {}

@@ -28,10 +28,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .artifacts import InputError, read_jsonl, write_json, write_jsonl
-from .config import DATA_DIR
+from .core.artifacts import InputError, read_jsonl, write_json, write_jsonl
+from .core.config import DATA_DIR
 from .documents import Document, document_card
-from .llm_client import ChatResult, LLMClient, LLMError, Message, parse_with_retries
+from .llm.client import ChatResult, LLMClient, LLMError, Message, parse_with_retries
 from .query_filters import FilterReport
 from .text import normalize_query, word_tokens
 
@@ -208,7 +208,7 @@ PROMPT_HASH = hashlib.sha256(
 ).hexdigest()
 
 
-def build_messages(
+def query_messages(
     doc: Document,
     query_types: Sequence[str],
     examples: Sequence[dict[str, Any]],
@@ -405,7 +405,7 @@ def plan_prompts(
             examples, query_types, settings.few_shot_examples, random.Random(f"{settings.seed}:examples:{doc.doc_id}")
         )
         plans.append(
-            PromptPlan(doc, query_types, persona, build_messages(doc, query_types, shots, persona, settings.card_chars))
+            PromptPlan(doc, query_types, persona, query_messages(doc, query_types, shots, persona, settings.card_chars))
         )
     return plans
 

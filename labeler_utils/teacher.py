@@ -11,9 +11,7 @@ the grade token when the endpoint returns them, otherwise from ``n_samples`` sam
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,43 +23,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .artifacts import InputError, iter_jsonl_located
-from .benchmarks import GRADES
-from .llm_client import LLMClient, LLMError, Message, map_concurrent, parse_with_retries
+from .core.artifacts import InputError, iter_jsonl_located
+from .core.records import GRADES, LabelScale, parse_grade_answer
+from .llm.client import LLMClient, LLMError, Message, map_concurrent, parse_with_retries
+from .students.base import PairLabeler
 
 STAGE = "04_teacher_labels"
-
-
-@dataclass(frozen=True)
-class LabelScale:
-    """A graded scale: the grades in order and what each means to the teacher."""
-
-    grades: tuple[int, ...] = (0, 1, 2, 3)
-    descriptions: dict[int, str] = field(
-        default_factory=lambda: {
-            3: "Perfectly relevant: the document is dedicated to the query and fully answers it.",
-            2: "Highly relevant: the document answers the query, though with extra or missing detail.",
-            1: "Related: the document is on the query's topic but does not answer it.",
-            0: "Irrelevant: the document has nothing to do with the query.",
-        }
-    )
-
-    def describe(self) -> str:
-        return "\n".join(f"{g} = {self.descriptions[g]}" for g in sorted(self.grades, reverse=True))
-
-    @classmethod
-    def from_wording(cls, wording: dict[Any, str], source: str = "label_scale") -> LabelScale:
-        """A scale from ``{grade: description}`` (keys may be strings, as in JSON); every grade needs a non-empty text."""
-        try:
-            descriptions = {int(grade): str(text).strip() for grade, text in wording.items()}
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(
-                f"{source}: expected a mapping of integer grades to descriptions, got {wording!r}"
-            ) from exc
-        empty = sorted(g for g, text in descriptions.items() if not text)
-        if empty or len(descriptions) < 2:
-            raise ValueError(f"{source}: needs at least two grades, each with a description (empty: {empty})")
-        return cls(grades=tuple(sorted(descriptions)), descriptions=descriptions)
 
 
 RUBRIC_TEMPLATE = """You judge search results for a company's internal search engine.
@@ -96,11 +63,7 @@ def grade_schema(scale: LabelScale, reasoning: bool) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
-_FINAL_GRADE = re.compile(r"final\s+grade\s*[:=]\s*\**\s*\[?([0-9]+)\]?", re.IGNORECASE)
-_BARE_GRADE = re.compile(r"^\s*(?:grade\s*[:=]\s*)?\**([0-9]+)\**\s*\.?\s*$", re.IGNORECASE)
-
-
-def build_messages(
+def rubric_messages(
     query: str,
     document: str,
     scale: LabelScale = LabelScale(),
@@ -118,28 +81,6 @@ def build_messages(
         scale=scale.describe(), query=query, document=document[:max_document_chars], answer_instruction=instruction
     )
     return [{"role": "user", "content": prompt}]
-
-
-def parse_grade(text: str, scale: LabelScale = LabelScale()) -> int:
-    """The grade from ``Final grade: N`` (last occurrence), an answer that is only the digit, or JSON.
-
-    Anything else raises ValueError: a digit somewhere in free text is never taken as a grade.
-    """
-    matches = _FINAL_GRADE.findall(text)
-    bare = _BARE_GRADE.match(text)
-    if matches:
-        value = int(matches[-1])
-    elif bare:
-        value = int(bare.group(1))
-    else:
-        try:
-            payload = json.loads(text.strip().removeprefix("```json").removesuffix("```").strip())
-            value = int(payload["grade"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError("no 'Final grade: N' line and no JSON grade in the answer") from exc
-    if value not in scale.grades:
-        raise ValueError(f"grade {value} is outside the scale {scale.grades}")
-    return value
 
 
 def distribution_from_logprobs(
@@ -166,8 +107,10 @@ def distribution_from_logprobs(
 
 
 @dataclass
-class TeacherLabeler:
+class TeacherLabeler(PairLabeler):
     """Grades pairs through an :class:`LLMClient` with the rubric prompt."""
+
+    FAMILY = "teacher"
 
     client: LLMClient
     scale: LabelScale = field(default_factory=LabelScale)
@@ -186,14 +129,14 @@ class TeacherLabeler:
             if self.structured_output
             else None
         )
-        messages = build_messages(
+        messages = rubric_messages(
             query, document, self.scale, self.template, self.reasoning, structured=response_format is not None
         )
         try:
             grade, result = parse_with_retries(
                 self.client,
                 messages,
-                lambda text: parse_grade(text, self.scale),
+                lambda text: parse_grade_answer(text, self.scale),
                 STAGE,
                 attempts=self.parse_attempts,
                 max_tokens=self.max_tokens,
@@ -233,7 +176,7 @@ class TeacherLabeler:
             except LLMError:
                 continue  # counted in the client's ledger; the distribution rests on the other samples
             try:
-                counts[parse_grade(text, self.scale)] += 1
+                counts[parse_grade_answer(text, self.scale)] += 1
             except ValueError:
                 self.client.record_unparseable(
                     STAGE, messages + [{"role": "sample", "content": str(seed)}], text, "sample without a grade"
@@ -242,14 +185,37 @@ class TeacherLabeler:
         return [counts[g] / total for g in self.scale.grades] if total else None
 
     def label_records(
-        self, records: Sequence[dict[str, Any]], description: str = "teacher labels"
+        self, records: Sequence[dict[str, Any]], labeler: str | None = None, batch_size: int = 16, progress: bool = True
     ) -> list[dict[str, Any]]:
-        """Label records having ``query`` and ``document``; returns them with the label fields added."""
+        """Label records having ``query`` and ``document``; returns them with the label fields added.
+
+        Besides the prediction-row fields (``grade``, ``distribution``, ``expected_relevance``, ``labeler``,
+        default ``teacher:<model>``) a row keeps the record's own fields, the answer and any ``error``; a pair the
+        teacher could not grade has ``grade`` None. The client's ``max_concurrency`` sets how many pairs are in
+        flight at once, so ``batch_size`` is not used.
+        """
+        name = labeler or f"teacher:{self.client.endpoint.model}"
         labels = map_concurrent(
-            lambda r: self.label_pair(r["query"], r["document"]), records, self.client.max_concurrency, description
+            lambda r: self.label_pair(r["query"], r["document"]),
+            records,
+            self.client.max_concurrency,
+            f"{name} labels",
+            progress,
         )
-        model = self.client.endpoint.model
-        return [{**record, **label, "labeler": f"teacher:{model}"} for record, label in zip(records, labels)]
+        return [
+            {**record, **label, "expected_relevance": expected_relevance(label, self.scale.grades), "labeler": name}
+            for record, label in zip(records, labels)
+        ]
+
+
+def expected_relevance(label: dict[str, Any], grades: Sequence[int]) -> float | None:
+    """``sum(g * p_g)`` of a teacher label's distribution over ``grades``, its grade when it has none, None when it
+    has no grade."""
+    if label["grade"] is None:
+        return None
+    if label["distribution"] is None:
+        return float(label["grade"])
+    return float(sum(g * p for g, p in zip(grades, label["distribution"])))
 
 
 def grades_by_role(labels: pd.DataFrame) -> pd.DataFrame:
@@ -293,7 +259,7 @@ def import_labels(path: str | Path, source: str = "imported") -> list[dict[str, 
 
     Optional fields: ``query_id``, ``doc_id``, ``distribution`` (probabilities of grades 0..3).
     Errors name the file and line. TREC qrels go through
-    :func:`labeler_utils.benchmarks.load_trec` and :func:`labels_from_frame`.
+    :func:`labeler_utils.benchmarks.loaders.load_trec` and :func:`labels_from_frame`.
     """
     records = []
     for where, record in iter_jsonl_located(path, required=("query", "document", "grade")):

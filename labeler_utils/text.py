@@ -24,7 +24,7 @@ import snowballstemmer
 from rank_bm25 import BM25Okapi
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_write
+from .core.artifacts import atomic_write
 from .documents import Document, document_card
 
 INDEX_FORMAT = 2  # 1 was a pickle; an index is JSON now, so that a run folder's file can hold data, never code

@@ -11,7 +11,7 @@ Protocol:
    at most N pairs of each query, drawn within each teacher grade in proportion to its share.
 2. The teacher's recorded grades of the training queries are the training records. The human
    grades are never used for training, only to score every labeler on the held-out queries.
-3. Each student is trained (``labeler_utils.cross_encoder`` or ``labeler_utils.distill``) and
+3. Each student is trained (``labeler_utils.students.cross_encoder`` or ``labeler_utils.students.causal_lm.train``) and
    labels the held-out pairs, zero-shot and distilled:
 
    * causal LMs (SmolLM2, Gemma 3): zero-shot = the base model through the same one-pass
@@ -72,27 +72,7 @@ from scipy import stats
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from labeler_utils.artifacts import atomic_write, read_json, write_json  # noqa: E402
-from labeler_utils.benchmarks import (  # noqa: E402
-    GRADES,
-    RECORDED_PREFIX,
-    attach_predictions,
-    read_predictions,
-    recorded_labelers,
-    write_predictions,
-)
-from labeler_utils.config import Profile  # noqa: E402
-from labeler_utils.evaluate import (  # noqa: E402
-    NDCG_CUTOFF,
-    bootstrap_ci,
-    labeler_scores,
-    paired_bootstrap,
-    plot_forest,
-    plot_learning_curve,
-    query_metric,
-)
-from labeler_utils.families import distilled_student, get_family  # noqa: E402
-from labeler_utils.folds import (  # noqa: E402
+from labeler_utils.benchmarks.folds import (  # noqa: E402
     SOURCE_COLUMN,
     Split,
     cap_pairs_per_query,
@@ -102,7 +82,27 @@ from labeler_utils.folds import (  # noqa: E402
     load_pair_files,
     nested_query_subsets,
 )
-from labeler_utils.labeler import MANIFEST, grades_at_thresholds, share_matching_thresholds  # noqa: E402
+from labeler_utils.benchmarks.loaders import (  # noqa: E402
+    GRADES,
+    RECORDED_PREFIX,
+    attach_predictions,
+    read_predictions,
+    recorded_labelers,
+    write_predictions,
+)
+from labeler_utils.core.artifacts import atomic_write, read_json, write_json  # noqa: E402
+from labeler_utils.core.config import Profile  # noqa: E402
+from labeler_utils.evaluate import (  # noqa: E402
+    NDCG_CUTOFF,
+    bootstrap_ci,
+    labeler_scores,
+    paired_bootstrap,
+    plot_forest,
+    plot_learning_curve,
+    query_metric,
+)
+from labeler_utils.students.base import LABELER_MANIFEST, grades_at_thresholds, share_matching_thresholds  # noqa: E402
+from labeler_utils.students.registry import distilled_student, get_family  # noqa: E402
 from labeler_utils.teacher import add_committee, labels_from_frame  # noqa: E402
 from labeler_utils.throughput import PeakMemory, load_average, machine_info  # noqa: E402
 
@@ -312,7 +312,7 @@ def train(
     model_dir = distilled_student(folder)
     stats_path = folder / "train_stats.json"
     if model_dir is not None and not force:
-        manifest = read_json(model_dir / MANIFEST)
+        manifest = read_json(model_dir / LABELER_MANIFEST)
         if not _same_training(manifest["config"], config) or manifest["data"] != data:
             raise SystemExit(f"{model_dir} was trained with other settings or data; pass --force or another --work-dir")
         print(f"reusing {model_dir}")

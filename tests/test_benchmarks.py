@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labeler_utils import benchmarks as bm
-from labeler_utils.artifacts import InputError
+from labeler_utils.benchmarks import loaders as bm
+from labeler_utils.core.artifacts import InputError
 from labeler_utils.evaluate import agreement
 
 DATA = Path(__file__).parent / "data"

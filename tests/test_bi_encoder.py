@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from labeler_utils import bi_encoder as be
-from labeler_utils.families import distilled_student, get_family, load_labeler
-from labeler_utils.labeler import MANIFEST, grades_at_thresholds
+from labeler_utils.students import bi_encoder as be
+from labeler_utils.students.base import LABELER_MANIFEST, grades_at_thresholds
+from labeler_utils.students.registry import distilled_student, get_family, load_labeler
 
 TOPICS = {
     "vpn error": [
@@ -51,7 +51,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_cosent_loss_equals_the_hand_computed_formula():
     """CoSENT: log(1 + sum over pairs (i, j) with y_i > y_j of exp(scale * (cos_j - cos_i)))."""
     model = be.SentenceTransformer(be.bundled_minilm_path(), device="cpu")
-    loss = be.training_loss(model, "cosent")
+    loss = be.bi_encoder_loss(model, "cosent")
     torch.manual_seed(0)
     queries, documents = torch.randn(4, 8), torch.randn(4, 8)
     targets = torch.tensor([1.0, 0.0, 2 / 3, 1 / 3])
@@ -60,8 +60,8 @@ def test_cosent_loss_equals_the_hand_computed_formula():
         1 + sum(math.exp(20.0 * (cos[j] - cos[i])) for i in range(4) for j in range(4) if targets[i] > targets[j])
     )
     assert loss.compute_loss_from_embeddings([queries, documents], targets).item() == pytest.approx(expected, rel=1e-5)
-    assert isinstance(be.training_loss(model, "angle"), be.losses.AnglELoss)
-    assert isinstance(be.training_loss(model, "cosine_mse"), be.losses.CosineSimilarityLoss)
+    assert isinstance(be.bi_encoder_loss(model, "angle"), be.losses.AnglELoss)
+    assert isinstance(be.bi_encoder_loss(model, "cosine_mse"), be.losses.CosineSimilarityLoss)
     with pytest.raises(ValueError, match="loss must be one of"):
         be.BiEncoderConfig(base_model="x", loss="triplet")
 
@@ -98,7 +98,7 @@ def test_training_writes_the_family_thresholds_and_a_loadable_student(trained):
     assert manifest["family"] == "bi_encoder" and manifest["train_examples"] == len(RECORDS)
     assert manifest["global_steps"] == 3 and len(manifest["thresholds"]) == 3
     assert distilled_student(folder) == folder / be.MODEL_SUBDIR
-    assert (folder / be.MODEL_SUBDIR / MANIFEST).exists()
+    assert (folder / be.MODEL_SUBDIR / LABELER_MANIFEST).exists()
     labeler = load_labeler(folder)
     assert isinstance(labeler, be.BiEncoderLabeler) and labeler.max_length == 64
     # the cut points reproduce the teacher's grade shares (3 pairs of each grade) on the training pairs
@@ -135,7 +135,7 @@ def test_an_untrained_encoder_folder_is_refused_clearly(tmp_path):
 
 
 def test_epoch_losses_average_the_logged_losses_of_each_epoch():
-    from labeler_utils.labeler import epoch_losses
+    from labeler_utils.students.base import epoch_losses
 
     history = [
         {"loss": 4.0, "epoch": 0.5, "step": 1},

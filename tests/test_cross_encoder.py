@@ -13,18 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labeler_utils.cross_encoder import (
+from labeler_utils.core.models import bundled_minilm_path
+from labeler_utils.students.base import LABELER_MANIFEST, GradeLabel
+from labeler_utils.students.causal_lm.labeler import StudentLabeler
+from labeler_utils.students.cross_encoder import (
     CrossEncoderConfig,
     CrossEncoderLabeler,
+    cross_encoder_loss,
     train_cross_encoder,
     training_labels,
-    training_loss,
 )
-from labeler_utils.families import load_labeler
-from labeler_utils.labeler import MANIFEST as ADAPTER_MANIFEST
-from labeler_utils.labeler import GradeLabel
-from labeler_utils.models import bundled_minilm_path
-from labeler_utils.student import StudentLabeler
+from labeler_utils.students.registry import load_labeler
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_trec_dl.py"
 TOPICS = {
@@ -68,7 +67,7 @@ def labeler(trained: tuple[Path, dict]) -> CrossEncoderLabeler:
 
 def test_training_saves_model_and_manifest(trained):
     folder, manifest = trained
-    saved = json.loads((folder / "model" / ADAPTER_MANIFEST).read_text())
+    saved = json.loads((folder / "model" / LABELER_MANIFEST).read_text())
     assert saved["family"] == manifest["family"] == "cross_encoder"
     assert saved["config"]["objective"] == "classification" and saved["config"]["base_model"] == bundled_minilm_path()
     assert saved["train_examples"] == 16 and saved["data"] == {"source": "hand-made"} and saved["train_seconds"] > 0
@@ -146,7 +145,7 @@ def test_class_balance_weights_each_grade_by_its_inverse_frequency():
 
     model = CrossEncoder(bundled_minilm_path(), num_labels=4, max_length=64)
     records = RECORDS[:3] + [{**RECORDS[2], "doc_id": f"x{i}"} for i in range(5)]  # grades 3, 2, then six 0s
-    loss = training_loss(model, records, CrossEncoderConfig(class_balance=True))
+    loss = cross_encoder_loss(model, records, CrossEncoderConfig(class_balance=True))
     grades = torch.tensor([r["grade"] for r in records])
     weights = torch.tensor([8 / (4 * 6), 1.0, 8 / 4, 8 / 4])  # n / (4 * count); grade 1 absent counts as 1
     with torch.no_grad():
@@ -156,7 +155,7 @@ def test_class_balance_weights_each_grade_by_its_inverse_frequency():
             )
         ).logits
         balanced = loss([[r["query"] for r in records], [r["document"] for r in records]], grades)
-        plain = training_loss(model, records, CrossEncoderConfig())(
+        plain = cross_encoder_loss(model, records, CrossEncoderConfig())(
             [[r["query"] for r in records], [r["document"] for r in records]], grades
         )
     per_pair = torch.nn.functional.cross_entropy(logits, grades, reduction="none")
@@ -172,7 +171,7 @@ def test_load_labeler_dispatches_the_causal_family(tiny_model_dir, tmp_path):
     assert type(load_labeler(tiny_model_dir, max_length=128)) is StudentLabeler
     legacy = tmp_path / "legacy"
     shutil.copytree(tiny_model_dir, legacy)
-    (legacy / ADAPTER_MANIFEST).write_text(json.dumps({"base_model": str(tiny_model_dir), "max_length": 128}))
+    (legacy / LABELER_MANIFEST).write_text(json.dumps({"base_model": str(tiny_model_dir), "max_length": 128}))
     assert type(load_labeler(legacy)) is StudentLabeler  # a manifest without "family" is a causal LM
     assert type(load_labeler(tiny_model_dir, family="causal_lm")) is StudentLabeler
     with pytest.raises(ValueError, match="family"):
@@ -234,7 +233,7 @@ def test_script_per_student_options(script):
 def test_script_reuses_a_model_only_when_it_was_trained_the_same_way(script):
     from dataclasses import asdict
 
-    from labeler_utils.distill import DistillConfig
+    from labeler_utils.students.causal_lm.train import DistillConfig
 
     config = DistillConfig(base_model="tiny", epochs=2.0, save_steps=50)
     manifest = json.loads(json.dumps(asdict(config)))
@@ -257,7 +256,7 @@ def test_script_says_which_steps_a_resumed_training_time_covers(script):
 
 
 def test_share_matching_thresholds_give_the_reference_grade_mix():
-    from labeler_utils.student import grades_at_thresholds, share_matching_thresholds
+    from labeler_utils.students.base import grades_at_thresholds, share_matching_thresholds
 
     scores = np.random.default_rng(0).normal(size=1000)
     thresholds = share_matching_thresholds(scores, [500, 200, 200, 100])
@@ -292,7 +291,7 @@ def test_script_share_calibration_uses_only_the_teacher_training_grades(script):
 
 
 def test_cosine_baseline_reproduces_the_teacher_grade_shares_on_its_training_pairs():
-    from labeler_utils.bi_encoder import CosineBaseline
+    from labeler_utils.students.bi_encoder import CosineBaseline
 
     baseline = CosineBaseline.fit(RECORDS)
     rows = baseline.label_records(RECORDS, "cosine", progress=False)
@@ -336,7 +335,7 @@ def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tin
     )
     assert extras["variant_agreement"]["minilm bfloat16"]["grade_agreement"] >= 0.75
     assert next(labeler.model.parameters()).dtype == torch.float32  # the bfloat16 copy left the original alone
-    summary = tp.summarize(measurements, tp.machine_info(), {})
+    summary = tp.summarize_throughput(measurements, tp.machine_info(), {})
     assert summary["other_students"]["minilm"]["labels_per_second"] == max(
         m.labels_per_second for m in measurements[3:]
     )
@@ -349,15 +348,15 @@ def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tin
 def test_distilled_student_finds_the_most_recently_trained_of_both_families(tmp_path):
     import os
 
-    from labeler_utils.families import distilled_student
+    from labeler_utils.students.registry import distilled_student
 
     assert distilled_student(tmp_path) is None
     for name, when in (("adapter", 1_000), ("model", 2_000)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / ADAPTER_MANIFEST).write_text("{}")
-        os.utime(tmp_path / name / ADAPTER_MANIFEST, (when, when))
+        (tmp_path / name / LABELER_MANIFEST).write_text("{}")
+        os.utime(tmp_path / name / LABELER_MANIFEST, (when, when))
     assert distilled_student(tmp_path) == tmp_path / "model"
-    os.utime(tmp_path / "adapter" / ADAPTER_MANIFEST, (3_000, 3_000))
+    os.utime(tmp_path / "adapter" / LABELER_MANIFEST, (3_000, 3_000))
     assert distilled_student(tmp_path) == tmp_path / "adapter"
     assert distilled_student(tmp_path / "model") == tmp_path / "model"
 
@@ -383,7 +382,7 @@ def test_ordinal_loss_is_the_mean_binary_cross_entropy_of_the_cumulative_logits(
     records = RECORDS[:4]
     config = CrossEncoderConfig(objective="ordinal")
     targets = torch.tensor(training_labels(records, config))
-    loss = training_loss(model, records, config)(
+    loss = cross_encoder_loss(model, records, config)(
         [[r["query"] for r in records], [r["document"] for r in records]], list(targets)
     )
     logits = torch.tensor(
@@ -398,7 +397,7 @@ def test_ordinal_loss_is_the_mean_binary_cross_entropy_of_the_cumulative_logits(
 def test_cumulative_probabilities_give_a_distribution_even_when_not_monotone():
     import torch
 
-    from labeler_utils.cross_encoder import cumulative_distribution
+    from labeler_utils.students.cross_encoder import cumulative_distribution
 
     probabilities = cumulative_distribution(torch.tensor([[0.9, 0.5, 0.2], [0.3, 0.6, 0.1]]))
     assert probabilities[0].tolist() == pytest.approx([0.1, 0.4, 0.3, 0.2])
@@ -423,8 +422,8 @@ def test_ordinal_head_trains_and_labels_through_the_shared_interface(tmp_path):
 
 
 def test_a_family_loads_a_student_from_its_training_output_folder(tiny_model_dir, tmp_path):
-    from labeler_utils.distill import DistillConfig, train_student
-    from labeler_utils.families import get_family
+    from labeler_utils.students.causal_lm.train import DistillConfig, train_student
+    from labeler_utils.students.registry import get_family
 
     records = [{**r, "grade": r["grade"]} for r in RECORDS]
     train_student(

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from labeler_utils.__main__ import main
-from labeler_utils.artifacts import InputError
-from labeler_utils.config import STAGES
+from labeler_utils.core.artifacts import InputError
+from labeler_utils.core.config import STAGES
 from labeler_utils.documents import (
     DOCUMENT_SUFFIXES,
     ChunkPolicy,

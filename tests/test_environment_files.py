@@ -7,7 +7,7 @@ import re
 import tomllib
 import yaml
 
-from labeler_utils.config import PROJECT_ROOT
+from labeler_utils.core.config import PROJECT_ROOT
 
 
 def _name(requirement: str) -> str:

@@ -15,8 +15,10 @@ from scipy import special, stats
 from sklearn.metrics import cohen_kappa_score, ndcg_score
 
 from labeler_utils import evaluate as ev
-from labeler_utils.artifacts import InputError
-from labeler_utils.benchmarks import load_trec
+from labeler_utils.benchmarks.loaders import load_trec
+from labeler_utils.core.artifacts import InputError
+from labeler_utils.evaluate.bootstrap import _bootstrap_draws, _draw_counts
+from labeler_utils.evaluate.ppi import _ppi_summary
 
 DATA = Path(__file__).parent / "data"
 LABELS = [0, 1, 2, 3]
@@ -274,7 +276,7 @@ def test_bootstrap_resamples_whole_queries() -> None:
         {"query_id": ["a"] * 3 + ["b"] * 3, "human": [0, 1, 2] * 2, "lab": pd.array([0, 1, 2, 3, 3, 3], dtype="Int64")}
     )
     metric = ev.query_metric("accuracy", "lab")
-    counts = ev._draw_counts(ev._bootstrap_draws(2, 200, 0), 2)
+    counts = _draw_counts(_bootstrap_draws(2, 200, 0), 2)
     replicates = metric.combine(counts @ metric.query_statistics(frame))
     assert set(np.round(replicates, 6)) == {0.0, 0.5, 1.0}
     result = ev.bootstrap_ci(frame, metric, n_boot=200)
@@ -404,7 +406,7 @@ def test_ppi_is_narrower_than_human_labels_alone_with_a_good_model() -> None:
     model = truth + rng.normal(0.3, 0.2, 5000)  # biased but precise
     labelled = np.zeros(5000, dtype=bool)
     labelled[:200] = True
-    summary = ev._ppi_summary("mean", truth.mean(), model, truth, labelled, 0.05)
+    summary = _ppi_summary("mean", truth.mean(), model, truth, labelled, 0.05)
     assert summary["width_ratio_ppi"] < 0.5
     assert summary["ppi"]["ci_low"] <= truth.mean() <= summary["ppi"]["ci_high"]
     noise = ev.ppi_mean(rng.normal(size=4800), rng.normal(size=200), truth[:200], power_tuning=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from labeler_utils import folds
-from labeler_utils.artifacts import InputError
+from labeler_utils.benchmarks import folds
+from labeler_utils.core.artifacts import InputError
 
 JUDGES = ("deepseek_v3_umbrela", "llama3_8b_basic")
 

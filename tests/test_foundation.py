@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from labeler_utils import config
-from labeler_utils.artifacts import InputError, atomic_write, read_json, read_jsonl, write_json, write_jsonl
+from labeler_utils.core import config
+from labeler_utils.core.artifacts import InputError, atomic_write, read_json, read_jsonl, write_json, write_jsonl
+from labeler_utils.core.models import BUNDLED_MODELS, resolve_model, server_gguf_path
 from labeler_utils.documents import (
     Document,
     document_card,
@@ -23,7 +24,6 @@ from labeler_utils.documents import (
     save_documents,
     select_documents,
 )
-from labeler_utils.models import BUNDLED_MODELS, resolve_model, server_gguf_path
 from labeler_utils.pipeline import record_metrics, render_report, stage_metrics
 
 DOC = """---

@@ -12,9 +12,10 @@ from conftest import chat_response, scripted_client
 from matplotlib.figure import Figure
 
 from labeler_utils import hard_negatives as hn
-from labeler_utils.artifacts import read_jsonl
+from labeler_utils import text
+from labeler_utils.core.artifacts import read_jsonl
 from labeler_utils.documents import Document
-from labeler_utils.llm_client import Endpoint, LLMClient
+from labeler_utils.llm.client import Endpoint, LLMClient
 
 DATA = Path(__file__).parent / "data"
 
@@ -49,7 +50,7 @@ def roles(pairs: list[dict], role: str) -> list[tuple[str, int | None]]:
 
 
 def test_tokenizer_keeps_identifiers_and_file_names():
-    tokens = hn.Tokenizer()("INC-20517: PAY-4012 timeouts in the atlas-nightly-load-recovery.md runbook")
+    tokens = text.Tokenizer()("INC-20517: PAY-4012 timeouts in the atlas-nightly-load-recovery.md runbook")
     assert tokens == [
         "inc",
         "20517",
@@ -66,15 +67,15 @@ def test_tokenizer_keeps_identifiers_and_file_names():
         "pay-4012",
         "atlas-nightly-load-recovery.md",
     ]
-    plain = hn.Tokenizer(hn.TokenizerSettings(stem=False, english_stop_words=False, identifiers=False))
+    plain = text.Tokenizer(text.TokenizerSettings(stem=False, english_stop_words=False, identifiers=False))
     assert plain("Timeouts in the svc_auth v4.2.1") == ["timeouts", "in", "the", "svc", "auth", "v4", "2", "1"]
-    assert hn.Tokenizer(hn.TokenizerSettings(lowercase=False, stem=False))("PAY-4012 Gateway") == [
+    assert text.Tokenizer(text.TokenizerSettings(lowercase=False, stem=False))("PAY-4012 Gateway") == [
         "PAY",
         "4012",
         "Gateway",
         "PAY-4012",
     ]
-    assert hn.normalize_query("  PAY-4012   Timeout? ") == "pay 4012 timeout"
+    assert text.normalize_query("  PAY-4012   Timeout? ") == "pay 4012 timeout"
 
 
 def test_index_ranks_metadata_and_identifiers():
@@ -83,7 +84,7 @@ def test_index_ranks_metadata_and_identifiers():
         doc("b.md", "pay day is on the 25th; 4012 employees were paid", title="payroll faq"),
         doc("c.md", "lunch menu for the week", title="canteen"),
     ]
-    index = hn.BM25Index.build(docs)
+    index = text.BM25Index.build(docs)
     assert index.search("PAY-4012")[0][0] == "a.md"  # the intact identifier outweighs the scattered parts
     assert index.search("payroll faq", top_k=1)[0][0] == "b.md"  # the title (metadata) is indexed
     assert index.rank_of("canteen", "c.md") == 1 and index.rank_of("canteen", "a.md") is None
@@ -92,19 +93,19 @@ def test_index_ranks_metadata_and_identifiers():
 
 def test_index_save_load_checks_settings_and_corpus(tmp_path):
     docs = ranked_corpus()
-    path = tmp_path / hn.INDEX_FILE
-    index = hn.BM25Index.build(docs)
+    path = tmp_path / text.INDEX_FILE
+    index = text.BM25Index.build(docs)
     index.save(path)
-    loaded = hn.BM25Index.load(path, hn.TokenizerSettings(), docs)
+    loaded = text.BM25Index.load(path, text.TokenizerSettings(), docs)
     assert loaded.search("alpha") == index.search("alpha")
     with pytest.raises(ValueError, match="tokenizer settings"):
-        hn.BM25Index.load(path, hn.TokenizerSettings(stem=False))
+        text.BM25Index.load(path, text.TokenizerSettings(stem=False))
     with pytest.raises(ValueError, match="k1"):
-        hn.BM25Index.load(path, k1=0.9)
+        text.BM25Index.load(path, k1=0.9)
     with pytest.raises(ValueError, match="other documents"):
-        hn.BM25Index.load(path, documents=docs[:-1])
-    rebuilt = hn.load_or_build_index(path, docs, hn.TokenizerSettings(stem=False))
-    assert rebuilt.settings.stem is False and hn.BM25Index.load(path).settings.stem is False
+        text.BM25Index.load(path, documents=docs[:-1])
+    rebuilt = text.load_or_build_index(path, docs, text.TokenizerSettings(stem=False))
+    assert rebuilt.settings.stem is False and text.BM25Index.load(path).settings.stem is False
     assert loaded.scores("alpha beta").tolist() == index.scores("alpha beta").tolist()
 
 
@@ -121,15 +122,15 @@ class RunsCode:
 def test_a_pickled_index_is_never_unpickled_and_is_rebuilt(tmp_path, capsys):
     docs = ranked_corpus()
     marker = tmp_path / "code-ran"
-    for name in ("bm25_index.pkl", hn.INDEX_FILE):  # an old run's file, and a crafted file under the new name
+    for name in ("bm25_index.pkl", text.INDEX_FILE):  # an old run's file, and a crafted file under the new name
         path = tmp_path / name
         path.write_bytes(pickle.dumps({"format": 1, "bm25": RunsCode(marker)}))
         with pytest.raises(ValueError, match=f"{path}: not a JSON BM25 index.*never unpickled.*rebuild it"):
-            hn.BM25Index.load(path)
-        index = hn.load_or_build_index(path, docs)
+            text.BM25Index.load(path)
+        index = text.load_or_build_index(path, docs)
         assert "rebuilding the BM25 index" in capsys.readouterr().out
-        assert not marker.exists() and index.search("alpha") == hn.BM25Index.build(docs).search("alpha")
-        assert hn.BM25Index.load(path, documents=docs).search("alpha") == index.search("alpha")
+        assert not marker.exists() and index.search("alpha") == text.BM25Index.build(docs).search("alpha")
+        assert text.BM25Index.load(path, documents=docs).search("alpha") == index.search("alpha")
 
 
 # ---------------------------------------------------------------------------------------- false-negative guard
@@ -154,25 +155,25 @@ def guard_corpus() -> list[Document]:
 
 def test_near_duplicates_found_and_grouped():
     docs = guard_corpus()
-    pairs = hn.find_near_duplicates(docs, threshold=0.5)
+    pairs = text.find_near_duplicates(docs, threshold=0.5)
     assert [(a, b) for a, b, _ in pairs] == [("it/shared/acceptable-use-copy.md", "security/acceptable-use.md")]
     assert pairs[0][2] == pytest.approx(34 / 46, abs=1e-4)  # exact Jaccard of the 5-word shingle sets
-    assert hn.find_near_duplicates(docs, threshold=0.95) == []
+    assert text.find_near_duplicates(docs, threshold=0.95) == []
     groups = hn.document_groups([d.doc_id for d in docs], pairs)
     assert groups["security/acceptable-use.md"] == groups["it/shared/acceptable-use-copy.md"]
     assert groups["manual.md#chunk1"] == groups["manual.md#chunk2"] != groups["it/laptops.md"]
     assert hn.source_id("manual.md#chunk2") == "manual.md" and hn.source_id("a.md") == "a.md"
-    assert hn.jaccard(set(), set()) == 0.0
+    assert text.jaccard(set(), set()) == 0.0
 
 
 def test_near_duplicate_of_the_seed_never_becomes_a_negative():
     docs = guard_corpus()
-    index = hn.BM25Index.build(docs)
+    index = text.BM25Index.build(docs)
     q = [query("q1", "security/acceptable-use.md", "install unapproved software on company laptops")]
     settings = hn.MiningSettings(negatives_per_query=3, min_rank=0, max_rank=10, random_share=0.0)
     unguarded, _ = hn.mine_negatives(q, index, settings)
     assert "it/shared/acceptable-use-copy.md" in [d for d, _ in roles(unguarded, "hard_negative")]
-    groups = hn.document_groups(index.doc_ids, hn.find_near_duplicates(docs, threshold=0.5))
+    groups = hn.document_groups(index.doc_ids, text.find_near_duplicates(docs, threshold=0.5))
     pairs, stats = hn.mine_negatives(q, index, settings, groups)
     negatives = [d for d, _ in roles(pairs, "hard_negative")]
     assert "it/shared/acceptable-use-copy.md" not in negatives and len(negatives) == 3
@@ -181,7 +182,7 @@ def test_near_duplicate_of_the_seed_never_becomes_a_negative():
 
 def test_sibling_chunks_and_blocked_documents_are_excluded():
     docs = guard_corpus()
-    index = hn.BM25Index.build(docs)
+    index = text.BM25Index.build(docs)
     q = [query("q1", "manual.md#chunk1", "install portal software company laptops")]
     settings = hn.MiningSettings(negatives_per_query=10, min_rank=0, max_rank=10, random_share=0.0)
     pairs, stats = hn.mine_negatives(q, index, settings, blocked_doc_ids={"it/laptops.md"})
@@ -195,12 +196,12 @@ def test_sibling_chunks_and_blocked_documents_are_excluded():
 
 
 def test_ranked_corpus_ranks_as_designed():
-    index = hn.BM25Index.build(ranked_corpus())
+    index = text.BM25Index.build(ranked_corpus())
     assert [d for d, _ in index.search("alpha")] == [f"d{i}" for i in range(1, 9)]
 
 
 def test_rank_window_and_seed_exclusion():
-    index = hn.BM25Index.build(ranked_corpus())
+    index = text.BM25Index.build(ranked_corpus())
     settings = hn.MiningSettings(negatives_per_query=3, min_rank=2, max_rank=5, random_share=0.0)
     pairs, stats = hn.mine_negatives([query("q1", "d4")], index, settings)
     assert roles(pairs, "seed") == [("d4", 4)]
@@ -222,7 +223,7 @@ def test_rank_window_and_seed_exclusion():
 
 
 def test_random_share_and_randoms_avoid_the_skipped_top_ranks():
-    index = hn.BM25Index.build(ranked_corpus())
+    index = text.BM25Index.build(ranked_corpus())
     settings = hn.MiningSettings(negatives_per_query=4, min_rank=2, max_rank=6, random_share=0.5, seed=3)
     queries = [query(f"q{i}", "d1") for i in range(30)]
     pairs, stats = hn.mine_negatives(queries, index, settings)
@@ -251,7 +252,7 @@ def test_random_share_and_randoms_avoid_the_skipped_top_ranks():
 
 
 def _pairs_for(seeds: list[str]) -> list[dict]:
-    index = hn.BM25Index.build(ranked_corpus())
+    index = text.BM25Index.build(ranked_corpus())
     qs = [query(f"q{i}", seed, f"alpha w{seed[1]}x0") for i, seed in enumerate(seeds)]
     pairs, _ = hn.mine_negatives(qs, index, hn.MiningSettings(2, min_rank=0, max_rank=10, random_share=0.0))
     return pairs
@@ -370,7 +371,7 @@ def test_sample_check_grader_reads_answers_with_the_teachers_strict_parser(tmp_p
 def test_pairs_jsonl_and_dataset_with_provenance(tmp_path):
     from datasets import load_from_disk
 
-    index = hn.BM25Index.build(ranked_corpus())
+    index = text.BM25Index.build(ranked_corpus())
     settings = hn.MiningSettings(negatives_per_query=3, min_rank=1, max_rank=6, random_share=1 / 3, seed=7)
     pairs, stats = hn.mine_negatives([query("q1", "d1"), query("q2", "d3")], index, settings)
     hn.assign_splits(pairs, {}, dev_fraction=0.5, seed=0)

@@ -21,17 +21,17 @@ import pytest
 import torch
 
 from labeler_utils.__main__ import main
-from labeler_utils.artifacts import InputError
-from labeler_utils.benchmarks import read_predictions
-from labeler_utils.label_at_scale import (
+from labeler_utils.benchmarks.loaders import read_predictions
+from labeler_utils.core.artifacts import InputError
+from labeler_utils.labeling.inputs import WorkStore
+from labeler_utils.labeling.job import (
     CHUNKS,
     LabelSettings,
     ResumeRefused,
     committed_chunks,
     label_pairs,
 )
-from labeler_utils.label_inputs import WorkStore
-from labeler_utils.label_outputs import plot_chunks, plot_label_mix
+from labeler_utils.labeling.outputs import plot_chunks, plot_label_mix
 
 DATA = Path(__file__).parent / "data"
 PROJECT_ROOT = Path(__file__).parent.parent

@@ -16,9 +16,9 @@ import pytest
 from test_label_at_scale import GOOD, PROJECT_ROOT, assert_same_labels, read_labels, write_pairs
 
 from labeler_utils.__main__ import main
-from labeler_utils.artifacts import InputError
-from labeler_utils.label_at_scale import Engine, LabelSettings, ResumeRefused, committed_chunks, label_pairs
-from labeler_utils.label_ray import Timeline
+from labeler_utils.core.artifacts import InputError
+from labeler_utils.labeling.job import Engine, LabelSettings, ResumeRefused, committed_chunks, label_pairs
+from labeler_utils.labeling.ray_engine import Timeline
 
 SETTINGS = LabelSettings(batch_size=4, chunk_size=5, max_length=128)
 RAY = Engine("ray", workers=2)
@@ -58,7 +58,7 @@ def kill_process_tree(process: subprocess.Popen, descendants: list) -> None:
 
 
 def test_the_package_imports_ray_only_when_the_ray_engine_runs():
-    code = "import sys, labeler_utils.label_ray, labeler_utils.__main__; print('ray' in sys.modules)"
+    code = "import sys, labeler_utils.labeling.ray_engine, labeler_utils.__main__; print('ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

@@ -12,8 +12,8 @@ import openai
 import pytest
 from conftest import ScriptedHTTPServer, chat_response, ok, replies, scripted_client
 
-from labeler_utils.llm_client import Endpoint, LLMClient, LLMError, parse_with_retries
-from labeler_utils.local_server import LocalLLMServer, connect_llm, free_cpu_threads, free_port
+from labeler_utils.llm.client import Endpoint, LLMClient, LLMError, parse_with_retries
+from labeler_utils.llm.local_server import LocalLLMServer, connect_llm, free_cpu_threads, free_port
 from labeler_utils.teacher import TeacherLabeler
 
 MESSAGES = [{"role": "user", "content": "Grade this pair."}]
@@ -266,7 +266,7 @@ def test_local_server_stops_when_its_parent_is_killed(tmp_path):
     import time
 
     script = (
-        "from labeler_utils.local_server import LocalLLMServer\n"
+        "from labeler_utils.llm.local_server import LocalLLMServer\n"
         "server = LocalLLMServer(n_ctx=256).start()\n"
         "print(server._process.pid, flush=True)\n"
         "import time; time.sleep(600)\n"

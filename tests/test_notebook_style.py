@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
-from labeler_utils.config import STAGES
+from labeler_utils.core.config import STAGES
 from labeler_utils.pipeline import NOTEBOOKS_DIR
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from labeler_utils import hard_negatives as hn
-from labeler_utils.artifacts import read_jsonl
-from labeler_utils.config import DEMO_BENCHMARK_PATH, PROJECT_ROOT, STAGES, get_profile
+from labeler_utils import text
+from labeler_utils.core.artifacts import read_jsonl
+from labeler_utils.core.config import DEMO_BENCHMARK_PATH, PROJECT_ROOT, STAGES, get_profile
 from labeler_utils.pipeline import execute_notebook, stage_metrics
 
 pytestmark = pytest.mark.notebooks
@@ -150,7 +151,7 @@ def test_03_hard_negatives(run_path):
     # no benchmark query and no benchmark document is left (benchmark_documents="exclude")
     benchmark_queries, benchmark_doc_ids = hn.read_benchmark(DEMO_BENCHMARK_PATH)
     assert not {p["doc_id"] for p in pairs} & benchmark_doc_ids
-    assert not {hn.normalize_query(p["query"]) for p in pairs} & {hn.normalize_query(q) for q in benchmark_queries}
+    assert not {text.normalize_query(p["query"]) for p in pairs} & {text.normalize_query(q) for q in benchmark_queries}
     # the false-negative check graded a sample of the negatives
     negatives = metrics["pairs"] - metrics["pairs_by_role"]["seed"]
     assert metrics["false_negatives_sampled"] == min(FALSE_NEGATIVE_SAMPLE, negatives)

@@ -12,10 +12,10 @@ from matplotlib.figure import Figure
 
 from labeler_utils import query_filters as qf
 from labeler_utils import query_synthesis as qs
-from labeler_utils.artifacts import InputError, read_json, read_jsonl
+from labeler_utils.core.artifacts import InputError, read_json, read_jsonl
 from labeler_utils.documents import Document
 from labeler_utils.hard_negatives import BM25Index
-from labeler_utils.llm_client import Endpoint, LLMClient
+from labeler_utils.llm.client import Endpoint, LLMClient
 
 DATA = Path(__file__).parent / "data"
 
@@ -116,7 +116,7 @@ def test_persona_prefers_the_documents_department():
 
 def test_prompt_uses_metadata_examples_and_persona():
     examples = qs.read_queries(DATA / "qs_user_queries.jsonl")
-    messages = qs.build_messages(
+    messages = qs.query_messages(
         CODE_DOC, ["error_code", "people"], examples[:2], {"role": "SRE", "department": "Engineering"}
     )
     user = messages[1]["content"]

@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from labeler_utils.distill import (
+from labeler_utils.core.models import load_causal_lm
+from labeler_utils.students.base import LABELER_MANIFEST
+from labeler_utils.students.causal_lm.labeler import (
+    GradeLabel,
+    StudentLabeler,
+    encode_prompt,
+    grade_token_ids,
+    prompt_text,
+    shared_prompt_prefix,
+)
+from labeler_utils.students.causal_lm.train import (
     DistillConfig,
     GradeCollator,
     answer_logits,
@@ -18,16 +28,6 @@ from labeler_utils.distill import (
     inverse_frequency_weights,
     merge_adapter,
     train_student,
-)
-from labeler_utils.models import load_causal_lm
-from labeler_utils.student import (
-    ADAPTER_MANIFEST,
-    GradeLabel,
-    StudentLabeler,
-    encode_prompt,
-    grade_token_ids,
-    prompt_text,
-    shared_prompt_prefix,
 )
 
 PAIRS = [
@@ -239,7 +239,7 @@ def test_lora_training_learns_the_grades_and_saves_a_manifest(tiny_model_dir, tm
     records, config = learnable_run(tiny_model_dir, qlora=False)
     manifest = train_student(records, tmp_path, config, {"source": "unit test"})
     adapter = tmp_path / "adapter"
-    saved = json.loads((adapter / ADAPTER_MANIFEST).read_text())
+    saved = json.loads((adapter / LABELER_MANIFEST).read_text())
     assert saved["method"] == "lora" and saved["train_examples"] == 16 and saved["data"] == {"source": "unit test"}
     assert saved["versions"]["peft"] and saved["config"]["max_steps"] == 40
     losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]

@@ -10,18 +10,17 @@ import pytest
 from conftest import ScriptedHTTPServer, chat_response, ok, scripted_client
 from matplotlib import colormaps
 
-from labeler_utils.artifacts import InputError
-from labeler_utils.llm_client import Endpoint, LLMClient
+from labeler_utils.core.artifacts import InputError
+from labeler_utils.core.records import LabelScale, parse_grade_answer
+from labeler_utils.llm.client import Endpoint, LLMClient
 from labeler_utils.teacher import (
-    LabelScale,
     TeacherLabeler,
-    build_messages,
     distribution_from_logprobs,
     grades_by_role,
     import_labels,
     labels_from_frame,
-    parse_grade,
     plot_teacher_grades,
+    rubric_messages,
 )
 
 
@@ -39,7 +38,7 @@ from labeler_utils.teacher import (
     ],
 )
 def test_parse_grade_accepts_the_fixed_forms(text, grade):
-    assert parse_grade(text) == grade
+    assert parse_grade_answer(text) == grade
 
 
 @pytest.mark.parametrize(
@@ -48,15 +47,15 @@ def test_parse_grade_accepts_the_fixed_forms(text, grade):
 )
 def test_parse_grade_rejects_everything_else(text):
     with pytest.raises(ValueError):
-        parse_grade(text)
+        parse_grade_answer(text)
 
 
 def test_custom_scale_limits_grades():
     scale = LabelScale(grades=(0, 1), descriptions={0: "no", 1: "yes"})
-    assert parse_grade("Final grade: 1", scale) == 1
+    assert parse_grade_answer("Final grade: 1", scale) == 1
     with pytest.raises(ValueError, match="outside the scale"):
-        parse_grade("Final grade: 2", scale)
-    assert "1 = yes\n0 = no" in build_messages("q", "d", scale)[0]["content"]
+        parse_grade_answer("Final grade: 2", scale)
+    assert "1 = yes\n0 = no" in rubric_messages("q", "d", scale)[0]["content"]
 
 
 def test_distribution_from_the_grade_token_alternatives():

@@ -14,7 +14,7 @@ import torch
 from conftest import chat_response, scripted_client
 
 from labeler_utils import throughput as tp
-from labeler_utils.student import StudentLabeler, grade_token_ids
+from labeler_utils.students.causal_lm.labeler import StudentLabeler, grade_token_ids
 
 # ------------------------------------------------------------------------------------------
 # Cost, ratios, FLOPs
@@ -94,7 +94,7 @@ def test_summary_ratios_costs_and_targets():
     rows = _example_rows()
     tp.price_measurements(rows, machine_price_per_hour=3.6)
     api = tp.stated_teacher("api", 4.0, 1000, 60, 2.5, 10.0)
-    summary = tp.summarize(rows + [api], {"date": "today"}, {"pairs": 10})
+    summary = tp.summarize_throughput(rows + [api], {"date": "today"}, {"pairs": 10})
 
     assert summary["student_labels_per_second"] == 10.0
     assert summary["student_best_batch_size"] == 8
@@ -116,7 +116,7 @@ def test_summary_ratios_costs_and_targets():
     assert targets["student_vs_teacher_speed"]["met"]
     assert targets["teacher_vs_student_cost"]["met"]
 
-    slow = tp.summarize([_row("naive", "naive_generate", 1.0), _row("s", "single_pass", 2.0, 4)], {}, {})
+    slow = tp.summarize_throughput([_row("naive", "naive_generate", 1.0), _row("s", "single_pass", 2.0, 4)], {}, {})
     target = {t["name"]: t for t in slow["targets"]}["single_pass_vs_naive_generate_speed"]
     assert not target["met"] and target["shortfall_factor"] == pytest.approx(10.0)
     assert slow["speedup_vs_teacher"] is None
@@ -364,12 +364,12 @@ def test_plot_quality_vs_cost():
 def test_rubric_prompt_tokens_equal_a_direct_count(tiny_student: StudentLabeler):
     import copy
 
-    from labeler_utils.teacher import build_messages
+    from labeler_utils.teacher import rubric_messages
 
     tokenizer = tiny_student.tokenizer
     assert not getattr(tokenizer, "chat_template", None)  # the rubric text alone
     for reasoning in (True, False):
-        rubric = [build_messages(q, d, reasoning=reasoning)[0]["content"] for q, d in TINY_PAIRS]
+        rubric = [rubric_messages(q, d, reasoning=reasoning)[0]["content"] for q, d in TINY_PAIRS]
         direct = [len(tokenizer.encode(text, add_special_tokens=False)) for text in rubric]
         assert tp.rubric_prompt_tokens(tokenizer, TINY_PAIRS, reasoning=reasoning) == sum(direct) / len(direct)
 
@@ -383,7 +383,7 @@ def test_rubric_prompt_tokens_equal_a_direct_count(tiny_student: StudentLabeler)
             len(
                 templated.encode(
                     templated.apply_chat_template(
-                        build_messages(q, d, reasoning=reasoning), tokenize=False, add_generation_prompt=True
+                        rubric_messages(q, d, reasoning=reasoning), tokenize=False, add_generation_prompt=True
                     ),
                     add_special_tokens=False,
                 )

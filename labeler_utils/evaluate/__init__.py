@@ -57,8 +57,6 @@ from .bootstrap import (
     paired_bootstrap,
     query_metric,
 )
-from .bootstrap import _bootstrap_draws as _bootstrap_draws  # used by tests
-from .bootstrap import _draw_counts as _draw_counts  # used by tests
 from .calibration import (
     RELEVANT_GRADE,
     apply_temperature,
@@ -80,7 +78,6 @@ from .plots import (
     plot_training_loss,
     report_figures,
 )
-from .ppi import _ppi_summary as _ppi_summary  # used by tests
 from .ppi import mean_interval, ppi_mean, ppi_ndcg, ppi_relevance
 from .ranking import (
     BM25_RUNS,

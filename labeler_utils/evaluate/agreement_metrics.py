@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..benchmarks import GRADES, PROBABILITY_COLUMNS
+from ..core.records import GRADES, PROBABILITY_COLUMNS
 
 N_GRADES = len(GRADES)
 GRADE_VALUES = np.arange(N_GRADES)

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import optimize, special
 from sklearn.isotonic import IsotonicRegression
 
-from ..benchmarks import GRADES
+from ..core.records import GRADES
 from .agreement_metrics import N_GRADES, labeler_probabilities, labeler_scores
 
 RELEVANT_GRADE = 2  # binary relevance for calibration: grade >= 2

@@ -12,8 +12,7 @@ import pandas as pd
 from rank_bm25 import BM25L, BM25Okapi, BM25Plus
 from scipy import stats
 
-from ..artifacts import InputError
-from ..benchmarks import iter_delimited
+from ..core.artifacts import InputError, iter_delimited
 from ..text import Tokenizer, TokenizerSettings
 from .agreement_metrics import labeler_scores
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..artifacts import atomic_write, write_json
-from ..benchmarks import query_split
+from ..benchmarks.loaders import query_split
+from ..core.artifacts import atomic_write, write_json
 from .agreement_metrics import CONFUSION_METRICS, N_GRADES, agreement
 from .bootstrap import METRIC_NAMES, RANKING_METRICS, bootstrap_ci, paired_bootstrap, query_metric
 from .calibration import calibration_report

@@ -2,12 +2,12 @@
 
 Three ways of labeling the same (query, document) pairs are timed in one process:
 
-* the **teacher** through :class:`~labeler_utils.llm_client.LLMClient` (the embedded llama.cpp
+* the **teacher** through :class:`~labeler_utils.llm.client.LLMClient` (the embedded llama.cpp
   server by default, any OpenAI-compatible endpoint by argument) with a *fresh, empty* response
   cache, so that no cached answer is ever counted as throughput;
 * the **student with naive** ``model.generate()`` — one pair at a time, greedy, a few new tokens,
   the first digit of the answer parsed as the grade (what people write first);
-* the **student with the single-pass engine** (:class:`~labeler_utils.student.StudentLabeler`) at
+* the **student with the single-pass engine** (:class:`~labeler_utils.students.causal_lm.labeler.StudentLabeler`) at
   several batch sizes, and optionally two engine variants measured here: the shared-prefix KV
   cache (:class:`PrefixCachedStudentLabeler`) and int8 dynamic quantisation of the linear layers.
 
@@ -19,13 +19,14 @@ measured here enters as a :func:`stated_teacher` row, always marked ``measured=F
 The subpackage, by topic (every name is importable from ``labeler_utils.throughput`` itself):
 
 * :mod:`.cost` — stated prices and device peaks; cost, ratio and FLOPs arithmetic;
-* :mod:`.machine` — the machine, its load, :class:`PeakMemory` while timing, FLOPs against its peak;
+* :mod:`.machine` — the machine and FLOPs against its peak (load and :class:`PeakMemory` while timing come from :mod:`labeler_utils.core.resources`);
 * :mod:`.engines` — loading the student, naive ``generate()``, and the single-pass engine variants;
 * :mod:`.measure` — the pairs, :class:`Measurement`, each measurement, and :func:`run_all`;
 * :mod:`.report` — prices per row, the JSON summary, Markdown, and stage 06's quality;
 * :mod:`.plots` — the figures (each function returns a Figure).
 """
 
+from ..core.resources import PeakMemory, cpu_seconds, load_average, peak_rss_mb
 from .cost import (
     API_PRICES_PER_MILLION,
     CPU_PRICE_PER_HOUR,
@@ -54,7 +55,7 @@ from .engines import (
     parse_generated_grade,
     quantize_int8,
 )
-from .machine import PeakMemory, cpu_model, cpu_seconds, flops_report, load_average, machine_info, peak_rss_mb
+from .machine import cpu_model, flops_report, machine_info
 from .measure import (
     Measurement,
     Pair,
@@ -75,7 +76,7 @@ from .report import (
     other_students_summary,
     price_measurements,
     quality_from_report,
-    summarize,
+    summarize_throughput,
     write_results,
 )
 
@@ -132,7 +133,7 @@ __all__ = [
     "other_students_summary",
     "price_measurements",
     "quality_from_report",
-    "summarize",
+    "summarize_throughput",
     "write_results",
     # plots
     "plot_cost_per_1000_labels",

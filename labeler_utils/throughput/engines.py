@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from ..families import load_labeler
-from ..labeler import GradeLabel, Labeler
-from ..student import (
+from ..students.base import GradeLabel, Labeler
+from ..students.causal_lm.labeler import (
     PROMPT_FORMATS,
     StudentLabeler,
     encode_prompt,
     logits_after_prefix,
     shared_prompt_prefix,
 )
+from ..students.registry import load_labeler
 
 #: Engine variants timed beside the plain single pass, where the student's family supports them (Labeler.ENGINE_VARIANTS).
 ENGINE_VARIANTS = ("prefix_cache", "int8", "bfloat16")

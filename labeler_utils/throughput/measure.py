@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from ..config import DEMO_CORPUS_DIR
-from ..labeler import GradeLabel, Labeler
-from ..student import StudentLabeler
+from ..core.config import DEMO_CORPUS_DIR
+from ..core.resources import PeakMemory, cpu_seconds, load_average
+from ..students.base import GradeLabel, Labeler
+from ..students.causal_lm.labeler import StudentLabeler
 from .cost import token_cost_per_1000
 from .engines import (
     ENGINE_VARIANTS,
@@ -24,7 +25,6 @@ from .engines import (
     naive_generate_label,
     quantize_int8,
 )
-from .machine import PeakMemory, cpu_seconds, load_average
 
 Pair = tuple[str, str]
 
@@ -57,7 +57,7 @@ def load_pairs(source: str | Path, n: int | None = None) -> list[Pair]:
     A run folder gives ``03_hard_negatives/pairs.jsonl`` with the documents of
     ``01_seed_documents/documents.jsonl`` as document cards (what stage 04 labels).
     """
-    from ..artifacts import read_jsonl
+    from ..core.artifacts import read_jsonl
     from ..documents import document_card, read_documents
 
     path = Path(source)
@@ -184,8 +184,8 @@ def measure_teacher(
     stands in for the ``openai`` client of a remote endpoint (tests); ``server_threads`` sets the
     local server's threads (default: its own choice, all cores up to 8).
     """
-    from ..llm_client import Endpoint, LLMClient
-    from ..local_server import LocalLLMServer
+    from ..llm.client import Endpoint, LLMClient
+    from ..llm.local_server import LocalLLMServer
     from ..teacher import TeacherLabeler
 
     max_tokens = max_tokens or (160 if reasoning else 12)
@@ -214,7 +214,7 @@ def measure_teacher(
             records = [{"query": q, "document": d} for q, d in pairs]
             with PeakMemory(pids) as memory:
                 start = time.perf_counter()
-                labels = teacher.label_records(records, description="teacher labels (timed)")
+                labels = teacher.label_records(records)
                 seconds = time.perf_counter() - start
             cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_start if cpu_start is not None else None
             after = client.ledger.to_dict()
@@ -283,19 +283,19 @@ def stated_teacher(
 def rubric_prompt_tokens(tokenizer: Any, pairs: Sequence[Pair], reasoning: bool) -> float:
     """Mean tokens per pair of the teacher's rubric prompt, counted with ``tokenizer`` (e.g. the student's).
 
-    The prompt is :func:`labeler_utils.teacher.build_messages` in the tokenizer's chat template, with
+    The prompt is :func:`labeler_utils.teacher.rubric_messages` in the tokenizer's chat template, with
     the generation prompt; a tokenizer without a chat template counts the rubric text alone. This is
     how a hosted teacher's prompt tokens are estimated for :func:`stated_teacher`.
     """
-    from ..teacher import build_messages
+    from ..teacher import rubric_messages
 
     def count(query: str, document: str) -> int:
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(
-                build_messages(query, document, reasoning=reasoning), tokenize=False, add_generation_prompt=True
+                rubric_messages(query, document, reasoning=reasoning), tokenize=False, add_generation_prompt=True
             )
         else:
-            text = build_messages(query, document, reasoning=reasoning)[0]["content"]
+            text = rubric_messages(query, document, reasoning=reasoning)[0]["content"]
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     return sum(count(query, document) for query, document in pairs) / len(pairs)

@@ -42,7 +42,7 @@ def price_measurements(
             m.cost_basis = f"${machine_price_per_hour}/machine-hour (stated)"
 
 
-def summarize(
+def summarize_throughput(
     measurements: Sequence[Measurement],
     machine: dict[str, Any],
     settings: dict[str, Any],
@@ -247,7 +247,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
 
 def write_results(summary: dict[str, Any], out_dir: str | Path, stem: str = "throughput") -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``."""
-    from ..artifacts import atomic_write, write_json
+    from ..core.artifacts import atomic_write, write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

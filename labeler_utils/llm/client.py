@@ -382,11 +382,11 @@ def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def map_concurrent(
-    function: Callable[[Any], Any], items: Sequence[Any], max_workers: int, description: str
+    function: Callable[[Any], Any], items: Sequence[Any], max_workers: int, description: str, progress: bool = True
 ) -> list[Any]:
-    """``function`` over ``items`` in order, ``max_workers`` at a time, with a progress bar."""
+    """``function`` over ``items`` in order, ``max_workers`` at a time, with a progress bar unless ``progress`` is off."""
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        return list(tqdm(pool.map(function, items), total=len(items), desc=description))
+        return list(tqdm(pool.map(function, items), total=len(items), desc=description, disable=not progress))
 
 
 def _to_result(response: Any) -> ChatResult:

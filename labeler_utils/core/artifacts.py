@@ -110,3 +110,28 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def iter_delimited(path: str | Path, n_fields: int, sep: str | None = None) -> Iterator[tuple[str, list[str]]]:
+    """``("file:line", fields)`` for each non-blank line of a text table with exactly ``n_fields`` fields.
+
+    ``sep=None`` splits on any whitespace; a separator such as ``"\\t"`` splits at most
+    ``n_fields - 1`` times, so the last field may contain it (passage texts).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
+            if not line.strip():
+                continue
+            fields = line.split() if sep is None else line.split(sep, n_fields - 1)
+            if len(fields) != n_fields:
+                shown = "whitespace" if sep is None else repr(sep)
+                raise InputError(f"{where}: expected {n_fields} {shown}-separated fields, found {len(fields)}")
+            yield where, fields

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .artifacts import write_json
-from .labeler import MANIFEST, exceed_probabilities, inverse_frequency_weights, write_manifest
-from .models import load_causal_lm, resolve_model
-from .student import (
+from ...core.artifacts import write_json
+from ...core.models import load_causal_lm, resolve_model
+from ..base import LABELER_MANIFEST, exceed_probabilities, inverse_frequency_weights, write_manifest
+from .labeler import (
     FAMILY,
     GRADES,
     PROMPT_FORMATS,
@@ -410,12 +410,12 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
     from peft import PeftModel
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    manifest = json.loads((adapter_dir / MANIFEST).read_text())
+    manifest = json.loads((adapter_dir / LABELER_MANIFEST).read_text())
     base, tokenizer = load_causal_lm(manifest["base_model"])
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    write_json(output_dir / MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
+    write_json(output_dir / LABELER_MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
     return output_dir
 
 

@@ -1,7 +1,7 @@
 """The output folder of the ``label`` command: its layout, the committed chunks, the merged label files.
 
-The engine (:mod:`labeler_utils.label_at_scale`) commits chunks into the folder; this module reads
-them back: the totals of a run (:func:`summarize`), the merge into ``labels.jsonl``,
+The engine (:mod:`labeler_utils.labeling.job`) commits chunks into the folder; this module reads
+them back: the totals of a run (:func:`summarize_run`), the merge into ``labels.jsonl``,
 ``labels.parquet``, ``labels.qrels`` and ``skipped.jsonl`` (:func:`write_outputs`, streaming), and
 the plots of notebook 08.
 """
@@ -20,14 +20,14 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .artifacts import InputError, atomic_write, read_json
-from .benchmarks import GRADES
-from .label_inputs import PairSource, check_qrels_ids
+from ..core.artifacts import InputError, atomic_write, read_json
+from ..core.records import GRADES
+from .inputs import PairSource, check_qrels_ids
 
-MANIFEST = "manifest.json"
+RUN_MANIFEST = "manifest.json"
 WORK_DB = "work.sqlite"
 CHUNKS = "chunks"
-SHARDS = "shards"  # the ray engine's inputs of the chunks still to label (see labeler_utils.label_ray)
+SHARDS = "shards"  # the ray engine's inputs of the chunks still to label (see labeler_utils.labeling.ray_engine)
 SUMMARY = "summary.json"
 SKIPPED = "skipped.jsonl"
 LOCK = ".lock"
@@ -82,7 +82,7 @@ def plot_label_mix(labels: pd.DataFrame) -> Figure:
     return fig
 
 
-def summarize(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def summarize_run(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Totals over the committed chunks: pairs, skips, truncation, labels per second, peak memory."""
     totals: Counter[str] = Counter()
     peak = 0.0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,10 +34,10 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer import losses
 
-from .cross_encoder import encoder_training_arguments
-from .labeler import (
+from ..core.models import bundled_minilm_path
+from .base import (
     GRADES,
-    MANIFEST,
+    LABELER_MANIFEST,
     GradeLabel,
     Labeler,
     default_device,
@@ -48,7 +48,7 @@ from .labeler import (
     share_matching_thresholds,
     write_manifest,
 )
-from .models import BUNDLED_MODELS, bundled_minilm_path
+from .encoder_settings import EncoderSettings, encoder_training_arguments
 
 FAMILY = "bi_encoder"
 MODEL_SUBDIR = "bi_encoder"
@@ -58,33 +58,18 @@ BATCHINGS: tuple[str, ...] = ("random", "query")
 
 
 @dataclass
-class BiEncoderConfig:
+class BiEncoderConfig(EncoderSettings):
     """Hyperparameters of one bi-encoder training run (all written to the manifest)."""
 
-    base_model: str = field(default_factory=bundled_minilm_path)
     loss: Loss = "cosent"
     batching: str = "query"  # "query": each batch holds one query's pairs; "random": queries mixed
-    soft_labels: bool = True  # target = expected grade of the teacher's distribution when a record has one
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)
-    learning_rate: float = 2e-5
-    batch_size: int = 16
-    max_length: int = 256
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    seed: int = 0
-    logging_steps: int = 20
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
-        if self.base_model in BUNDLED_MODELS:
-            raise ValueError(
-                f"{self.base_model!r} is a bundled causal LM: a bi-encoder needs a sentence encoder "
-                "(default: the bundled MiniLM)"
-            )
+        self.check_base_model("bi-encoder")
 
 
 def training_targets(records: Sequence[dict[str, Any]], soft_labels: bool) -> list[float]:
@@ -92,7 +77,7 @@ def training_targets(records: Sequence[dict[str, Any]], soft_labels: bool) -> li
     return [sum(g * p for g, p in zip(GRADES, record_distribution(r, soft_labels))) / GRADES[-1] for r in records]
 
 
-def training_loss(model: SentenceTransformer, loss: str) -> torch.nn.Module:
+def bi_encoder_loss(model: SentenceTransformer, loss: str) -> torch.nn.Module:
     """The sentence-transformers loss called ``loss`` (see :data:`LOSSES`)."""
     if loss == "cosent":
         return losses.CoSENTLoss(model)
@@ -175,7 +160,7 @@ def train_bi_encoder(
         **({"batch_sampler": QueryBatchSampler} if config.batching == "query" else {}),
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=dataset, loss=training_loss(model, config.loss)
+        model=model, args=args, train_dataset=dataset, loss=bi_encoder_loss(model, config.loss)
     )
     start = time.perf_counter()
     result = trainer.train()
@@ -229,12 +214,12 @@ class BiEncoderLabeler(Labeler):
     def load(cls, folder: str | Path, max_length: int = 256, dtype: Any = None) -> BiEncoderLabeler:
         """Load a folder written by :func:`train_bi_encoder` (the training folder or its ``bi_encoder`` folder)."""
         path = Path(str(folder))
-        if (path / MODEL_SUBDIR / MANIFEST).exists():
+        if (path / MODEL_SUBDIR / LABELER_MANIFEST).exists():
             path = path / MODEL_SUBDIR
         manifest = read_manifest(path)
         if "thresholds" not in manifest:
             raise ValueError(
-                f"{folder}: not a trained bi-encoder (no {MANIFEST} with thresholds); "
+                f"{folder}: not a trained bi-encoder (no {LABELER_MANIFEST} with thresholds); "
                 "train one with train_bi_encoder, or use CosineBaseline for an untrained encoder"
             )
         model = SentenceTransformer(
@@ -265,6 +250,10 @@ class BiEncoderLabeler(Labeler):
         document_vectors = self._embed([d for _, d in encoded])
         rows = torch.tensor([queries.index(tuple(q)) for q, _ in encoded], device=self.device)
         values = (query_vectors[rows] * document_vectors).sum(dim=-1).float().cpu().numpy()
+        return self.labels_from_cosines(values)
+
+    def labels_from_cosines(self, values: np.ndarray) -> list[GradeLabel]:
+        """Cosines mapped onto the grade scale (:func:`expected_from_cosine`), mass split between the nearest grades."""
         return [GradeLabel.from_expected(e) for e in expected_from_cosine(values, self.thresholds)]
 
     def _embed(self, ids: Sequence[list[int]]) -> torch.Tensor:
@@ -274,54 +263,42 @@ class BiEncoderLabeler(Labeler):
         return torch.nn.functional.normalize(embeddings, dim=-1)
 
 
-class CosineBaseline:
-    """The zero-shot MiniLM row: bi-encoder cosine similarity of query and document, cut into grades.
+class CosineBaseline(BiEncoderLabeler):
+    """The zero-shot encoder row: the untrained sentence encoder's cosine of query and document, cut into grades.
 
-    An untrained classification head means nothing, so the encoder family's zero-shot baseline is
+    An untrained classification head means nothing, so the encoder families' zero-shot baseline is
     the pretrained sentence encoder itself. The cut points are the quantiles of the cosines of the
     teacher's training pairs that reproduce the teacher's grade shares there (teacher grades only,
-    never human ones). Expected relevance is ``3 * (cos + 1) / 2``, meaningful for ranking only.
+    never human ones). The distribution is one-hot at the grade; the expected relevance is
+    ``3 * (cos + 1) / 2``, meaningful for ranking only.
     """
 
-    def __init__(self, encoder: Any, thresholds: Sequence[float]):
-        self.encoder = encoder
-        self.thresholds = np.asarray(thresholds, dtype=float)
+    FAMILY = "cosine"
 
     @classmethod
     def fit(
-        cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None, batch_size: int = 32
+        cls,
+        train_records: Sequence[dict[str, Any]],
+        base_model: str | None = None,
+        batch_size: int = 32,
+        max_length: int = 256,
     ) -> CosineBaseline:
-        """Encoder from ``base_model`` (default: the bundled MiniLM), thresholds from the training records' grades."""
+        """Encoder from ``base_model`` (default: the bundled MiniLM), cut points from the training records' grades."""
         if not train_records:
             raise ValueError("No training records to set the cosine baseline's thresholds from")
-        baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
-        baseline.thresholds = share_matching_thresholds(
-            baseline.cosines(train_records, batch_size), grade_counts(train_records)
+        encoder = SentenceTransformer(base_model or bundled_minilm_path(), device="cpu")
+        values = cosines(
+            encoder, [r["query"] for r in train_records], [r["document"] for r in train_records], batch_size
         )
-        return baseline
+        return cls(encoder, share_matching_thresholds(values, grade_counts(train_records)), max_length=max_length)
 
-    def cosines(self, records: Sequence[dict[str, Any]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """Cosine similarity of each record's query and document embeddings."""
-        return cosines(
-            self.encoder, [r["query"] for r in records], [r["document"] for r in records], batch_size, progress
-        )
-
-    def label_records(
-        self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 32, progress: bool = True
-    ) -> list[dict[str, Any]]:
-        """Prediction rows in the students' format (one-hot distribution at the thresholded grade)."""
-        values = self.cosines(records, batch_size, progress)
-        grades = grades_at_thresholds(values, self.thresholds)
+    def labels_from_cosines(self, values: np.ndarray) -> list[GradeLabel]:
+        """The grade at the cut points (one-hot distribution) and ``3 * (cos + 1) / 2`` as expected relevance."""
         return [
-            {
-                "query_id": r["query_id"],
-                "doc_id": r["doc_id"],
-                "grade": int(g),
-                "expected_relevance": float(3 * (c + 1) / 2),
-                "distribution": [float(g == k) for k in GRADES],
-                "labeler": labeler,
-            }
-            for r, g, c in zip(records, grades, values)
+            GradeLabel(
+                grade=int(g), distribution=[float(g == k) for k in GRADES], expected_relevance=float(3 * (c + 1) / 2)
+            )
+            for g, c in zip(grades_at_thresholds(values, self.thresholds), values)
         ]
 
 

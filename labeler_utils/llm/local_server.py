@@ -2,7 +2,7 @@
 
 ``LocalLLMServer`` starts ``python -m llama_cpp.server`` on a free loopback port serving a bundled
 GGUF model, waits until ``/v1/models`` answers, and stops it again (context manager). Its
-:meth:`endpoint` is an :class:`~labeler_utils.llm_client.Endpoint` like any remote one, so
+:meth:`endpoint` is an :class:`~labeler_utils.llm.client.Endpoint` like any remote one, so
 the stages never know whether they talk to this server, OpenAI, Azure, vLLM or Ollama.
 
 On a shared CPU the server degrades gracefully: it starts as many threads as there are cores the
@@ -28,9 +28,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from .config import CACHE_DIR
-from .llm_client import Endpoint, LLMClient
-from .models import server_gguf_path
+from ..core.config import CACHE_DIR
+from ..core.models import server_gguf_path
+from .client import Endpoint, LLMClient
 
 
 def free_cpu_threads(limit: int = 8, sample_seconds: float = 0.25) -> int:
@@ -127,7 +127,7 @@ class LocalLLMServer:
         command = [
             sys.executable,
             "-m",
-            "labeler_utils.local_server",
+            "labeler_utils.llm.local_server",
             "--model",
             str(self.gguf_path),
             "--model_alias",
@@ -222,7 +222,7 @@ def connect_llm(
 def _serve_until_parent_exits() -> None:
     """Run llama.cpp's server in this process, exiting as soon as the process that started it is gone.
 
-    The server is started as ``python -m labeler_utils.local_server <llama_cpp.server arguments>``
+    The server is started as ``python -m labeler_utils.llm.local_server <llama_cpp.server arguments>``
     so that a notebook kernel or test killed without clean-up never leaves a server behind.
     """
     parent = os.getppid()

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .artifacts import InputError
-from .benchmarks import load_benchmark, query_kfold, query_split
+from ..core.artifacts import InputError
+from .loaders import load_benchmark, query_kfold, query_split
 
 SOURCE_COLUMN = "source"
 

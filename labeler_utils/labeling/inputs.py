@@ -1,4 +1,4 @@
-"""Reading and validating the input of :mod:`labeler_utils.label_at_scale`, streamed.
+"""Reading and validating the input of :mod:`labeler_utils.labeling.job`, streamed.
 
 The pair sources (JSONL, Parquet, a TREC run) read numbered units (non-blank lines, or Parquet
 rows); the collection and topics readers fill an SQLite work store, so that texts are looked up
@@ -23,9 +23,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .artifacts import InputError
-from .benchmarks import iter_delimited
-from .documents import Document, document_card
+from ..core.artifacts import InputError, iter_delimited
+from ..documents import Document, document_card
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".trec": "trec", ".run": "trec"}
 # A document is cut to this many characters per token of max_length before it is tokenized at all:

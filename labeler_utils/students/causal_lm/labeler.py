@@ -17,19 +17,14 @@ from typing import Any
 
 import torch
 
-from .labeler import (  # noqa: F401  (GRADES, PRECISIONS, the thresholds and resolve_dtype: re-exported)
+from ...core.models import load_causal_lm
+from ..base import (
     GRADES,
-    MANIFEST,
-    PRECISIONS,
     GradeLabel,
     Labeler,
     default_device,
-    grades_at_thresholds,
     read_manifest,
-    resolve_dtype,
-    share_matching_thresholds,
 )
-from .models import load_causal_lm
 
 STUDENT_INSTRUCTION = (
     "Rate how well the document answers the search query.\n"
@@ -43,7 +38,6 @@ STUDENT_INSTRUCTION = (
 #: that the document is read knowing the query and the query is read again just before the grade.
 PROMPT_FORMATS = ("query-document", "query-document-query")
 FAMILY = "causal_lm"
-ADAPTER_MANIFEST = MANIFEST  # the name older code and notebooks import from here
 
 
 def grade_token_ids(tokenizer: Any) -> list[int]:

@@ -1,6 +1,6 @@
-"""The ``ray`` engine of :func:`~labeler_utils.label_at_scale.label_pairs`: chunks labeled by a pool of Ray actors.
+"""The ``ray`` engine of :func:`~labeler_utils.labeling.job.label_pairs`: chunks labeled by a pool of Ray actors.
 
-Everything but the labeling itself is the local engine's (:class:`~labeler_utils.label_at_scale.ChunkJob`):
+Everything but the labeling itself is the local engine's (:class:`~labeler_utils.labeling.job.ChunkJob`):
 the run's identity and resume, the one check of the input, the bad-line policy, the atomic
 commits, the merge and the summary. What differs:
 
@@ -11,7 +11,7 @@ commits, the merge and the summary. What differs:
    ``workers`` actors (``num_gpus`` each where the cluster has GPUs), labels one whole chunk per
    call, in the local engine's buckets and batches, so the labels are the local engine's.
 3. As the results stream back to the driver (``iter_rows``), it commits each chunk in order with
-   :meth:`~labeler_utils.label_at_scale.ChunkJob.commit` and deletes its shard.
+   :meth:`~labeler_utils.labeling.job.ChunkJob.commit` and deletes its shard.
 
 Killed at any moment (``kill -9``), the driver leaves only committed chunks and whole shards; a
 local Ray instance it started goes down with it. Every node reads the shards and the model by
@@ -34,11 +34,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .artifacts import iter_jsonl, write_jsonl
-from .label_at_scale import ChunkJob, ChunkMeta, Engine, chunk_meta, label_chunk, load_student
-from .label_inputs import BadLine, DuplicatePair, PairRecord, Unit
-from .label_outputs import SHARDS
-from .throughput.machine import cpu_seconds
+from ..core.artifacts import iter_jsonl, write_jsonl
+from ..core.resources import cpu_seconds
+from .inputs import BadLine, DuplicatePair, PairRecord, Unit
+from .job import ChunkJob, ChunkMeta, Engine, chunk_meta, label_chunk, load_labeler_for_run
+from .outputs import SHARDS
 
 UNIT_KINDS: dict[str, type] = {"pair": PairRecord, "bad": BadLine, "duplicate": DuplicatePair}
 
@@ -79,7 +79,7 @@ class ChunkLabeler:
         import torch
 
         torch.set_num_threads(threads)
-        self.labeler = load_student(model, max_length, precision)
+        self.labeler = load_labeler_for_run(model, max_length, precision)
         self.batch_size = batch_size
         self.labeler_name = labeler_name
 
@@ -179,7 +179,7 @@ def label_chunks_ray(job: ChunkJob, engine: Engine, progress: bool) -> None:
     """The ray engine: shards of the chunks to label, a pool of actors labeling them, the driver committing."""
     settings = job.settings
     with job.timed("model_load"):  # on the driver too, for the tokenizer and max length of the input checks
-        driver_student = load_student(job.model, settings.max_length, settings.precision)
+        driver_student = load_labeler_for_run(job.model, settings.max_length, settings.precision)
     with job.prepared(driver_student, progress) as reader:
         del driver_student  # the reader keeps the tokenizer; the model is the actors' now
         indices = job.chunk_range(progress)

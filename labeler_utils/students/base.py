@@ -5,7 +5,7 @@ distribution over the grades and the expected relevance ``sum(g * p_g)``. A stud
 implements two methods, :meth:`Labeler.encode_pair` (text to model input, and whether it was cut)
 and :meth:`Labeler.score_batch` (model inputs to labels); streaming, length bucketing, progress and
 prediction rows are shared here. Every trained student is a folder with a manifest
-(:data:`MANIFEST`) that names its family (see :mod:`labeler_utils.families`).
+(:data:`LABELER_MANIFEST`) that names its family (see :mod:`labeler_utils.students.registry`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import read_json, write_json
+from ..core.artifacts import read_json, write_json
+from ..core.records import GRADES
 
-GRADES = (0, 1, 2, 3)
 #: File name of the manifest a trained student's folder holds (family, config, data, versions).
-MANIFEST = "labeler_manifest.json"
+LABELER_MANIFEST = "labeler_manifest.json"
 #: Compute precisions a labeler can run in; "auto" is bfloat16 on a CUDA GPU and float32 elsewhere.
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: Libraries whose versions every manifest records.
@@ -176,7 +176,7 @@ def write_manifest(
         "data": data_description or {},
         **training_environment(),
     }
-    write_json(Path(str(folder)) / MANIFEST, manifest)
+    write_json(Path(str(folder)) / LABELER_MANIFEST, manifest)
     return manifest
 
 
@@ -195,11 +195,24 @@ def epoch_losses(log_history: Sequence[dict[str, Any]]) -> list[float]:
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a trained student's folder, or an empty dict when the folder has none."""
-    path = Path(str(folder)) / MANIFEST
+    path = Path(str(folder)) / LABELER_MANIFEST
     return read_json(path) if path.exists() else {}
 
 
-class Labeler(ABC):
+class PairLabeler(ABC):
+    """Anything that grades records of (query, document) pairs: a student, the zero-shot cosine, the teacher LLM."""
+
+    FAMILY: str = ""
+
+    @abstractmethod
+    def label_records(
+        self, records: Sequence[dict[str, Any]], labeler: str | None = None, batch_size: int = 16, progress: bool = True
+    ) -> list[dict[str, Any]]:
+        """One row per record, in order: its ``query_id`` and ``doc_id``, ``grade``, ``distribution``,
+        ``expected_relevance`` and ``labeler`` (the name given, or the labeler's own)."""
+
+
+class Labeler(PairLabeler):
     """A student that grades (query, document) pairs in batches.
 
     Subclasses set :attr:`FAMILY`, ``max_length`` and ``device`` and implement :meth:`encode_pair`
@@ -267,13 +280,13 @@ class Labeler(ABC):
         yield from (label for label in results if label is not None)
 
     def label_records(
-        self, records: Sequence[dict[str, Any]], labeler: str, batch_size: int = 16, progress: bool = True
+        self, records: Sequence[dict[str, Any]], labeler: str | None = None, batch_size: int = 16, progress: bool = True
     ) -> list[dict[str, Any]]:
         """Label records with ``query_id``, ``query``, ``doc_id``, ``document``; returns prediction rows."""
         labels = self.label(
             ((r["query"], r["document"]) for r in records), batch_size=batch_size, total=len(records), progress=progress
         )
-        return [prediction_row(record, label, labeler) for record, label in zip(records, labels)]
+        return [prediction_row(record, label, labeler or self.FAMILY) for record, label in zip(records, labels)]
 
 
 def prediction_row(record: dict[str, Any], label: GradeLabel, labeler: str) -> dict[str, Any]:

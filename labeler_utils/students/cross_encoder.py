@@ -19,15 +19,15 @@ head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Three ob
   ``c_k = sigmoid(logit_k)`` is made non-increasing (cumulative minimum) and the distribution is
   ``p0 = 1 - c0, p1 = c0 - c1, p2 = c1 - c2, p3 = c2``; the grade is its arg-max.
 
-:class:`CrossEncoderLabeler` implements :class:`~labeler_utils.labeler.Labeler`; the family is
-registered in :mod:`labeler_utils.families`, so code switches student family with one parameter.
+:class:`CrossEncoderLabeler` implements :class:`~labeler_utils.students.base.Labeler`; the family is
+registered in :mod:`labeler_utils.students.registry`, so code switches student family with one parameter.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +38,9 @@ from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTraine
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, CrossEntropyLoss
 from sentence_transformers.util import batch_to_device
 
-from .labeler import (
+from .base import (
     GRADES,
-    MANIFEST,
+    LABELER_MANIFEST,
     GradeLabel,
     Labeler,
     default_device,
@@ -50,7 +50,8 @@ from .labeler import (
     record_distribution,
     write_manifest,
 )
-from .models import BUNDLED_MODELS, bundled_minilm_path
+from .bi_encoder import CosineBaseline
+from .encoder_settings import EncoderSettings, encoder_training_arguments
 
 FAMILY = "cross_encoder"
 MODEL_SUBDIR = "model"
@@ -61,22 +62,13 @@ OBJECTIVES: tuple[str, ...] = tuple(HEAD_SIZES)
 
 
 @dataclass
-class CrossEncoderConfig:
+class CrossEncoderConfig(EncoderSettings):
     """Hyperparameters of one cross-encoder training run (all written to the manifest)."""
 
-    base_model: str = field(default_factory=bundled_minilm_path)
     objective: Objective = "classification"
-    soft_labels: bool = True  # train on the teacher's distribution when a record has one
     class_balance: bool = False  # classification: weight the loss by inverse grade frequency
     epochs: float = 2.0
-    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)
     learning_rate: float = 5e-5
-    batch_size: int = 16
-    max_length: int = 256
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    seed: int = 0
-    logging_steps: int = 20
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -86,11 +78,7 @@ class CrossEncoderConfig:
                 "class_balance weights the grades of the classification objective; "
                 "the regression objective has no per-grade loss to weight"
             )
-        if self.base_model in BUNDLED_MODELS:
-            raise ValueError(
-                f"{self.base_model!r} is a bundled causal LM: train it with student_family='causal_lm', or "
-                "give the cross-encoder an encoder (default: the bundled MiniLM)"
-            )
+        self.check_base_model("cross-encoder")
 
     @property
     def num_labels(self) -> int:
@@ -152,7 +140,7 @@ def cumulative_distribution(exceed_probabilities: torch.Tensor) -> torch.Tensor:
     return torch.cat([ones, exceed], dim=-1) - torch.cat([exceed, zeros], dim=-1)
 
 
-def training_loss(
+def cross_encoder_loss(
     model: CrossEncoder, records: Sequence[dict[str, Any]], config: CrossEncoderConfig
 ) -> torch.nn.Module:
     """The objective's loss: binary cross-entropy (regression), cumulative binary cross-entropy (ordinal) or
@@ -198,27 +186,6 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return full if self.drop_last or not rest else full + 1
 
 
-def encoder_training_arguments(arguments_class: type, output_dir: Path, config: Any, **extra: Any) -> Any:
-    """sentence-transformers training arguments from an encoder family's config (no checkpoints, no reports)."""
-    return arguments_class(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        **extra,
-    )
-
-
 def train_cross_encoder(
     records: Sequence[dict[str, Any]],
     output_dir: str | Path,
@@ -243,7 +210,7 @@ def train_cross_encoder(
         CrossEncoderTrainingArguments, output_dir, config, batch_sampler=LengthGroupedBatchSampler
     )
     trainer = CrossEncoderTrainer(
-        model=model, args=args, train_dataset=dataset, loss=training_loss(model, records, config)
+        model=model, args=args, train_dataset=dataset, loss=cross_encoder_loss(model, records, config)
     )
     start = time.perf_counter()
     result = trainer.train()
@@ -291,7 +258,7 @@ class CrossEncoderLabeler(Labeler):
         As for the causal students, the manifest's ``max_length`` wins over the argument.
         """
         path = Path(str(model_or_folder))
-        if (path / MODEL_SUBDIR / MANIFEST).exists():
+        if (path / MODEL_SUBDIR / LABELER_MANIFEST).exists():
             path = path / MODEL_SUBDIR
         manifest = read_manifest(path)
         max_length = manifest.get("max_length", max_length)
@@ -347,6 +314,4 @@ class CrossEncoderLabeler(Labeler):
 
 def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> Any:
     """The encoder family's untrained baseline: the same MiniLM as a bi-encoder (see ``bi_encoder.CosineBaseline``)."""
-    from .bi_encoder import CosineBaseline
-
     return CosineBaseline.fit(train_records, base_model=config.base_model)

@@ -15,25 +15,23 @@ Every loader returns a DataFrame with one row per judged query–document pair:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import config
-from .artifacts import InputError, iter_jsonl_located, write_jsonl
-from .documents import document_card, load_corpus
+from ..core import config
+from ..core.artifacts import InputError, iter_delimited, iter_jsonl_located, write_jsonl
+from ..core.records import GRADES, PREDICTION_COLUMNS, PROBABILITY_COLUMNS, is_missing, parse_grade
+from ..documents import document_card, load_corpus
 
-GRADES = (0, 1, 2, 3)
 BASE_COLUMNS = ("query_id", "query", "doc_id", "document", "human")
 METADATA_COLUMNS = ("query_type",)
 RECORDED_PREFIX = "recorded:"
 PREDICTION_FILE_PREFIX = "benchmark_predictions_"
 PREDICTION_STAGES = ("05_distill", "04_teacher_labels")  # students first: comparisons read student - teacher
-PROBABILITY_COLUMNS = tuple(f"p{grade}" for grade in GRADES)
-PREDICTION_COLUMNS = ("query_id", "doc_id", "grade", "expected_relevance", *PROBABILITY_COLUMNS, "labeler")
 
 # Record fields of the two JSONL pair formats.
 DEMO_FIELDS = ("query_id", "query", "doc_id", "grade")
@@ -43,29 +41,6 @@ TREC_DL_PAIR_FIELDS = ("qid", "docid", "query", "passage", "human")
 # --------------------------------------------------------------------------------------------
 # Validation shared by every loader
 # --------------------------------------------------------------------------------------------
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-def parse_grade(value: Any, where: str, allow_missing: bool = False) -> int | None:
-    """A grade 0–3 from a JSON, TSV or table value; ``InputError`` naming ``where`` otherwise."""
-    if _is_missing(value):
-        if allow_missing:
-            return None
-        raise InputError(f"{where}: the grade is missing")
-    number = value
-    if isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise InputError(f"{where}: grade {value!r} is not an integer 0-3") from None
-    if isinstance(number, (float, np.floating)) and float(number).is_integer():
-        number = int(number)
-    if isinstance(number, (int, np.integer)) and not isinstance(number, bool) and number in GRADES:
-        return int(number)
-    raise InputError(f"{where}: grade {value!r} is not an integer 0-3")
 
 
 class _PairRows:
@@ -169,7 +144,7 @@ def load_pairs_jsonl(path: str | Path, corpus_dir: str | Path | None = None) -> 
                     f"{where}: unknown record format; expected fields {list(DEMO_FIELDS)} (demo benchmark) "
                     f"or {list(TREC_DL_PAIR_FIELDS)} (TREC DL pairs), got {sorted(record)}"
                 )
-        absent = [name for name in required if _is_missing(record.get(name)) or record.get(name) == ""]
+        absent = [name for name in required if is_missing(record.get(name)) or record.get(name) == ""]
         if absent:
             raise InputError(f"{where}: missing or empty field(s) {absent}")
         if required is TREC_DL_PAIR_FIELDS:
@@ -200,31 +175,6 @@ def load_pairs_jsonl(path: str | Path, corpus_dir: str | Path | None = None) -> 
                 row["query_type"] = record["query_type"]
         rows.add(where, {**row, **_recorded_grades(record, where)})
     return rows.frame()
-
-
-def iter_delimited(path: str | Path, n_fields: int, sep: str | None = None) -> Iterator[tuple[str, list[str]]]:
-    """``("file:line", fields)`` for each non-blank line of a text table with exactly ``n_fields`` fields.
-
-    ``sep=None`` splits on any whitespace; a separator such as ``"\\t"`` splits at most
-    ``n_fields - 1`` times, so the last field may contain it (passage texts).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
-            if not line.strip():
-                continue
-            fields = line.split() if sep is None else line.split(sep, n_fields - 1)
-            if len(fields) != n_fields:
-                shown = "whitespace" if sep is None else repr(sep)
-                raise InputError(f"{where}: expected {n_fields} {shown}-separated fields, found {len(fields)}")
-            yield where, fields
 
 
 def load_trec(qrels_path: str | Path, topics_path: str | Path, collection_path: str | Path) -> pd.DataFrame:
@@ -422,7 +372,7 @@ def subset_queries(frame: pd.DataFrame, max_pairs: int | None, seed: int = 0) ->
 
 
 def _probabilities(value: Any, where: str) -> list[float] | None:
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if not isinstance(value, (list, tuple)) or len(value) != len(GRADES):
         raise InputError(f"{where}: distribution must be a list of {len(GRADES)} probabilities, got {value!r}")
@@ -455,16 +405,16 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
         first_seen[key] = where
         probabilities = _probabilities(record.get("distribution"), where)
         expected = record.get("expected_relevance")
-        if not _is_missing(expected) and not (isinstance(expected, (int, float)) and 0 <= expected <= GRADES[-1]):
+        if not is_missing(expected) and not (isinstance(expected, (int, float)) and 0 <= expected <= GRADES[-1]):
             raise InputError(f"{where}: expected_relevance must be a number within [0, 3] or null, got {expected!r}")
-        if _is_missing(expected) and probabilities is not None:
+        if is_missing(expected) and probabilities is not None:
             expected = float(np.dot(GRADES, probabilities))
         rows.append(
             {
                 "query_id": key[0],
                 "doc_id": key[1],
                 "grade": parse_grade(record["grade"], where, allow_missing=True),
-                "expected_relevance": None if _is_missing(expected) else float(expected),
+                "expected_relevance": None if is_missing(expected) else float(expected),
                 **dict(zip(PROBABILITY_COLUMNS, probabilities or [None] * len(GRADES))),
                 "labeler": str(record.get("labeler") or ""),
             }
@@ -481,7 +431,7 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
 
 def _native(value: Any) -> Any:
     """A JSON-ready Python value (None for missing, int/float for numpy numbers)."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     return value.item() if isinstance(value, np.generic) else value
 

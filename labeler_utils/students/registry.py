@@ -2,7 +2,7 @@
 
 A family is a module that provides a config dataclass, a train function
 ``train(records, output_dir, config, data_description) -> manifest``, a labeler class (a
-:class:`~labeler_utils.labeler.Labeler` with a ``load`` classmethod) and a zero-shot baseline
+:class:`~labeler_utils.students.base.Labeler` with a ``load`` classmethod) and a zero-shot baseline
 ``zero_shot_labeler(train_records, config)``, the untrained labeler the distilled one must beat.
 Modules are imported only when a family is used, so importing this registry stays cheap.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .labeler import MANIFEST, Labeler, read_manifest
+from .base import LABELER_MANIFEST, Labeler, read_manifest
 
 #: The family of a manifest written before manifests recorded one (only causal-LM adapters were).
 LEGACY_FAMILY = "causal_lm"
@@ -116,7 +116,7 @@ def get_family(name: str) -> StudentFamily:
 register_family(
     StudentFamily(
         "cross_encoder",
-        "labeler_utils.cross_encoder",
+        "labeler_utils.students.cross_encoder",
         "CrossEncoderConfig",
         "train_cross_encoder",
         "CrossEncoderLabeler",
@@ -127,7 +127,7 @@ register_family(
 register_family(
     StudentFamily(
         "causal_lm",
-        "labeler_utils.distill",
+        "labeler_utils.students.causal_lm.train",
         "DistillConfig",
         "train_student",
         "StudentLabeler",
@@ -139,7 +139,7 @@ register_family(
 register_family(
     StudentFamily(
         "bi_encoder",
-        "labeler_utils.bi_encoder",
+        "labeler_utils.students.bi_encoder",
         "BiEncoderConfig",
         "train_bi_encoder",
         "BiEncoderLabeler",
@@ -153,11 +153,11 @@ def distilled_student(folder: str | Path) -> Path | None:
     """The folder holding a trained student's manifest: ``folder`` itself, else the sub-folder of any family
     (``adapter/``, ``model/``, ...), the most recently trained when several exist; None when there is none."""
     path = Path(str(folder))
-    if (path / MANIFEST).exists():
+    if (path / LABELER_MANIFEST).exists():
         return path
     subdirs = dict.fromkeys(family.model_subdir for family in FAMILIES.values())
-    found = [path / sub for sub in subdirs if (path / sub / MANIFEST).exists()]
-    return max(found, key=lambda f: (f / MANIFEST).stat().st_mtime_ns, default=None)
+    found = [path / sub for sub in subdirs if (path / sub / LABELER_MANIFEST).exists()]
+    return max(found, key=lambda f: (f / LABELER_MANIFEST).stat().st_mtime_ns, default=None)
 
 
 def family_of(path_or_name: str | Path, family: str | None = None) -> tuple[StudentFamily, str | Path]:

@@ -15,9 +15,9 @@ folder holds::
 Killed at any moment and started again with the same arguments, a run resumes after its last
 committed chunk: no pair is labeled twice, lost or duplicated. Different arguments on a folder
 with committed chunks are refused (``restart=True`` discards them); the engine that labels the
-chunks (this process, or a pool of Ray actors: :mod:`labeler_utils.label_ray`) is not part of a
-run's identity. Reading and validating the input is :mod:`labeler_utils.label_inputs`, the folder's
-layout, summary and merge :mod:`labeler_utils.label_outputs`; this module is the run engine.
+chunks (this process, or a pool of Ray actors: :mod:`labeler_utils.labeling.ray_engine`) is not part of a
+run's identity. Reading and validating the input is :mod:`labeler_utils.labeling.inputs`, the folder's
+layout, summary and merge :mod:`labeler_utils.labeling.outputs`; this module is the run engine.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .artifacts import InputError, atomic_write, read_json, write_json
-from .families import load_labeler
-from .label_inputs import (
+from ..core.artifacts import InputError, atomic_write, read_json, write_json
+from ..core.resources import cpu_seconds, peak_rss_mb
+from ..students.base import resolve_dtype
+from ..students.registry import load_labeler
+from .inputs import (
     BadLine,
     DuplicatePair,
     PairRecord,
@@ -53,22 +55,20 @@ from .label_inputs import (
     file_fingerprint,
     open_pairs,
 )
-from .label_outputs import (
+from .outputs import (
     CHUNKS,
     LOCK,
-    MANIFEST,
     OUTPUT_FILES,
+    RUN_MANIFEST,
     SHARDS,
     SKIPPED,
     SUMMARY,
     WORK_DB,
     chunk_path,
     committed_chunks,
-    summarize,
+    summarize_run,
     write_outputs,
 )
-from .labeler import resolve_dtype
-from .throughput.machine import cpu_seconds, peak_rss_mb
 
 MANIFEST_VERSION = 1
 ENGINES = ("local", "ray")
@@ -100,7 +100,7 @@ class Engine:
     """How the chunks are labeled; not part of a run's identity (a run may resume with another engine).
 
     ``"local"``: this process, with one student. ``"ray"``: a pool of ``workers`` Ray Data actors,
-    each loading the student once (:mod:`labeler_utils.label_ray`); ``address`` None starts a
+    each loading the student once (:mod:`labeler_utils.labeling.ray_engine`); ``address`` None starts a
     local Ray instance (or joins the cluster ``RAY_ADDRESS`` or ``ray start`` set up), ``"auto"``
     joins the running cluster, ``"ray://head:10001"`` a remote one. Each actor reserves
     ``cpus_per_worker`` CPUs (its torch threads) and ``gpus_per_worker`` GPUs (None: one each when
@@ -170,7 +170,7 @@ def exclusive(out_dir: Path) -> Iterator[None]:
                 raise ResumeRefused(f"{out_dir}: another labeling process is writing to this folder") from None
             yield
     finally:
-        if new_lock and not (out_dir / MANIFEST).exists():
+        if new_lock and not (out_dir / RUN_MANIFEST).exists():
             lock.unlink(missing_ok=True)
             if new_folder and not any(out_dir.iterdir()):
                 out_dir.rmdir()
@@ -187,7 +187,7 @@ def clear_output(out_dir: Path) -> None:
     """Remove everything a labeling run wrote into ``out_dir`` (not the lock, not foreign files)."""
     shutil.rmtree(out_dir / CHUNKS, ignore_errors=True)
     remove_work_files(out_dir)
-    for name in (MANIFEST, SUMMARY, SKIPPED, *OUTPUT_FILES.values()):
+    for name in (RUN_MANIFEST, SUMMARY, SKIPPED, *OUTPUT_FILES.values()):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -208,9 +208,11 @@ def start_or_resume(out_dir: Path, identity: dict[str, Any], restart: bool) -> d
     A folder with committed chunks of a different run is refused unless ``restart``; a folder with
     files that no labeling run wrote is refused always.
     """
-    manifest_path = out_dir / MANIFEST
+    manifest_path = out_dir / RUN_MANIFEST
     if not manifest_path.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
-        raise ResumeRefused(f"{out_dir} is not empty and holds no {MANIFEST}: choose an empty or new --output folder")
+        raise ResumeRefused(
+            f"{out_dir} is not empty and holds no {RUN_MANIFEST}: choose an empty or new --output folder"
+        )
     if manifest_path.exists() and not restart:
         manifest = read_json(manifest_path)
         if manifest.get("identity") == identity:
@@ -240,13 +242,13 @@ def start_or_resume(out_dir: Path, identity: dict[str, Any], restart: bool) -> d
 # --------------------------------------------------------------------------------------------
 
 
-def load_student(model: str | Path, max_length: int, precision: str = "auto") -> Any:
-    """A trained student of any registered family (see :mod:`labeler_utils.families`) in the given precision."""
+def load_labeler_for_run(model: str | Path, max_length: int, precision: str = "auto") -> Any:
+    """A trained student of any registered family (see :mod:`labeler_utils.students.registry`) in the given precision."""
     return load_labeler(model, max_length=max_length, dtype=resolve_dtype(precision))
 
 
 def label_record(pair: PairRecord, label: Any, labeler_name: str) -> dict[str, Any]:
-    """A label line; the fields :func:`labeler_utils.benchmarks.read_predictions` reads, plus the input line."""
+    """A label line; the fields :func:`labeler_utils.benchmarks.loaders.read_predictions` reads, plus the input line."""
     return {
         "query_id": pair.query_id,
         "doc_id": pair.doc_id,
@@ -333,7 +335,7 @@ def label_pairs(
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of {list(OUTPUT_FILES)}, got {list(formats)}")
     if engine.name == "ray":
-        from .label_ray import require_ray
+        from .ray_engine import require_ray
 
         require_ray()
     out_dir = Path(output_dir)
@@ -358,7 +360,7 @@ def label_pairs(
         if not manifest["complete"]:
             try:
                 if engine.name == "ray":
-                    from .label_ray import label_chunks_ray
+                    from .ray_engine import label_chunks_ray
 
                     label_chunks_ray(job, engine, progress)
                 else:
@@ -368,9 +370,9 @@ def label_pairs(
                     clear_output(out_dir)
                 raise
             if not manifest["complete"]:
-                return {**summarize(out_dir, manifest), **about}
+                return {**summarize_run(out_dir, manifest), **about}
         remove_work_files(out_dir)  # the texts, pair index and shards are needed no more
-        summary = {**summarize(out_dir, manifest), **about}
+        summary = {**summarize_run(out_dir, manifest), **about}
         write_outputs(out_dir, formats, source)
         summary["outputs"] = {fmt: str(out_dir / OUTPUT_FILES[fmt]) for fmt in formats}
         write_json(out_dir / SUMMARY, summary)
@@ -432,7 +434,7 @@ class ChunkJob:
                 with self.timed("input_check"):
                     self.manifest["total_units"] = check_input(reader, self.settings.skip_bad_lines, progress)
                 self.manifest["labeler_max_length"] = labeler.max_length
-                write_json(self.out_dir / MANIFEST, self.manifest)
+                write_json(self.out_dir / RUN_MANIFEST, self.manifest)
             yield reader
         except sqlite3.OperationalError as exc:
             raise OSError(None, str(exc), str(self.out_dir / WORK_DB)) from exc
@@ -476,7 +478,7 @@ class ChunkJob:
         commit_chunk(self.out_dir, meta, records)
         done = meta.index + 1
         self.manifest.update(chunks_done=done, complete=done == self.total_chunks)
-        write_json(self.out_dir / MANIFEST, self.manifest)
+        write_json(self.out_dir / RUN_MANIFEST, self.manifest)
 
 
 def chunk_meta(
@@ -499,7 +501,7 @@ def chunk_meta(
 def label_chunks_local(job: ChunkJob, progress: bool) -> None:
     """The local engine: this process loads the student and labels and commits the chunks one after another."""
     with job.timed("model_load"):
-        labeler = load_student(job.model, job.settings.max_length, job.settings.precision)
+        labeler = load_labeler_for_run(job.model, job.settings.max_length, job.settings.precision)
     with job.prepared(labeler, progress) as reader:
         indices = job.chunk_range(progress)
         with job.progress_bar(indices, progress) as bar:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = PROJECT_ROOT / "data"
 DEMO_CORPUS_DIR = DATA_DIR / "demo_corpus"
 DEMO_BENCHMARK_PATH = DATA_DIR / "demo_benchmark.jsonl"

@@ -1,0 +1,1 @@
+"""The causal-LM family: LoRA/QLoRA training (``train``) and one-pass grade-token labeling (``labeler``)."""
