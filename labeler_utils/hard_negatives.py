@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .core.artifacts import InputError, read_jsonl, write_jsonl
+from .core.config import STAGES
 from .core.records import parse_grade_answer
 from .documents import Document, document_card
 from .llm.client import LLMClient, Message, parse_with_retries
@@ -33,7 +34,7 @@ from .text import (
     normalize_query,
 )
 
-STAGE = "03_hard_negatives"
+STAGE = STAGES[3]  # this stage's folder in a run folder
 CHUNK_MARKER = "#chunk"
 
 

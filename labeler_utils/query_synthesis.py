@@ -29,13 +29,13 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .core.artifacts import InputError, read_jsonl, write_json, write_jsonl
-from .core.config import DATA_DIR
+from .core.config import DATA_DIR, STAGES
 from .documents import Document, document_card
 from .llm.client import ChatResult, LLMClient, LLMError, Message, parse_with_retries
 from .query_filters import FilterReport
 from .text import normalize_query, word_tokens
 
-STAGE = "02_query_synthesis"
+STAGE = STAGES[2]  # this stage's folder in a run folder
 DEFAULT_EXAMPLES_PATH = DATA_DIR / "example_queries.jsonl"
 
 # --------------------------------------------------------------------------------------------

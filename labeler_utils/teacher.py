@@ -24,11 +24,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .core.artifacts import InputError, iter_jsonl_located
+from .core.config import STAGES
 from .core.records import GRADES, LabelScale, parse_grade_answer
 from .llm.client import LLMClient, LLMError, Message, map_concurrent, parse_with_retries
 from .students.base import PairLabeler
 
-STAGE = "04_teacher_labels"
+STAGE = STAGES[4]  # this stage's folder in a run folder
 
 
 RUBRIC_TEMPLATE = """You judge search results for a company's internal search engine.

@@ -82,16 +82,11 @@ from labeler_utils.benchmarks.folds import (  # noqa: E402
     load_pair_files,
     nested_query_subsets,
 )
-from labeler_utils.benchmarks.loaders import (  # noqa: E402
-    GRADES,
-    RECORDED_PREFIX,
-    attach_predictions,
-    read_predictions,
-    recorded_labelers,
-    write_predictions,
-)
+from labeler_utils.benchmarks.loaders import RECORDED_PREFIX, recorded_labelers  # noqa: E402
+from labeler_utils.benchmarks.predictions import attach_predictions, read_predictions, write_predictions  # noqa: E402
 from labeler_utils.core.artifacts import atomic_write, read_json, write_json  # noqa: E402
 from labeler_utils.core.config import Profile  # noqa: E402
+from labeler_utils.core.records import GRADES  # noqa: E402
 from labeler_utils.evaluate import (  # noqa: E402
     NDCG_CUTOFF,
     bootstrap_ci,

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from labeler_utils.benchmarks import folds as splits
 from labeler_utils.benchmarks import loaders as bm
+from labeler_utils.benchmarks import predictions as preds
 from labeler_utils.core.artifacts import InputError
 from labeler_utils.evaluate import agreement
 
@@ -214,34 +216,34 @@ def query_table(n_queries: int = 20) -> pd.DataFrame:
 
 def test_query_split_is_by_query_and_reproducible() -> None:
     frame = query_table()
-    train, test = bm.query_split(frame, 0.25, seed=1)
+    train, test = splits.query_split(frame, 0.25, seed=1)
     assert not train & test and train | test == set(frame["query_id"]) and len(test) == 5
-    assert bm.query_split(frame, 0.25, seed=1) == (train, test)
-    assert bm.query_split(frame, 0.25, seed=2) != (train, test)
-    assert bm.query_split(frame.iloc[:2], 0.01)[1]  # each side gets a query
+    assert splits.query_split(frame, 0.25, seed=1) == (train, test)
+    assert splits.query_split(frame, 0.25, seed=2) != (train, test)
+    assert splits.query_split(frame.iloc[:2], 0.01)[1]  # each side gets a query
     with pytest.raises(ValueError, match="at least 2 queries"):
-        bm.query_split(frame[frame["query_id"] == "q0"], 0.5)
+        splits.query_split(frame[frame["query_id"] == "q0"], 0.5)
 
 
 def test_query_kfold_tests_every_query_once() -> None:
     frame = query_table()
-    folds = bm.query_kfold(frame, k=3, seed=0)
+    folds = splits.query_kfold(frame, k=3, seed=0)
     tested = [query for _, test in folds for query in test]
     assert sorted(tested) == sorted(set(frame["query_id"]))
     assert all(train == set(frame["query_id"]) - test for train, test in folds)
     with pytest.raises(ValueError, match="k must be within"):
-        bm.query_kfold(frame, k=21)
+        splits.query_kfold(frame, k=21)
 
 
 def test_subset_queries_keeps_whole_queries() -> None:
     frame = query_table()
-    subset = bm.subset_queries(frame, max_pairs=12, seed=0)
+    subset = splits.subset_queries(frame, max_pairs=12, seed=0)
     assert len(subset) <= 12
     sizes = frame.groupby("query_id").size()
     assert subset.groupby("query_id").size().to_dict() == sizes[subset["query_id"].unique()].to_dict()
-    pd.testing.assert_frame_equal(subset, bm.subset_queries(frame, max_pairs=12, seed=0))
-    assert len(bm.subset_queries(frame, None)) == len(frame)
-    assert bm.subset_queries(frame, 0)["query_id"].nunique() == 1
+    pd.testing.assert_frame_equal(subset, splits.subset_queries(frame, max_pairs=12, seed=0))
+    assert len(splits.subset_queries(frame, None)) == len(frame)
+    assert splits.subset_queries(frame, 0)["query_id"].nunique() == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,53 +265,53 @@ def predictions_for(frame: pd.DataFrame) -> pd.DataFrame:
 def test_predictions_round_trip_and_attach(tmp_path: Path) -> None:
     frame = benchmark()
     path = tmp_path / "benchmark_predictions_student_distilled.jsonl"
-    assert bm.write_predictions(path, predictions_for(frame), labeler="student") == 5
-    predictions = bm.read_predictions(path)
+    assert preds.write_predictions(path, predictions_for(frame), labeler="student") == 5
+    predictions = preds.read_predictions(path)
     assert predictions["grade"].isna().tolist() == [False, True, False, False, False]
     assert predictions.loc[0, "expected_relevance"] == pytest.approx(2.6)  # from the distribution
     assert set(predictions["labeler"]) == {"student"}
-    name = bm.prediction_labeler_name(path)
+    name = preds.prediction_labeler_name(path)
     assert name == "student_distilled"
-    attached = bm.attach_predictions(frame, path, name)
+    attached = preds.attach_predictions(frame, path, name)
     assert attached[name].tolist()[2:] == [0, 2, 3] and attached[name].isna().sum() == 1
     assert attached[f"{name}:p3"].tolist()[0] == pytest.approx(0.7)
     assert attached[f"{name}:expected"].tolist()[4] == pytest.approx(2.5)
     assert agreement(attached["human"], attached[name])["n_missing"] == 1
-    bm.write_predictions(tmp_path / "again.jsonl", predictions)  # the read table writes back as it was
-    pd.testing.assert_frame_equal(bm.read_predictions(tmp_path / "again.jsonl"), predictions)
+    preds.write_predictions(tmp_path / "again.jsonl", predictions)  # the read table writes back as it was
+    pd.testing.assert_frame_equal(preds.read_predictions(tmp_path / "again.jsonl"), predictions)
 
 
 def test_attach_predictions_refuses_missing_pairs_and_name_clashes(tmp_path: Path) -> None:
     frame = benchmark()
     path = tmp_path / "partial.jsonl"
-    bm.write_predictions(path, predictions_for(frame).iloc[1:4], labeler="x")
+    preds.write_predictions(path, predictions_for(frame).iloc[1:4], labeler="x")
     with pytest.raises(
         InputError, match=rf"{path}: 2 of 5 benchmark pairs have no prediction, e.g. \('101', '7'\), \('102', '10'\)"
     ):
-        bm.attach_predictions(frame, path, "x")
+        preds.attach_predictions(frame, path, "x")
     subset = frame.iloc[1:4]  # predictions beyond the benchmark are fine
-    assert len(bm.attach_predictions(subset, bm.read_predictions(path), "x")) == 3
+    assert len(preds.attach_predictions(subset, preds.read_predictions(path), "x")) == 3
     with pytest.raises(ValueError, match=r"already has column\(s\) \['recorded:judge_a'\]"):
-        bm.attach_predictions(frame, predictions_for(frame), "recorded:judge_a")
+        preds.attach_predictions(frame, predictions_for(frame), "recorded:judge_a")
 
 
 def test_prediction_file_errors_name_file_and_line(tmp_path: Path) -> None:
     line = '{"query_id": "q", "doc_id": "d%d", "grade": 2, "distribution": %s}\n'
     path = write(tmp_path / "p.jsonl", line % (1, "null") + line % (2, "[0.5, 0.5, 0.5, 0]"))
     with pytest.raises(InputError, match=rf"{path}:2: distribution must be non-negative and sum to 1"):
-        bm.read_predictions(path)
+        preds.read_predictions(path)
     path = write(tmp_path / "p.jsonl", line % (1, "[1, 0]"))
     with pytest.raises(InputError, match=rf"{path}:1: distribution must be a list of 4 probabilities"):
-        bm.read_predictions(path)
+        preds.read_predictions(path)
     path = write(tmp_path / "p.jsonl", line % (1, "null") + line % (1, "null"))
     with pytest.raises(InputError, match=rf"{path}:2: prediction for \(query 'q', document 'd1'\) repeats {path}:1"):
-        bm.read_predictions(path)
+        preds.read_predictions(path)
     path = write(tmp_path / "p.jsonl", '{"query_id": "q", "doc_id": "d"}\n')
     with pytest.raises(InputError, match=rf"{path}:1: missing field 'grade'"):
-        bm.read_predictions(path)
+        preds.read_predictions(path)
     path = write(tmp_path / "p.jsonl", '{"query_id": "q", "doc_id": "d", "grade": 1, "expected_relevance": 4}\n')
     with pytest.raises(InputError, match=rf"{path}:1: expected_relevance must be a number within \[0, 3\]"):
-        bm.read_predictions(path)
+        preds.read_predictions(path)
 
 
 def test_find_prediction_files(tmp_path: Path) -> None:
@@ -321,8 +323,12 @@ def test_find_prediction_files(tmp_path: Path) -> None:
         (tmp_path / stage).mkdir(exist_ok=True)
         write(tmp_path / stage / f"benchmark_predictions_{name}.jsonl", "")
     (tmp_path / "05_distill" / "train_pairs.jsonl").write_text("")
-    files = bm.find_prediction_files(tmp_path)
-    assert [bm.prediction_labeler_name(f) for f in files] == ["student_distilled", "student_zero_shot", "teacher"]
+    files = preds.find_prediction_files(tmp_path)
+    assert [preds.prediction_labeler_name(f) for f in files] == [
+        "student_distilled",
+        "student_zero_shot",
+        "teacher",
+    ]
 
 
 # --------------------------------------------------------------------------------------------

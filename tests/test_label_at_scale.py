@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from labeler_utils.__main__ import main
-from labeler_utils.benchmarks.loaders import read_predictions
+from labeler_utils.benchmarks.predictions import read_predictions
 from labeler_utils.core.artifacts import InputError
 from labeler_utils.labeling.inputs import WorkStore
 from labeler_utils.labeling.job import (

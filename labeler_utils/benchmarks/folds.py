@@ -1,4 +1,4 @@
-"""Several judged-pair files as one table, and the ways to divide it by query for distillation experiments.
+"""Several judged-pair files as one table, and the ways to divide it by query (splits, folds, subsets).
 
 Every division is by query, never by pair: a query's pairs are all on the training side or all
 on the test side. The protocols:
@@ -24,7 +24,56 @@ import numpy as np
 import pandas as pd
 
 from ..core.artifacts import InputError
-from .loaders import load_benchmark, query_kfold, query_split
+from .loaders import load_benchmark
+
+
+def _shuffled_query_ids(frame: pd.DataFrame, seed: int) -> list[str]:
+    query_ids = sorted(frame["query_id"].unique())
+    return [query_ids[i] for i in np.random.default_rng(seed).permutation(len(query_ids))]
+
+
+def query_split(frame: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> tuple[set[str], set[str]]:
+    """Split the queries (never single pairs) into ``(train_ids, test_ids)``, reproducibly for a seed.
+
+    The distillation stage splits a benchmark with this same function, and evaluation uses it for
+    its human-labelled dev queries, so the same seed always gives the same queries. Each side
+    gets at least one query.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be within (0, 1), got {test_fraction}")
+    shuffled = _shuffled_query_ids(frame, seed)
+    if len(shuffled) < 2:
+        raise ValueError(f"A split by query needs at least 2 queries, the table has {len(shuffled)}")
+    n_test = min(len(shuffled) - 1, max(1, round(test_fraction * len(shuffled))))
+    return set(shuffled[n_test:]), set(shuffled[:n_test])
+
+
+def query_kfold(frame: pd.DataFrame, k: int = 5, seed: int = 0) -> list[tuple[set[str], set[str]]]:
+    """``k`` folds by query: a list of ``(train_ids, test_ids)``; every query is tested exactly once."""
+    shuffled = _shuffled_query_ids(frame, seed)
+    if not 2 <= k <= len(shuffled):
+        raise ValueError(f"k must be within [2, number of queries = {len(shuffled)}], got {k}")
+    folds = [set(part) for part in np.array_split(np.array(shuffled, dtype=object), k)]
+    return [(set(shuffled) - fold, fold) for fold in folds]
+
+
+def subset_queries(frame: pd.DataFrame, max_pairs: int | None, seed: int = 0) -> pd.DataFrame:
+    """Whole queries, in a seeded random order, while their pairs fit in ``max_pairs`` (None: all).
+
+    A query that would overflow is skipped; when no query fits, the first one is kept alone. Stages
+    that label only part of the benchmark use this too, so their predictions cover the same pairs.
+    """
+    if max_pairs is None or max_pairs >= len(frame):
+        return frame.reset_index(drop=True)
+    sizes = frame.groupby("query_id").size()
+    shuffled = _shuffled_query_ids(frame, seed)
+    chosen, total = [], 0
+    for query_id in shuffled:
+        if total + sizes[query_id] <= max_pairs:
+            chosen.append(query_id)
+            total += sizes[query_id]
+    return frame[frame["query_id"].isin(chosen or shuffled[:1])].reset_index(drop=True)
+
 
 SOURCE_COLUMN = "source"
 

@@ -1,4 +1,4 @@
-"""Human-graded benchmarks in one table, splits by query, and labelers' prediction files.
+"""Human-graded benchmarks in one table: one loader per format (pair JSONL, TREC files, Hugging Face, ir_datasets).
 
 Every loader returns a DataFrame with one row per judged query–document pair:
 
@@ -8,30 +8,26 @@ Every loader returns a DataFrame with one row per judged query–document pair:
   (e.g. ``recorded:deepseek_v3_umbrela`` in the TREC DL 2019 file);
 * ``query_type`` when the input has it (the demo benchmark does).
 
-:func:`attach_predictions` adds a labeler's predictions as columns ``<name>`` (grade),
+:func:`~labeler_utils.benchmarks.predictions.attach_predictions` adds a labeler's predictions as columns ``<name>`` (grade),
 ``<name>:expected`` (expected relevance) and ``<name>:p0`` … ``<name>:p3`` (grade distribution).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..core import config
-from ..core.artifacts import InputError, iter_delimited, iter_jsonl_located, write_jsonl
-from ..core.records import GRADES, PREDICTION_COLUMNS, PROBABILITY_COLUMNS, is_missing, parse_grade
+from ..core.artifacts import InputError, iter_delimited, iter_jsonl_located
+from ..core.records import is_missing, parse_grade
 from ..documents import document_card, load_corpus
 
 BASE_COLUMNS = ("query_id", "query", "doc_id", "document", "human")
 METADATA_COLUMNS = ("query_type",)
 RECORDED_PREFIX = "recorded:"
-PREDICTION_FILE_PREFIX = "benchmark_predictions_"
-PREDICTION_STAGES = ("05_distill", "04_teacher_labels")  # students first: comparisons read student - teacher
 
 # Record fields of the two JSONL pair formats.
 DEMO_FIELDS = ("query_id", "query", "doc_id", "grade")
@@ -311,210 +307,3 @@ def load_benchmark(spec: Any, corpus_dir: str | Path | None = None) -> pd.DataFr
             f"{path}: give a .jsonl pairs file, a saved dataset folder, or a qrels/topics/collection mapping"
         )
     raise TypeError(f"Cannot load a benchmark from a {type(spec).__name__}")
-
-
-# --------------------------------------------------------------------------------------------
-# Splits and subsets by query
-# --------------------------------------------------------------------------------------------
-
-
-def _shuffled_query_ids(frame: pd.DataFrame, seed: int) -> list[str]:
-    query_ids = sorted(frame["query_id"].unique())
-    return [query_ids[i] for i in np.random.default_rng(seed).permutation(len(query_ids))]
-
-
-def query_split(frame: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) -> tuple[set[str], set[str]]:
-    """Split the queries (never single pairs) into ``(train_ids, test_ids)``, reproducibly for a seed.
-
-    The distillation stage splits a benchmark with this same function, and evaluation uses it for
-    its human-labelled dev queries, so the same seed always gives the same queries. Each side
-    gets at least one query.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be within (0, 1), got {test_fraction}")
-    shuffled = _shuffled_query_ids(frame, seed)
-    if len(shuffled) < 2:
-        raise ValueError(f"A split by query needs at least 2 queries, the table has {len(shuffled)}")
-    n_test = min(len(shuffled) - 1, max(1, round(test_fraction * len(shuffled))))
-    return set(shuffled[n_test:]), set(shuffled[:n_test])
-
-
-def query_kfold(frame: pd.DataFrame, k: int = 5, seed: int = 0) -> list[tuple[set[str], set[str]]]:
-    """``k`` folds by query: a list of ``(train_ids, test_ids)``; every query is tested exactly once."""
-    shuffled = _shuffled_query_ids(frame, seed)
-    if not 2 <= k <= len(shuffled):
-        raise ValueError(f"k must be within [2, number of queries = {len(shuffled)}], got {k}")
-    folds = [set(part) for part in np.array_split(np.array(shuffled, dtype=object), k)]
-    return [(set(shuffled) - fold, fold) for fold in folds]
-
-
-def subset_queries(frame: pd.DataFrame, max_pairs: int | None, seed: int = 0) -> pd.DataFrame:
-    """Whole queries, in a seeded random order, while their pairs fit in ``max_pairs`` (None: all).
-
-    A query that would overflow is skipped; when no query fits, the first one is kept alone. Stages
-    that label only part of the benchmark use this too, so their predictions cover the same pairs.
-    """
-    if max_pairs is None or max_pairs >= len(frame):
-        return frame.reset_index(drop=True)
-    sizes = frame.groupby("query_id").size()
-    shuffled = _shuffled_query_ids(frame, seed)
-    chosen, total = [], 0
-    for query_id in shuffled:
-        if total + sizes[query_id] <= max_pairs:
-            chosen.append(query_id)
-            total += sizes[query_id]
-    return frame[frame["query_id"].isin(chosen or shuffled[:1])].reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Prediction files
-# --------------------------------------------------------------------------------------------
-
-
-def _probabilities(value: Any, where: str) -> list[float] | None:
-    if is_missing(value):
-        return None
-    if not isinstance(value, (list, tuple)) or len(value) != len(GRADES):
-        raise InputError(f"{where}: distribution must be a list of {len(GRADES)} probabilities, got {value!r}")
-    try:
-        probabilities = [float(p) for p in value]
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: distribution must hold numbers, got {value!r}") from None
-    if min(probabilities) < 0 or not math.isclose(sum(probabilities), 1.0, abs_tol=1e-3):
-        raise InputError(f"{where}: distribution must be non-negative and sum to 1, got {value!r}")
-    return probabilities
-
-
-def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Read a labeler's predictions: JSONL lines ``{query_id, doc_id, grade, expected_relevance,
-    distribution, labeler}`` (``grade`` may be null when the labeler gave no usable answer).
-
-    Returns columns ``query_id, doc_id, grade`` (Int64), ``expected_relevance`` (float; computed
-    from the distribution when only that is given), ``p0..p3`` (float) and ``labeler``.
-    """
-    path = Path(path)
-    rows, first_seen = [], {}
-    for where, record in iter_jsonl_located(path, required=("query_id", "doc_id")):
-        if "grade" not in record:
-            raise InputError(f"{where}: missing field 'grade' (use null when there is no grade)")
-        key = (str(record["query_id"]), str(record["doc_id"]))
-        if key in first_seen:
-            raise InputError(
-                f"{where}: prediction for (query {key[0]!r}, document {key[1]!r}) repeats {first_seen[key]}"
-            )
-        first_seen[key] = where
-        probabilities = _probabilities(record.get("distribution"), where)
-        expected = record.get("expected_relevance")
-        if not is_missing(expected) and not (isinstance(expected, (int, float)) and 0 <= expected <= GRADES[-1]):
-            raise InputError(f"{where}: expected_relevance must be a number within [0, 3] or null, got {expected!r}")
-        if is_missing(expected) and probabilities is not None:
-            expected = float(np.dot(GRADES, probabilities))
-        rows.append(
-            {
-                "query_id": key[0],
-                "doc_id": key[1],
-                "grade": parse_grade(record["grade"], where, allow_missing=True),
-                "expected_relevance": None if is_missing(expected) else float(expected),
-                **dict(zip(PROBABILITY_COLUMNS, probabilities or [None] * len(GRADES))),
-                "labeler": str(record.get("labeler") or ""),
-            }
-        )
-    if not rows:
-        raise InputError(f"{path}: no predictions")
-    frame = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
-    frame["grade"] = frame["grade"].astype("Int64")
-    frame[["expected_relevance", *PROBABILITY_COLUMNS]] = frame[["expected_relevance", *PROBABILITY_COLUMNS]].astype(
-        float
-    )
-    return frame
-
-
-def _native(value: Any) -> Any:
-    """A JSON-ready Python value (None for missing, int/float for numpy numbers)."""
-    if is_missing(value):
-        return None
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def write_predictions(path: str | Path, frame: pd.DataFrame, labeler: str | None = None) -> int:
-    """Write predictions as JSONL (the format :func:`read_predictions` reads); returns the line count.
-
-    ``frame`` needs ``query_id, doc_id, grade``; optional ``expected_relevance``, ``p0..p3`` or a
-    ``distribution`` column of 4-lists, and ``labeler`` (or give ``labeler=``).
-    """
-    missing = [name for name in ("query_id", "doc_id", "grade") if name not in frame.columns]
-    if missing:
-        raise ValueError(f"Predictions need column(s) {missing}; columns are {list(frame.columns)}")
-
-    def record(row: Mapping[str, Any]) -> dict[str, Any]:
-        if all(name in row for name in PROBABILITY_COLUMNS):
-            distribution = [_native(row[name]) for name in PROBABILITY_COLUMNS]
-            distribution = None if any(p is None for p in distribution) else distribution
-        else:
-            distribution = row.get("distribution")
-            distribution = None if distribution is None else [float(p) for p in distribution]
-        grade = _native(row["grade"])
-        return {
-            "query_id": str(row["query_id"]),
-            "doc_id": str(row["doc_id"]),
-            "grade": None if grade is None else int(grade),
-            "expected_relevance": _native(row.get("expected_relevance")),
-            "distribution": distribution,
-            "labeler": labeler or str(row.get("labeler") or ""),
-        }
-
-    return write_jsonl(path, (record(row) for row in frame.to_dict("records")))
-
-
-def prediction_labeler_name(path: str | Path) -> str:
-    """Labeler name of a prediction file: the file name after ``benchmark_predictions_`` (else its stem)."""
-    return Path(path).stem.removeprefix(PREDICTION_FILE_PREFIX)
-
-
-def find_prediction_files(run_path: str | Path) -> list[Path]:
-    """The ``benchmark_predictions_*.jsonl`` files stages 05 and 04 wrote in a run folder (in that order)."""
-    return [
-        file
-        for stage in PREDICTION_STAGES
-        for file in sorted((Path(run_path) / stage).glob(f"{PREDICTION_FILE_PREFIX}*.jsonl"))
-    ]
-
-
-def attach_predictions(
-    benchmark_frame: pd.DataFrame, predictions: pd.DataFrame | str | Path, name: str
-) -> pd.DataFrame:
-    """A copy of the benchmark with a labeler's columns ``<name>``, ``<name>:expected``, ``<name>:p0..p3``.
-
-    Predictions are matched by ``(query_id, doc_id)``; ``predictions`` is a table from
-    :func:`read_predictions` or a path to such a file. Every benchmark pair needs a prediction
-    line (its grade may be null): ``InputError`` says how many are missing, with examples.
-    Predictions for pairs outside the benchmark (e.g. a subset of queries) are ignored.
-    The expectation and distribution columns are added only when some prediction has them.
-    """
-    source = str(predictions) if isinstance(predictions, (str, Path)) else f"predictions of {name!r}"
-    if isinstance(predictions, (str, Path)):
-        predictions = read_predictions(predictions)
-    absent_columns = [c for c in ("query_id", "doc_id", "grade") if c not in predictions.columns]
-    if absent_columns:
-        raise ValueError(f"{source}: missing column(s) {absent_columns}")
-    predictions = predictions.reindex(columns=list(PREDICTION_COLUMNS)).astype({"query_id": str, "doc_id": str})
-    taken = [c for c in benchmark_frame.columns if c == name or c.startswith(f"{name}:")]
-    if taken:
-        raise ValueError(f"The benchmark table already has column(s) {taken}; choose another labeler name")
-    keys = ["query_id", "doc_id"]
-    merged = benchmark_frame[keys].merge(predictions, on=keys, how="left", indicator=True, validate="one_to_one")
-    absent = merged.loc[merged["_merge"] == "left_only", keys]
-    if len(absent):
-        examples = ", ".join(f"({q!r}, {d!r})" for q, d in absent.head(5).itertuples(index=False))
-        raise InputError(
-            f"{source}: {len(absent)} of {len(benchmark_frame)} benchmark pairs have no prediction, e.g. {examples}; "
-            "label every pair, or evaluate on the queries that were labelled"
-        )
-    out = benchmark_frame.copy()
-    out[name] = merged["grade"].astype("Int64").to_numpy()
-    if merged["expected_relevance"].notna().any():
-        out[f"{name}:expected"] = merged["expected_relevance"].to_numpy(dtype=float)
-    if merged[list(PROBABILITY_COLUMNS)].notna().any().any():
-        for column in PROBABILITY_COLUMNS:
-            out[f"{name}:{column}"] = merged[column].to_numpy(dtype=float)
-    return out

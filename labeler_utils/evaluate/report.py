@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..benchmarks.loaders import query_split
+from ..benchmarks.folds import query_split
 from ..core.artifacts import atomic_write, write_json
 from .agreement_metrics import CONFUSION_METRICS, N_GRADES, agreement
 from .bootstrap import METRIC_NAMES, RANKING_METRICS, bootstrap_ci, paired_bootstrap, query_metric

@@ -248,7 +248,7 @@ def load_labeler_for_run(model: str | Path, max_length: int, precision: str = "a
 
 
 def label_record(pair: PairRecord, label: Any, labeler_name: str) -> dict[str, Any]:
-    """A label line; the fields :func:`labeler_utils.benchmarks.loaders.read_predictions` reads, plus the input line."""
+    """A label line; the fields :func:`labeler_utils.benchmarks.predictions.read_predictions` reads, plus the input line."""
     return {
         "query_id": pair.query_id,
         "doc_id": pair.doc_id,

@@ -216,12 +216,12 @@ class Labeler(PairLabeler):
     """A student that grades (query, document) pairs in batches.
 
     Subclasses set :attr:`FAMILY`, ``max_length`` and ``device`` and implement :meth:`encode_pair`
-    and :meth:`score_batch`; :attr:`ENGINE_VARIANTS` lists the throughput-engine variants that apply
+    and :meth:`score_batch`; :attr:`SPEED_VARIANTS` lists the speed variants of the single pass that apply
     to them (see :mod:`labeler_utils.throughput`).
     """
 
     FAMILY: str = ""
-    ENGINE_VARIANTS: tuple[str, ...] = ("bfloat16",)
+    SPEED_VARIANTS: tuple[str, ...] = ("bfloat16",)
     model: Any
     max_length: int
     device: torch.device

@@ -20,7 +20,7 @@ The subpackage, by topic (every name is importable from ``labeler_utils.throughp
 
 * :mod:`.cost` — stated prices and device peaks; cost, ratio and FLOPs arithmetic;
 * :mod:`.machine` — the machine and FLOPs against its peak (load and :class:`PeakMemory` while timing come from :mod:`labeler_utils.core.resources`);
-* :mod:`.engines` — loading the student, naive ``generate()``, and the single-pass engine variants;
+* :mod:`.variants` — loading the student, naive ``generate()``, and the speed variants of the single pass;
 * :mod:`.measure` — the pairs, :class:`Measurement`, each measurement, and :func:`run_all`;
 * :mod:`.report` — prices per row, the JSON summary, Markdown, and stage 06's quality;
 * :mod:`.plots` — the figures (each function returns a Figure).
@@ -45,16 +45,6 @@ from .cost import (
     ratio,
     token_cost_per_1000,
 )
-from .engines import (
-    ENGINE_VARIANTS,
-    PrefixCachedStudentLabeler,
-    in_precision,
-    label_agreement,
-    load_student,
-    naive_generate_label,
-    parse_generated_grade,
-    quantize_int8,
-)
 from .machine import cpu_model, flops_report, machine_info
 from .measure import (
     Measurement,
@@ -78,6 +68,16 @@ from .report import (
     quality_from_report,
     summarize_throughput,
     write_results,
+)
+from .variants import (
+    SPEED_VARIANTS,
+    PrefixCachedStudentLabeler,
+    in_precision,
+    label_agreement,
+    load_student,
+    naive_generate_label,
+    parse_generated_grade,
+    quantize_int8,
 )
 
 __all__ = [
@@ -106,8 +106,8 @@ __all__ = [
     "load_average",
     "machine_info",
     "peak_rss_mb",
-    # engines
-    "ENGINE_VARIANTS",
+    # variants
+    "SPEED_VARIANTS",
     "PrefixCachedStudentLabeler",
     "in_precision",
     "label_agreement",

@@ -17,8 +17,8 @@ from ..core.resources import PeakMemory, cpu_seconds, load_average
 from ..students.base import GradeLabel, Labeler
 from ..students.causal_lm.labeler import StudentLabeler
 from .cost import token_cost_per_1000
-from .engines import (
-    ENGINE_VARIANTS,
+from .variants import (
+    SPEED_VARIANTS,
     PrefixCachedStudentLabeler,
     in_precision,
     label_agreement,
@@ -417,15 +417,15 @@ def run_all(
     ``other_students``: (name, labeler) pairs, e.g. a cross-encoder student, timed the same way on the
     same pairs (rows of kind ``single_pass_other``).
     """
-    unknown = [v for v in variants if v not in ENGINE_VARIANTS]
+    unknown = [v for v in variants if v not in SPEED_VARIANTS]
     if unknown:
-        raise ValueError(f"Unknown engine variant(s) {unknown}: use {list(ENGINE_VARIANTS)}")
+        raise ValueError(f"Unknown speed variant(s) {unknown}: use {list(SPEED_VARIANTS)}")
     measurements: list[Measurement] = []
     extras: dict[str, Any] = {"variant_agreement": {}}
     naive_pairs = pairs if naive_pairs is None else naive_pairs
-    if "naive_generate" not in student.ENGINE_VARIANTS:
+    if "naive_generate" not in student.SPEED_VARIANTS:
         log(f"a {student.FAMILY} student: naive generate() and the decoder variants do not apply")
-    if naive_pairs and not skip_naive and "naive_generate" in student.ENGINE_VARIANTS:
+    if naive_pairs and not skip_naive and "naive_generate" in student.SPEED_VARIANTS:
         log(f"naive generate() on {len(naive_pairs)} pairs ...")
         measurements.append(measure_naive_generate(student, naive_pairs, max_new_tokens=naive_new_tokens))
         log(f"  {measurements[-1].labels_per_second:.3f} labels/s (load {load_average()})")
@@ -444,7 +444,7 @@ def run_all(
         best, reference = max(timed, key=lambda item: item[0].labels_per_second) if timed else (None, None)
         best_batch = int(best.batch_size or 8) if best else 8
         for variant in variants:
-            if variant not in labeler.ENGINE_VARIANTS:
+            if variant not in labeler.SPEED_VARIANTS:
                 continue
             if variant == "bfloat16":
                 engine = in_precision(labeler, torch.bfloat16)

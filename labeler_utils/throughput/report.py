@@ -7,10 +7,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.config import STAGES
 from .cost import TARGETS, machine_cost_per_1000, ratio, token_cost_per_1000
 from .measure import Measurement
 
-STAGE = "07_throughput_cost"
+STAGE = STAGES[7]  # this stage's folder in a run folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class StudentLabeler(Labeler):
     """A causal-LM student (base model, merged model or LoRA adapter) that labels pairs in one pass."""
 
     FAMILY = FAMILY
-    ENGINE_VARIANTS = ("naive_generate", "prefix_cache", "int8", "bfloat16")
+    SPEED_VARIANTS = ("naive_generate", "prefix_cache", "int8", "bfloat16")
 
     def __init__(
         self,

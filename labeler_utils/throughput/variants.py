@@ -1,4 +1,4 @@
-"""The student engines that are timed: loading, naive ``generate()``, and variants of the single pass.
+"""The ways of running a student that are timed: loading, naive ``generate()``, and speed variants of the single pass.
 
 The variants are the shared-prefix KV cache (:class:`PrefixCachedStudentLabeler`), int8 dynamic
 quantisation of the linear layers (:func:`quantize_int8`) and another precision (:func:`in_precision`).
@@ -24,8 +24,8 @@ from ..students.causal_lm.labeler import (
 )
 from ..students.registry import load_labeler
 
-#: Engine variants timed beside the plain single pass, where the student's family supports them (Labeler.ENGINE_VARIANTS).
-ENGINE_VARIANTS = ("prefix_cache", "int8", "bfloat16")
+#: Speed variants timed beside the plain single pass, where the student's family supports them (Labeler.SPEED_VARIANTS).
+SPEED_VARIANTS = ("prefix_cache", "int8", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------
