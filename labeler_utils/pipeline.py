@@ -97,13 +97,13 @@ def render_report(summary: dict[str, Any]) -> str:
         metrics = summary["metrics"].get(stage, {})
         shown = ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
         lines.append(f"| {stage} | {seconds:.0f} | {shown} |")
-    readme = os.path.relpath(PROJECT_ROOT / "README.md", summary["run_dir"])
+    reproduction = os.path.relpath(PROJECT_ROOT / "docs" / "reproduction.md", summary["run_dir"])
     lines += [
         "",
         "What the agreement figures mean (accuracy, kappa, qwk against the benchmark's grades): the bundled models "
         "are far too small to be good teachers; they exercise the pipeline, and these figures show that it runs end "
-        "to end, not how good the labels are. Label quality on real human judgments (TREC DL 2019 and 2020) is in the "
-        f"README: [Reproducing the central claim on 97 TREC DL queries]({readme}"
+        "to end, not how good the labels are. Label quality on real human judgments (TREC DL 2019 and 2020) is in "
+        f"notebook 10 and [Reproducing the central claim on 97 TREC DL queries]({reproduction}"
         "#reproducing-the-central-claim-on-97-trec-dl-queries-2019--2020).",
         "",
         "Executed notebooks are in `notebooks/` of the run folder; each stage's artifacts in its own folder.",

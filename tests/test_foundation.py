@@ -222,8 +222,8 @@ def test_pipeline_report_says_what_the_agreement_figures_mean(tmp_path):
         r"\[Reproducing the central claim[^\]]*\]\(([^)#]+)#reproducing-the-central-claim-on-97-trec-dl-queries-2019--2020\)",
         report,
     )
-    assert link and (run / link.group(1)).resolve() == config.PROJECT_ROOT / "README.md"
+    assert link and (run / link.group(1)).resolve() == config.PROJECT_ROOT / "docs" / "reproduction.md"
     assert (
         "## Reproducing the central claim on 97 TREC DL queries (2019 + 2020)"
-        in (config.PROJECT_ROOT / "README.md").read_text()
+        in (config.PROJECT_ROOT / "docs" / "reproduction.md").read_text()
     )
