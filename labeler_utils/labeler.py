@@ -29,10 +29,23 @@ from .artifacts import read_json, write_json
 GRADES = (0, 1, 2, 3)
 #: File name of the manifest a trained student's folder holds (family, config, data, versions).
 MANIFEST = "labeler_manifest.json"
-#: Compute precisions a labeler can run in; "auto" is bfloat16 on a CUDA GPU and float32 elsewhere.
+#: Compute precisions a labeler can run in; "auto" is the GPU's half precision with CUDA (bfloat16 from Ampere on,
+#: float16 before) and float32 elsewhere.
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: Libraries whose versions every manifest records.
 RECORDED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "sentence-transformers")
+
+
+def gpu_half_precision() -> torch.dtype:
+    """The 16-bit dtype the CUDA GPU computes natively: bfloat16 from compute capability 8.0 (Ampere) on, float16
+    on older cards (T4, V100), where ``torch.cuda.is_bf16_supported()`` also counts bfloat16 emulated in float32."""
+    major, _ = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def default_dtype() -> torch.dtype:
+    """The dtype a model is loaded in by default: the GPU's half precision with CUDA, float32 on a CPU."""
+    return gpu_half_precision() if torch.cuda.is_available() else torch.float32
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -40,7 +53,7 @@ def resolve_dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return default_dtype()
     return getattr(torch, precision)
 
 

@@ -20,6 +20,7 @@ from .engines import (
     ENGINE_VARIANTS,
     PrefixCachedStudentLabeler,
     in_precision,
+    is_quantized,
     label_agreement,
     naive_generate_label,
     quantize_int8,
@@ -447,6 +448,9 @@ def run_all(
             if variant not in labeler.ENGINE_VARIANTS:
                 continue
             if variant == "bfloat16":
+                if is_quantized(labeler):
+                    log(f"{prefix}: a quantized (4-bit) student computes in its own compute dtype; bfloat16 skipped")
+                    continue
                 engine = in_precision(labeler, torch.bfloat16)
                 name = f"{prefix} single pass, bfloat16, batch {best_batch}"
             elif variant == "prefix_cache":
