@@ -181,8 +181,8 @@ def build_tiny_llama(folder: str | Path, words: Sequence[str] = (), seed: int = 
 
     The tokenizer is built with the ``tokenizers`` library as Llama-2's (Phi-3.5-mini's) behaves: a Unigram model
     behind a Metaspace pre-tokenizer that puts ``▁`` before every word, a bare ``"0"`` being two tokens
-    (``▁``, ``0``); single characters, digits and ``▁word`` for each of ``words``; ``<s>`` as BOS and no chat
-    template. For tests and device checks without a hub download; its grades mean nothing.
+    (``▁``, ``0``); single characters, digits and ``▁word`` for each of ``words`` without a digit (digits stay
+    single tokens, as Llama-2 splits them); ``<s>`` as BOS and no chat template. For tests and device checks without a hub download; its grades mean nothing.
     """
     import string
 
@@ -193,7 +193,7 @@ def build_tiny_llama(folder: str | Path, words: Sequence[str] = (), seed: int = 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     characters = ["▁", "\n", *(c for c in string.printable if not c.isspace())]
     pieces = [(t, 0.0) for t in specials] + [(c, -5.0) for c in characters]
-    pieces += [(f"▁{w}", -1.0) for w in dict.fromkeys(words) if f"▁{w}" not in characters]
+    pieces += [(f"▁{w}", -1.0) for w in dict.fromkeys(words) if not any(c.isdigit() for c in w)]  # digits: 1 each
     backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")

@@ -65,6 +65,19 @@ def test_the_gpu_profile_is_refused_on_a_machine_without_cuda_naming_the_cpu_pro
     assert "CUDA GPU" in done.stderr and not (tmp_path / "runs").exists()  # refused before any work
 
 
+def test_the_gpu_device_check_refuses_to_run_without_cuda(tmp_path):
+    script = config.PROJECT_ROOT / "bench" / "gpu_device_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "check")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=without_cuda(tmp_path),
+    )
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "check").exists()
+    assert done.stderr.startswith("error: no CUDA GPU is visible") and "--cpu-rehearsal" in done.stderr
+
+
 def test_stage_05_trains_the_papers_qlora_student_when_a_gpu_is_present(monkeypatch):
     import torch
 
