@@ -226,6 +226,9 @@ class Labeler(ABC):
     max_length: int
     device: torch.device
     truncated: int = 0
+    #: Grade agreement of a student merged on loading with its unmerged adapter, on the same pairs (None: not
+    #: merged, or not checked); see :func:`labeler_utils.throughput.engines.load_student`.
+    merge_agreement: dict[str, float] | None = None
 
     def transformer(self) -> Any:
         """The underlying transformers model (a PEFT wrapper's base model)."""

@@ -388,6 +388,7 @@ def test_a_merged_qlora_student_states_its_agreement_and_skips_the_bfloat16_vari
     assert not hasattr(student.model, "merge_and_unload") and tp.is_quantized(student)
     same = sum(a.grade == b.grade for a, b in zip(unmerged, merged)) / len(PAIRS)
     assert student.merge_agreement["pairs"] == 4 and student.merge_agreement["grade_agreement"] == same
+    assert tp.load_student(adapter, max_length=128, merge=False, check_pairs=PAIRS).merge_agreement is None
     messages = []
     measurements, extras = tp.run_all(
         PAIRS, student, batch_sizes=[4], teacher_pairs=[], variants=["bfloat16"], skip_naive=True, log=messages.append
