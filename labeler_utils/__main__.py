@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=defaults.precision,
-        help="compute precision: auto = bfloat16 on a CUDA GPU from Ampere on (float16 before), float32 on a CPU; bfloat16 on a CPU "
-        "with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)",
+        help="compute precision: auto = bfloat16 on a CUDA GPU from Ampere on (float16 before), float32 on a CPU; "
+        "bfloat16 on a CPU with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)",
     )
     label.add_argument("--skip-bad-lines", action="store_true", help="skip and record bad lines instead of stopping")
     label.add_argument(

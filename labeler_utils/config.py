@@ -99,8 +99,9 @@ PROFILES: dict[str, Profile] = {
     ),
     # The paper's method: QLoRA (4-bit NF4 base, LoRA on every linear projection) of a hub SLM on one CUDA GPU,
     # bfloat16 compute from Ampere on, float16 on older cards (T4, V100). Phi-3.5-mini (3.8B) is the paper's student:
-    # ~2.2 GB of 4-bit weights. On a smaller card, or for a faster run, Qwen/Qwen2.5-1.5B-Instruct (1.5B, ~0.9 GB of
-    # 4-bit weights) fits a 16 GB card with room to spare: pass it as student_model. Memory of each: docs/gpu.md.
+    # ~2.2 GB of 4-bit weights. A smaller instruct model that fits a 16 GB card with room to spare:
+    # Qwen/Qwen2.5-1.5B-Instruct (1.5B, ~1.1 GB of 4-bit weights), given to stage 05 as student_model. Memory of each
+    # choice and how it was estimated: docs/gpu.md.
     "gpu": Profile(
         name="gpu",
         max_documents=None,

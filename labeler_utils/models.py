@@ -182,7 +182,8 @@ def build_tiny_llama(folder: str | Path, words: Sequence[str] = (), seed: int = 
     The tokenizer is built with the ``tokenizers`` library as Llama-2's (Phi-3.5-mini's) behaves: a Unigram model
     behind a Metaspace pre-tokenizer that puts ``▁`` before every word, a bare ``"0"`` being two tokens
     (``▁``, ``0``); single characters, digits and ``▁word`` for each of ``words`` without a digit (digits stay
-    single tokens, as Llama-2 splits them); ``<s>`` as BOS and no chat template. For tests and device checks without a hub download; its grades mean nothing.
+    single tokens, as Llama-2 splits them); ``<s>`` as BOS and no chat template. For tests and device checks
+    without a hub download; its grades mean nothing.
     """
     import string
 
