@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: only {len(pairs)} pairs available", flush=True)
     student_name = resolve_student(args)
     print(f"pairs: {len(pairs)} from {source}; student: {student_name}", flush=True)
-    student = tp.load_student(student_name, max_length=args.max_length, merge=not args.no_merge)
+    student = tp.load_student(student_name, max_length=args.max_length, merge=not args.no_merge, check_pairs=pairs)
     other_names = [name.strip() for name in args.other_students.split(",") if name.strip()]
     others = [
         (
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "student_model": student_name,
         "student_max_length": student.max_length,
         "merged_adapter": not args.no_merge,
+        "merge_agreement": student.merge_agreement,  # merged vs unmerged grades on these pairs (None: not merged)
         "other_students": other_names,
         "batch_sizes": args.batch_sizes,
         "variants": variants,

@@ -18,25 +18,29 @@ def _prepare_models(args: argparse.Namespace) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    from .config import NeedsCuda, check_profile_runs_here
+    from .domain import ConfigError, load_pipeline_config
     from .pipeline import run_pipeline
 
     parameters = json.loads(args.parameters) if args.parameters else {}
     stages = args.stages.split(",") if args.stages else None
-    if args.config:
-        from .domain import ConfigError, load_pipeline_config
-
-        try:
+    routed, run_id = None, args.run_id
+    try:
+        if args.config:
             config = load_pipeline_config(args.config, parameters)
             stages = stages or config.stages
             routed = config.stage_parameters(stages)
-        except (ConfigError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        run_path = run_pipeline(
-            args.profile or config.profile, args.run_id or config.new_run_id(), stages, stage_parameters=routed
-        )
+            profile, run_id = args.profile or config.profile, run_id or config.new_run_id()
+        else:
+            profile = args.profile or "smoke"
+        check_profile_runs_here(profile)
+    except (NeedsCuda, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if routed is not None:
+        run_path = run_pipeline(profile, run_id, stages, stage_parameters=routed)
     else:
-        run_path = run_pipeline(args.profile or "smoke", args.run_id, stages or STAGES, parameters)
+        run_path = run_pipeline(profile, run_id, stages or STAGES, parameters)
     print((run_path / "report.md").read_text())
     return 0
 
@@ -155,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=defaults.precision,
-        help="compute precision: auto = bfloat16 on a CUDA GPU, float32 on a CPU; bfloat16 on a CPU "
-        "with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)",
+        help="compute precision: auto = bfloat16 on a CUDA GPU from Ampere on (float16 before), float32 on a CPU; "
+        "bfloat16 on a CPU with AVX512-BF16 or AMX is faster (check its agreement with float32 on your data)",
     )
     label.add_argument("--skip-bad-lines", action="store_true", help="skip and record bad lines instead of stopping")
     label.add_argument(

@@ -56,10 +56,12 @@ def run_pipeline(
     ``parameters`` go to every notebook, ``stage_parameters[stage]`` to that stage's notebook only
     (see :func:`labeler_utils.domain.load_pipeline_config`, which routes a config file's parameters).
     A stage whose notebook fails stops the run; the folder keeps every artifact written so far,
-    and any stage can be re-run on its own against the same folder.
+    and any stage can be re-run on its own against the same folder. A profile this machine cannot run (``gpu``
+    without CUDA) is refused first (:func:`labeler_utils.config.check_profile_runs_here`).
     """
-    from .core.config import new_run_id
+    from .core.config import check_profile_runs_here, new_run_id
 
+    check_profile_runs_here(profile)
     run_path = run_dir(run_id or new_run_id(profile))
     timings: dict[str, float] = {}
     for stage in stages:

@@ -57,6 +57,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def sentencepiece_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose SentencePiece-style tokenizer (Metaspace, leading ``▁``) makes a bare ``"0"`` two tokens."""
+    from labeler_utils.core.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_sentencepiece_llama"), TINY_WORDS)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's tests: on a busy 2-core machine a 2-layer model is many times faster on one."""

@@ -47,6 +47,61 @@ def test_profiles_and_overrides():
         config.get_profile("smoke", epochs=2)
 
 
+def without_cuda(tmp_path) -> dict[str, str]:
+    """The environment of a subprocess that sees no CUDA GPU and writes runs under ``tmp_path``."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "LABELER_RUNS_DIR": str(tmp_path / "runs")}
+
+
+def test_the_gpu_profile_is_refused_on_a_machine_without_cuda_naming_the_cpu_profiles(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "labeler_utils", "pipeline", "--profile", "gpu", "--run-id", "refused"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=without_cuda(tmp_path),
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "--profile smoke" in done.stderr, done.stderr
+    assert "CUDA GPU" in done.stderr and not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_the_gpu_device_check_refuses_to_run_without_cuda(tmp_path):
+    script = config.PROJECT_ROOT / "bench" / "gpu_device_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "check")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=without_cuda(tmp_path),
+    )
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "check").exists()
+    assert done.stderr.startswith("error: no CUDA GPU is visible") and "--cpu-rehearsal" in done.stderr
+
+
+def test_stage_05_trains_the_papers_qlora_student_when_a_gpu_is_present(monkeypatch):
+    import torch
+
+    from labeler_utils.students.registry import stage_student
+
+    full, smoke, gpu = (config.get_profile(name) for name in ("full", "smoke", "gpu"))
+    assert gpu.student_family == "causal_lm" and gpu.student_model == config.GPU_STUDENT_MODEL and gpu.needs_cuda
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [(f.name, m) for f, m in map(stage_student, (full, gpu))] == [
+        ("bi_encoder", None),
+        ("causal_lm", gpu.student_model),
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    chosen = {name: stage_student(profile) for name, profile in (("full", full), ("smoke", smoke))}
+    assert {name: (f.name, m) for name, (f, m) in chosen.items()} == {
+        "full": ("causal_lm", config.GPU_STUDENT_MODEL),
+        "smoke": ("causal_lm", smoke.student_model),  # the bundled model: a pipeline check downloads nothing
+    }
+    family, model = stage_student(full, "bi_encoder")
+    assert (family.name, model) == ("bi_encoder", None)  # a family given is kept
+    family, model = stage_student(full, "causal_lm", "my/model")
+    assert (family.name, model) == ("causal_lm", "my/model")
+
+
 def test_run_and_stage_folders(tmp_path):
     run = config.run_dir(tmp_path / "r1")
     assert config.stage_dir(run, "04_teacher_labels").is_dir()

@@ -15,6 +15,7 @@ from labeler_utils.students.causal_lm.labeler import (
     GradeLabel,
     StudentLabeler,
     encode_prompt,
+    encode_text,
     grade_token_ids,
     prompt_text,
     shared_prompt_prefix,
@@ -28,6 +29,7 @@ from labeler_utils.students.causal_lm.train import (
     inverse_frequency_weights,
     merge_adapter,
     train_student,
+    zero_shot_labeler,
 )
 
 PAIRS = [
@@ -71,12 +73,10 @@ def test_long_documents_are_truncated_to_fit(tiny_model_dir):
     _, tokenizer = load_causal_lm(tiny_model_dir)
     ids, truncated = encode_prompt(tokenizer, "expense report", "expense report " * 500, max_length=96)
     assert truncated and len(ids) < 96
-    prompt_end = tokenizer.encode(prompt_text(tokenizer, "expense report", ""), add_special_tokens=False)[-2:]
+    prompt_end = encode_text(tokenizer, prompt_text(tokenizer, "expense report", ""))[-2:]
     assert ids[-2:] == prompt_end  # the cut prompt still ends where the grade goes
     short_ids, short_cut = encode_prompt(tokenizer, "vpn", "restart", max_length=96)
-    assert not short_cut and short_ids == tokenizer.encode(
-        prompt_text(tokenizer, "vpn", "restart"), add_special_tokens=False
-    )
+    assert not short_cut and short_ids == encode_text(tokenizer, prompt_text(tokenizer, "vpn", "restart"))
 
 
 def test_query_document_query_format_reads_the_query_again_before_the_grade(tiny_model_dir):
@@ -93,6 +93,36 @@ def test_query_document_query_format_reads_the_query_again_before_the_grade(tiny
     assert prefix == shared_prompt_prefix(tokenizer, 96) and ids[: len(prefix)] == prefix
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         prompt_text(tokenizer, "q", "d", "document-query")
+
+
+def test_grade_tokens_are_found_after_the_prompt_for_a_sentencepiece_tokenizer(sentencepiece_model_dir):
+    """A tokenizer that prepends ``▁`` makes a bare "0" two tokens; the digit written after the prompt is one."""
+    model, tokenizer = load_causal_lm(sentencepiece_model_dir)
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("0", add_special_tokens=False)) == ["▁", "0"]
+    ids = grade_token_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["0", "1", "2", "3"]
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])]
+    examples, _ = build_examples(tokenizer, records, max_length=512)
+    for (query, document), example, grade in zip(PAIRS, examples, [3, 0, 2, 1]):
+        written = encode_text(tokenizer, prompt_text(tokenizer, query, document) + str(grade))
+        assert example["input_ids"] == written and example["labels"][-1] == ids[grade]  # trained as it is read
+    labeler = StudentLabeler(model, tokenizer, max_length=512, device="cpu")
+    assert labeler.grade_ids.tolist() == ids
+    prompt_ids, _ = encode_prompt(tokenizer, *PAIRS[0], 512)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([prompt_ids])).logits[0, -1, ids], dim=-1).tolist()
+    assert next(labeler.label(PAIRS[:1], progress=False)).distribution == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompts_start_with_the_bos_token_unless_a_chat_template_writes_them(tiny_model_dir):
+    _, tokenizer = load_causal_lm(tiny_model_dir)
+    text = prompt_text(tokenizer, "vpn", "restart")
+    assert text.endswith("Grade:")  # no trailing space before the grade digit
+    ids, _ = encode_prompt(tokenizer, "vpn", "restart", 96)
+    assert ids[0] == tokenizer.bos_token_id and ids[1:] == tokenizer.encode(text, add_special_tokens=False)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} grade"
+    templated, _ = encode_prompt(tokenizer, "vpn", "restart", 96)
+    assert templated == tokenizer.encode(prompt_text(tokenizer, "vpn", "restart"), add_special_tokens=False)
 
 
 def test_grade_label_from_probabilities():
@@ -279,8 +309,14 @@ def test_an_adapter_is_read_in_the_prompt_format_it_was_trained_with(tiny_model_
     )
     with pytest.raises(ValueError, match="was trained with prompt_format 'query-document-query'"):
         StudentLabeler.load(tmp_path / "adapter", prompt_format="query-document")
-    merged = StudentLabeler.load(merge_adapter(tmp_path / "adapter", tmp_path / "merged"))  # the merged export too
+    merged = StudentLabeler.load(merge_adapter(tmp_path / "adapter", tmp_path / "merged", PAIRS))  # the export too
     assert merged.prompt_format == "query-document-query" and merged.max_length == 128
+    # merged into the float32 base it was trained on, the adapter gives the same grades on the check pairs
+    agreement = json.loads((tmp_path / "merged" / LABELER_MANIFEST).read_text())["merge_agreement"]
+    assert agreement["pairs"] == 4 and agreement["grade_agreement"] == 1.0
+    assert agreement["max_probability_difference"] < 1e-4
+    with pytest.raises(ValueError, match="needs check_pairs"):
+        merge_adapter(tmp_path / "adapter", tmp_path / "merged_unchecked", [])
     assert (
         StudentLabeler.load(tiny_model_dir, prompt_format="query-document-query").prompt_format
         == "query-document-query"
@@ -314,10 +350,19 @@ def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings
         train_student(records, tmp_path, DistillConfig(**{**config.__dict__, "learning_rate": 5e-3}))
 
 
-def test_qlora_trains_lora_on_a_4bit_nf4_base(tiny_model_dir, tmp_path):
-    """The QLoRA path (NF4, double quantization, LoRA on every linear projection); bitsandbytes trains it on a CPU too."""
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A QLoRA training of the learnable run: its output folder and manifest."""
     records, config = learnable_run(tiny_model_dir, qlora=True)
-    manifest = train_student(records, tmp_path, config, {"source": "unit test"})
+    folder = tmp_path_factory.mktemp("qlora")
+    return folder, train_student(records, folder, config, {"source": "unit test"})
+
+
+def test_qlora_trains_lora_on_a_4bit_nf4_base(qlora_run):
+    """The QLoRA path (NF4, double quantization, LoRA on every linear projection); bitsandbytes trains it on a CPU too."""
+    from safetensors.torch import load_file
+
+    tmp_path, manifest = qlora_run
     assert manifest["method"] == "qlora-nf4"
     losses = [h["loss"] for h in manifest["log_history"] if "loss" in h]
     assert losses[-1] < losses[0] / 2
@@ -327,3 +372,104 @@ def test_qlora_trains_lora_on_a_4bit_nf4_base(tiny_model_dir, tmp_path):
     labeler = StudentLabeler.load(tmp_path / "adapter")  # applied to the same 4-bit base it was trained on
     base = labeler.model.get_base_model()
     assert base.is_loaded_in_4bit and base.config.quantization_config.bnb_4bit_use_double_quant
+    # without bfloat16 compute (here float32) the adapters stay float32: trl would leave them in bfloat16
+    assert {t.dtype for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_a_merged_qlora_student_states_its_agreement_and_skips_the_bfloat16_variant(qlora_run):
+    """Merged into its 4-bit base, the adapter is quantized again: its grades are compared with the unmerged ones.
+    The bfloat16 engine variant cannot cast a 4-bit model and is skipped instead of crashing."""
+    from labeler_utils import throughput as tp
+
+    adapter = qlora_run[0] / "adapter"
+    unmerged = list(StudentLabeler.load(adapter).label(PAIRS, progress=False))
+    student = tp.load_student(adapter, max_length=128, check_pairs=PAIRS)
+    merged = list(student.label(PAIRS, progress=False))
+    assert not hasattr(student.model, "merge_and_unload") and tp.is_quantized(student)
+    same = sum(a.grade == b.grade for a, b in zip(unmerged, merged)) / len(PAIRS)
+    assert student.merge_agreement["pairs"] == 4 and student.merge_agreement["grade_agreement"] == same
+    assert tp.load_student(adapter, max_length=128, merge=False, check_pairs=PAIRS).merge_agreement is None
+    messages = []
+    measurements, extras = tp.run_all(
+        PAIRS, student, batch_sizes=[4], teacher_pairs=[], variants=["bfloat16"], skip_naive=True, log=messages.append
+    )
+    assert [(m.kind, m.variant) for m in measurements] == [("single_pass", None)] and not extras["variant_agreement"]
+    assert any("bfloat16 skipped" in line for line in messages)
+    with pytest.raises(ValueError, match="cannot be cast"):
+        tp.in_precision(student, torch.bfloat16)
+
+
+def test_gradient_accumulation_gives_the_loss_and_gradients_of_the_whole_batch(tiny_model_dir, tmp_path):
+    """2 accumulated micro-batches of 4 are one batch of 8: same first logged loss and gradient norm."""
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])] * 2
+    first_logs = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        config = DistillConfig(
+            base_model=str(tiny_model_dir),
+            qlora=False,
+            max_steps=1,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_length=128,
+            lora_rank=8,
+            lora_dropout=0.0,
+            logging_steps=1,
+            warmup_ratio=0.0,
+        )
+        manifest = train_student(records, tmp_path / f"batch{batch_size}", config)
+        first_logs.append(next(h for h in manifest["log_history"] if "loss" in h))
+    (whole, accumulated) = first_logs
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-3)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
+class Captured(Exception):
+    """Raised by a stand-in for a call that would need a GPU here; the test reads the arguments it recorded."""
+
+
+@pytest.mark.parametrize("capability, half", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_on_a_gpu_models_load_and_qlora_computes_in_its_native_half_precision(
+    tiny_model_dir, tmp_path, monkeypatch, capability, half
+):
+    """bfloat16 from compute capability 8 (Ampere) on, float16 before (T4, V100: bfloat16 there is emulated);
+    never float32 beside a 4-bit student on the GPU."""
+    import bitsandbytes  # noqa: F401  (imported while the CPU is seen as such: its CUDA backend would not load)
+    import peft  # noqa: F401
+    import transformers
+    import trl
+
+    trl.SFTConfig, trl.SFTTrainer  # noqa: B018  (the lazy modules imported now, for the same reason)
+    real_model, _ = load_causal_lm(tiny_model_dir)
+    loads, trainer_args = [], {}
+
+    def from_pretrained(source, **kwargs):
+        loads.append(kwargs)
+        if "quantization_config" not in kwargs:
+            raise Captured
+        return real_model  # the 4-bit student's stand-in, so that training reaches its arguments
+
+    def sft_config(**kwargs):
+        trainer_args.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(trl, "SFTConfig", sft_config)
+    config = DistillConfig(base_model=str(tiny_model_dir), max_length=128)
+    assert (
+        config.use_qlora()
+        and config.use_bf16() == (half == torch.bfloat16)
+        and config.use_fp16() == (half == torch.float16)
+    )
+    records = [{"query": q, "document": d, "grade": g} for (q, d), g in zip(PAIRS, [3, 0, 2, 1])]
+    with pytest.raises(Captured):
+        train_student(records, tmp_path, config)
+    assert loads[-1]["dtype"] == half and loads[-1]["device_map"] == {"": 0}
+    assert loads[-1]["quantization_config"].bnb_4bit_compute_dtype == half
+    assert trainer_args["bf16"] == (half == torch.bfloat16) and trainer_args["fp16"] == (half == torch.float16)
+    with pytest.raises(Captured):
+        zero_shot_labeler(records, config)  # the untrained base beside the student
+    with pytest.raises(Captured):
+        StudentLabeler.load(tiny_model_dir)
+    assert [load["dtype"] for load in loads[-2:]] == [half, half]

@@ -14,6 +14,7 @@ import torch
 from conftest import chat_response, scripted_client
 
 from labeler_utils import throughput as tp
+from labeler_utils.students.base import label_agreement
 from labeler_utils.students.causal_lm.labeler import StudentLabeler, grade_token_ids
 
 # ------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_prefix_cache_engine_matches_plain_engine(tiny_student: StudentLabeler):
     assert len(cached_engine.prefix_ids) > 10  # the instruction is shared
     cached = list(cached_engine.label(TINY_PAIRS, batch_size=4, progress=False))
     assert cached_engine.prefix_hits == len(TINY_PAIRS)
-    agreement = tp.label_agreement(plain, cached)
+    agreement = label_agreement(plain, cached)
     assert agreement["grade_agreement"] == 1.0
     assert agreement["max_probability_difference"] < 1e-4
 

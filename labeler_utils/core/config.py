@@ -50,12 +50,18 @@ class Profile:
     # the human grades of the 97 TREC DL queries in 5-fold cross-validation, see README), "cross_encoder" (the same
     # MiniLM reading query and document together) or "causal_lm" (LoRA/QLoRA on student_model)
     student_family: str = "bi_encoder"
+    needs_cuda: bool = False  # refused before any work on a machine without a CUDA GPU
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+#: The student the paper distilled GPT-4o into; the gpu profile's, and stage 05's on a GPU when no family is given.
+GPU_STUDENT_MODEL = "microsoft/Phi-3.5-mini-instruct"
+#: The family trained on a CUDA GPU when none is given: QLoRA of a causal LM, the paper's method.
+GPU_STUDENT_FAMILY = "causal_lm"
 
 PROFILES: dict[str, Profile] = {
     # Minutes on a 2-core CPU: exercises every stage end to end with the bundled models.
@@ -91,6 +97,29 @@ PROFILES: dict[str, Profile] = {
         eval_max_pairs=None,
         throughput_pairs=256,
     ),
+    # The paper's method: QLoRA (4-bit NF4 base, LoRA on every linear projection) of a hub SLM on one CUDA GPU,
+    # bfloat16 compute from Ampere on, float16 on older cards (T4, V100). Phi-3.5-mini (3.8B) is the paper's student:
+    # ~2.2 GB of 4-bit weights. A smaller instruct model that fits a 16 GB card with room to spare:
+    # Qwen/Qwen2.5-1.5B-Instruct (1.5B, ~1.1 GB of 4-bit weights), given to stage 05 as student_model. Memory of each
+    # choice and how it was estimated: docs/gpu.md.
+    "gpu": Profile(
+        name="gpu",
+        max_documents=None,
+        queries_per_document=6,
+        negatives_per_query=4,
+        student_model=GPU_STUDENT_MODEL,
+        teacher_model="smollm2-135m-instruct",
+        train_epochs=2.0,
+        max_train_steps=-1,
+        max_seq_length=512,
+        learning_rate=2e-4,
+        batch_size=8,
+        eval_max_pairs=None,
+        throughput_pairs=256,
+        student_family="causal_lm",
+        needs_cuda=True,
+        notes="Needs a CUDA GPU and the Hugging Face hub (the student's weights, ~7.6 GB, are downloaded once).",
+    ),
 }
 
 
@@ -102,6 +131,24 @@ def get_profile(name: str, **overrides: Any) -> Profile:
     if unknown:
         raise ValueError(f"Unknown profile fields: {sorted(unknown)}")
     return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class NeedsCuda(RuntimeError):
+    """A profile that needs a CUDA GPU was asked for on a machine without one."""
+
+
+def check_profile_runs_here(name: str) -> None:
+    """Refuse, before any slow work, a profile this machine cannot run (the ``gpu`` profile without CUDA)."""
+    if not get_profile(name).needs_cuda:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        cpu_profiles = " or ".join(f"--profile {p.name}" for p in PROFILES.values() if not p.needs_cuda)
+        raise NeedsCuda(
+            f"the {name} profile trains a QLoRA student on a CUDA GPU and this machine has none: "
+            f"run {cpu_profiles} (the default bi-encoder student trains on a CPU)"
+        )
 
 
 def new_run_id(prefix: str = "run") -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,19 @@ def load_causal_lm(
     dtype: Any = None,
     device_map: Any = None,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer; ``quantize_4bit`` gives the QLoRA base (NF4, double quant)."""
-    import torch
+    """Load a causal LM and its tokenizer; ``quantize_4bit`` gives the QLoRA base (NF4, double quant).
+
+    ``dtype`` None: the GPU's half precision with CUDA (a 3.8B model in float32 beside a 4-bit student would not fit
+    a 16 GB card), float32 on a CPU. The 4-bit base computes in that same dtype.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from .labeler import default_dtype
+
     source = resolve_model(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype or default_dtype()}
     if quantize_4bit:
-        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        compute = default_dtype()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -157,3 +163,59 @@ def bundled_minilm_path() -> str:
             "or set CrossEncoderConfig.base_model to a hub id or model folder"
         ) from exc
     return str(get_model_path())
+
+
+def release_gpu_memory() -> None:
+    """Give the GPU memory of models no longer referenced back to the device (nothing to do without CUDA)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_tiny_llama(folder: str | Path, words: Sequence[str] = (), seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer Llama with a SentencePiece-style tokenizer into ``folder``, offline.
+
+    The tokenizer is built with the ``tokenizers`` library as Llama-2's (Phi-3.5-mini's) behaves: a Unigram model
+    behind a Metaspace pre-tokenizer that puts ``▁`` before every word, a bare ``"0"`` being two tokens
+    (``▁``, ``0``); single characters, digits and ``▁word`` for each of ``words`` without a digit (digits stay
+    single tokens, as Llama-2 splits them); ``<s>`` as BOS and no chat template. For tests and device checks
+    without a hub download; its grades mean nothing.
+    """
+    import string
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    characters = ["▁", "\n", *(c for c in string.printable if not c.isspace())]
+    pieces = [(t, 0.0) for t in specials] + [(c, -5.0) for c in characters]
+    pieces += [(f"▁{w}", -1.0) for w in dict.fromkeys(words) if not any(c.isdigit() for c in w)]  # digits: 1 each
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(pieces),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.3,  # a frozen random output layer can then express a confident grade
+    )
+    folder = Path(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

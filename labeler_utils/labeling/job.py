@@ -86,7 +86,7 @@ class LabelSettings:
     chunk_size: int = 1000
     max_length: int = 512
     skip_bad_lines: bool = False
-    precision: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32" or "bfloat16"
+    precision: str = "auto"  # "auto" (GPU: bfloat16 from Ampere on, else float16; CPU: float32), "float32", "bfloat16"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "chunk_size", "max_length"):

@@ -29,10 +29,23 @@ from ..core.records import GRADES
 
 #: File name of the manifest a trained student's folder holds (family, config, data, versions).
 LABELER_MANIFEST = "labeler_manifest.json"
-#: Compute precisions a labeler can run in; "auto" is bfloat16 on a CUDA GPU and float32 elsewhere.
+#: Compute precisions a labeler can run in; "auto" is the GPU's half precision with CUDA (bfloat16 from Ampere on,
+#: float16 before) and float32 elsewhere.
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: Libraries whose versions every manifest records.
 RECORDED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "sentence-transformers")
+
+
+def gpu_half_precision() -> torch.dtype:
+    """The 16-bit dtype the CUDA GPU computes natively: bfloat16 from compute capability 8.0 (Ampere) on, float16
+    on older cards (T4, V100), where ``torch.cuda.is_bf16_supported()`` also counts bfloat16 emulated in float32."""
+    major, _ = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def default_dtype() -> torch.dtype:
+    """The dtype a model is loaded in by default: the GPU's half precision with CUDA, float32 on a CPU."""
+    return gpu_half_precision() if torch.cuda.is_available() else torch.float32
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -40,7 +53,7 @@ def resolve_dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return default_dtype()
     return getattr(torch, precision)
 
 
@@ -226,6 +239,9 @@ class Labeler(PairLabeler):
     max_length: int
     device: torch.device
     truncated: int = 0
+    #: Grade agreement of a student merged on loading with its unmerged adapter, on the same pairs (None: not
+    #: merged, or not checked); see :func:`labeler_utils.throughput.engines.load_student`.
+    merge_agreement: dict[str, float] | None = None
 
     def transformer(self) -> Any:
         """The underlying transformers model (a PEFT wrapper's base model)."""
@@ -299,3 +315,24 @@ def prediction_row(record: dict[str, Any], label: GradeLabel, labeler: str) -> d
         "distribution": [float(p) for p in label.distribution],
         "labeler": labeler,
     }
+
+
+def label_agreement(reference: Sequence[GradeLabel], other: Sequence[GradeLabel]) -> dict[str, float]:
+    """Share of equal grades and the largest absolute probability difference between two labelers' labels of the same pairs."""
+    same = sum(a.grade == b.grade for a, b in zip(reference, other))
+    diff = max(
+        (abs(x - y) for a, b in zip(reference, other) for x, y in zip(a.distribution, b.distribution)), default=0.0
+    )
+    return {"grade_agreement": same / max(len(reference), 1), "max_probability_difference": diff}
+
+
+def merge_agreement(
+    unmerged_labels: Sequence[GradeLabel], merged: Labeler, pairs: Sequence[tuple[str, str]]
+) -> dict[str, float]:
+    """How well a merged student reproduces the adapter it was merged from, on the same pairs.
+
+    ``unmerged_labels`` are the adapter's labels of ``pairs`` (taken before merging, which changes a PEFT model in
+    place); returns the number of pairs, the share of equal grades and the largest probability difference.
+    """
+    merged_labels = list(merged.label(pairs, progress=False))
+    return {"pairs": len(pairs), **label_agreement(unmerged_labels, merged_labels)}

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..core.config import GPU_STUDENT_FAMILY, GPU_STUDENT_MODEL, Profile
 from .base import LABELER_MANIFEST, Labeler, read_manifest
 
 #: The family of a manifest written before manifests recorded one (only causal-LM adapters were).
@@ -147,6 +148,26 @@ register_family(
         "MiniLM bi-encoder fine-tuned on the grades: cosine of query and document embeddings, cut at trained thresholds",
     )
 )
+
+
+def stage_student(
+    settings: Profile, family: str | None = None, base_model: str | None = None
+) -> tuple[StudentFamily, str | None]:
+    """The family stage 05 trains and its base model (None: the family's own default, the bundled MiniLM).
+
+    ``family`` when given, else with a CUDA GPU present the causal LM (QLoRA, the paper's method,
+    :data:`~labeler_utils.config.GPU_STUDENT_FAMILY`), else the profile's family. ``base_model`` when given, else
+    for a family that takes the profile's student model: the profile's when the family was given or is the
+    profile's own, the paper's hub student (:data:`~labeler_utils.config.GPU_STUDENT_MODEL`) when the GPU chose
+    it; the smoke profile keeps its bundled model, a pipeline check with no download.
+    """
+    import torch
+
+    gpu_choice = family is None and settings.student_family != GPU_STUDENT_FAMILY and torch.cuda.is_available()
+    chosen = get_family(GPU_STUDENT_FAMILY if gpu_choice else family or settings.student_family)
+    if base_model or not chosen.profile_base_model:
+        return chosen, base_model
+    return chosen, GPU_STUDENT_MODEL if gpu_choice and settings.name != "smoke" else settings.student_model
 
 
 def distilled_student(folder: str | Path) -> Path | None:

@@ -14,14 +14,14 @@ import torch
 
 from ..core.config import DEMO_CORPUS_DIR
 from ..core.resources import PeakMemory, cpu_seconds, load_average
-from ..students.base import GradeLabel, Labeler
+from ..students.base import GradeLabel, Labeler, label_agreement
 from ..students.causal_lm.labeler import StudentLabeler
 from .cost import token_cost_per_1000
 from .variants import (
     SPEED_VARIANTS,
     PrefixCachedStudentLabeler,
     in_precision,
-    label_agreement,
+    is_quantized,
     naive_generate_label,
     quantize_int8,
 )
@@ -447,6 +447,9 @@ def run_all(
             if variant not in labeler.SPEED_VARIANTS:
                 continue
             if variant == "bfloat16":
+                if is_quantized(labeler):
+                    log(f"{prefix}: a quantized (4-bit) student computes in its own compute dtype; bfloat16 skipped")
+                    continue
                 engine = in_precision(labeler, torch.bfloat16)
                 name = f"{prefix} single pass, bfloat16, batch {best_batch}"
             elif variant == "prefix_cache":

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..students.base import GradeLabel, Labeler
+from ..students.base import GradeLabel, Labeler, gpu_half_precision, merge_agreement
 from ..students.causal_lm.labeler import (
     PROMPT_FORMATS,
     StudentLabeler,
@@ -38,18 +38,30 @@ def load_student(
     max_length: int = 512,
     merge: bool = True,
     dtype: Any = None,
+    check_pairs: Sequence[tuple[str, str]] = (),
 ) -> Labeler:
     """Load a student of any family for timing; a LoRA adapter is merged into its base in memory (``merge=True``).
 
     A merged adapter costs exactly what the base model costs; unmerged, PEFT adds the low-rank
-    products to every adapted layer. On CUDA the default dtype is bfloat16.
+    products to every adapted layer. With CUDA the default dtype is the GPU's half precision. A QLoRA
+    adapter is merged into its 4-bit base, which is quantized again: with ``check_pairs`` the grades of the
+    unmerged and the merged student on them are compared, in the returned labeler's ``merge_agreement``
+    (see :func:`merge_agreement`).
     """
     if dtype is None and torch.cuda.is_available():
-        dtype = torch.bfloat16
+        dtype = gpu_half_precision()
     labeler = load_labeler(model_or_adapter, max_length=max_length, dtype=dtype)
     if merge and hasattr(labeler.model, "merge_and_unload"):
+        unmerged_labels = list(labeler.label(check_pairs, progress=False))  # before the merge changes the model
         labeler = labeler.with_model(labeler.model.merge_and_unload())
+        if check_pairs:
+            labeler.merge_agreement = merge_agreement(unmerged_labels, labeler, check_pairs)
     return labeler
+
+
+def is_quantized(labeler: Labeler) -> bool:
+    """Whether the labeler's model holds quantized (bitsandbytes 4-bit or 8-bit) weights, which cannot change dtype."""
+    return bool(getattr(labeler.transformer(), "is_quantized", False))
 
 
 _FIRST_DIGIT = re.compile(r"\d")
@@ -164,16 +176,10 @@ def quantize_int8(labeler: StudentLabeler) -> StudentLabeler:
 
 
 def in_precision(labeler: Labeler, dtype: torch.dtype) -> Labeler:
-    """A copy of the labeler whose model computes in ``dtype`` (the original is left as it is)."""
+    """A copy of the labeler whose model computes in ``dtype`` (the original is left as it is); not for a quantized
+    model (:func:`is_quantized`), whose copy would double its GPU memory and whose weights cannot be cast."""
+    if is_quantized(labeler):
+        raise ValueError("a quantized (4-bit) student computes in its quantization's compute dtype: it cannot be cast")
     copied = copy.deepcopy(labeler)
     copied.model.to(dtype)
     return copied
-
-
-def label_agreement(reference: Sequence[GradeLabel], other: Sequence[GradeLabel]) -> dict[str, float]:
-    """Share of equal grades and the largest absolute probability difference between two engines."""
-    same = sum(a.grade == b.grade for a, b in zip(reference, other))
-    diff = max(
-        (abs(x - y) for a, b in zip(reference, other) for x, y in zip(a.distribution, b.distribution)), default=0.0
-    )
-    return {"grade_agreement": same / max(len(reference), 1), "max_probability_difference": diff}

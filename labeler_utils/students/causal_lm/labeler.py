@@ -40,23 +40,13 @@ PROMPT_FORMATS = ("query-document", "query-document-query")
 FAMILY = "causal_lm"
 
 
-def grade_token_ids(tokenizer: Any) -> list[int]:
-    """Token id of each grade digit; each digit must be a single token for one-pass scoring."""
-    ids = []
-    for grade in GRADES:
-        pieces = tokenizer.encode(str(grade), add_special_tokens=False)
-        if len(pieces) != 1:
-            raise ValueError(f"Grade {grade} is {len(pieces)} tokens for this tokenizer; one-pass scoring needs 1")
-        ids.append(pieces[0])
-    return ids
-
-
 def _uses_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
 def prompt_text(tokenizer: Any, query: str, document: str, prompt_format: str = PROMPT_FORMATS[0]) -> str:
-    """The student's prompt in ``prompt_format`` (see :data:`PROMPT_FORMATS`), ending exactly where the grade digit goes."""
+    """The student's prompt in ``prompt_format`` (see :data:`PROMPT_FORMATS`), ending exactly where the grade digit
+    goes (no trailing space: the digit follows ``Grade:`` or the chat template's answer prefix directly)."""
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     body = f"{STUDENT_INSTRUCTION}\n\nQuery: {query}\n\nDocument:\n{document}"
@@ -66,27 +56,61 @@ def prompt_text(tokenizer: Any, query: str, document: str, prompt_format: str = 
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
         )
-    return f"{body}\n\nGrade: "
+    return f"{body}\n\nGrade:"
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text, starting with the tokenizer's start-of-sequence token where it defines one and
+    no chat template writes it (Gemma reads badly without its BOS); a chat template's text carries its own."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or _uses_chat_template(tokenizer) or ids[:1] == [bos]:
+        return ids
+    return [bos, *ids]
+
+
+def grade_token_ids(tokenizer: Any, prompt_format: str = PROMPT_FORMATS[0]) -> list[int]:
+    """Token id of each grade digit as it follows the student's prompt, found in context.
+
+    A bare ``"0"`` is two tokens for a SentencePiece tokenizer that adds a leading space (``▁``, ``0``: the
+    Llama-2 vocabulary of Phi-3.5-mini), so each digit is read where it is written: the prompt is encoded,
+    then the prompt plus the digit, and the digit must add exactly one token after the unchanged prompt.
+    Training and labelling use that token.
+    """
+    prompt = prompt_text(tokenizer, "query", "document", prompt_format)
+    prompt_ids = encode_text(tokenizer, prompt)
+    ids = []
+    for grade in GRADES:
+        with_grade = encode_text(tokenizer, prompt + str(grade))
+        added = len(with_grade) - len(prompt_ids)
+        if with_grade[: len(prompt_ids)] != prompt_ids or added != 1:
+            raise ValueError(
+                f"Grade {grade} written after the student prompt is {added} token(s) of this tokenizer, or changes "
+                "the prompt's last tokens; one-pass scoring needs exactly 1 new token"
+            )
+        ids.append(with_grade[-1])
+    return ids
 
 
 def encode_prompt(
     tokenizer: Any, query: str, document: str, max_length: int, prompt_format: str = PROMPT_FORMATS[0]
 ) -> tuple[list[int], bool]:
-    """Token ids of the prompt with the document cut to fit ``max_length``; returns (ids, truncated).
+    """Token ids of the prompt (see :func:`encode_text`) with the document cut to fit ``max_length``; returns
+    (ids, truncated).
 
     Truncation policy: the instruction and the query are always kept whole; the document is cut
     from the end, token by token, so that the whole prompt plus the grade token fit.
     """
-    full = tokenizer.encode(prompt_text(tokenizer, query, document, prompt_format), add_special_tokens=False)
+    full = encode_text(tokenizer, prompt_text(tokenizer, query, document, prompt_format))
     if len(full) < max_length:
         return full, False
-    overhead = len(tokenizer.encode(prompt_text(tokenizer, query, "", prompt_format), add_special_tokens=False))
+    overhead = len(encode_text(tokenizer, prompt_text(tokenizer, query, "", prompt_format)))
     budget = max_length - overhead - 2
     if budget < 16:
         raise ValueError(f"max_length={max_length} leaves no room for the document (prompt alone is {overhead} tokens)")
     doc_ids = tokenizer.encode(document, add_special_tokens=False)[:budget]
     cut = tokenizer.decode(doc_ids)
-    ids = tokenizer.encode(prompt_text(tokenizer, query, cut, prompt_format), add_special_tokens=False)
+    ids = encode_text(tokenizer, prompt_text(tokenizer, query, cut, prompt_format))
     return ids[: max_length - 1], True
 
 
@@ -161,7 +185,7 @@ class StudentLabeler(Labeler):
         self.device = default_device(device)
         if not getattr(model, "hf_device_map", None) and not getattr(model, "is_loaded_in_4bit", False):
             self.model.to(self.device)
-        self.grade_ids = torch.tensor(grade_token_ids(tokenizer), device=self.device)
+        self.grade_ids = torch.tensor(grade_token_ids(tokenizer, prompt_format), device=self.device)
         self.truncated = 0
 
     def with_model(self, model: Any, device: str | None = None) -> StudentLabeler:

@@ -1,7 +1,8 @@
 """Stage 05: distil teacher grades into a small causal LM with LoRA / QLoRA.
 
-* QLoRA on a GPU: 4-bit NF4 base with double quantization, bf16 compute, LoRA on every linear
-  projection. On a CPU: plain LoRA on a float32 base (bitsandbytes 4-bit is not worth it there).
+* QLoRA on a GPU: 4-bit NF4 base with double quantization, LoRA on every linear projection, bfloat16
+  compute from compute capability 8.0 (Ampere) on and float16 compute with float32 adapters on older
+  GPUs (T4, V100). On a CPU: plain LoRA on a float32 base (bitsandbytes 4-bit is not worth it there).
 * trl's ``SFTTrainer`` drives training. Examples are tokenised here so that the label is exactly
   one token: the grade digit right after the student prompt. The loss is computed on that token
   only. Two objectives: ``"classification"``, cross-entropy on the hard grade, optionally mixed with
@@ -28,8 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from ...core.artifacts import write_json
-from ...core.models import load_causal_lm, resolve_model
-from ..base import LABELER_MANIFEST, exceed_probabilities, inverse_frequency_weights, write_manifest
+from ...core.models import load_causal_lm, release_gpu_memory, resolve_model
+from ..base import (
+    LABELER_MANIFEST,
+    exceed_probabilities,
+    gpu_half_precision,
+    inverse_frequency_weights,
+    merge_agreement,
+    write_manifest,
+)
 from .labeler import (
     FAMILY,
     GRADES,
@@ -66,7 +74,7 @@ class DistillConfig:
     prompt_format: str = PROMPT_FORMATS[0]  # see student.PROMPT_FORMATS; the labeler reads it from the manifest
     gradient_checkpointing: bool | None = None  # None: on for QLoRA (memory), off on CPU (speed)
     shared_prefix: bool | None = None  # instruction prefix run once per batch; None: on unless checkpointing
-    bf16: bool | None = None  # bfloat16 autocast; None: on for QLoRA on a bf16 GPU, off otherwise
+    bf16: bool | None = None  # bfloat16 autocast; None: on for QLoRA on an Ampere or newer GPU, off otherwise
     group_by_length: bool = True  # batches of similar length (less padding)
     save_steps: int = 0  # > 0: checkpoint every save_steps steps; a rerun of the same training resumes from the last
     warmup_ratio: float = 0.05
@@ -92,10 +100,16 @@ class DistillConfig:
             )
         return not self.use_gradient_checkpointing() if self.shared_prefix is None else self.shared_prefix
 
+    def _qlora_on_gpu_computing(self, dtype: torch.dtype) -> bool:
+        return self.use_qlora() and torch.cuda.is_available() and gpu_half_precision() == dtype
+
     def use_bf16(self) -> bool:
-        if self.bf16 is None:
-            return self.use_qlora() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return self.bf16
+        """bfloat16 autocast: by default for QLoRA on a GPU that computes bfloat16 natively (not emulated)."""
+        return self._qlora_on_gpu_computing(torch.bfloat16) if self.bf16 is None else self.bf16
+
+    def use_fp16(self) -> bool:
+        """float16 autocast (with loss scaling): QLoRA on a GPU older than Ampere, unless bfloat16 was asked for."""
+        return not self.use_bf16() and self._qlora_on_gpu_computing(torch.float16)
 
 
 def build_examples(
@@ -107,7 +121,7 @@ def build_examples(
     probabilities) is optional and falls back to a one-hot of the grade. Returns the examples and
     the number of documents truncated to fit ``max_length``.
     """
-    grade_ids = grade_token_ids(tokenizer)
+    grade_ids = grade_token_ids(tokenizer, prompt_format)
     examples, truncated = [], 0
     for index, record in enumerate(records):
         grade = record.get("grade")
@@ -231,7 +245,13 @@ def _trainer_class() -> type:
     from trl import SFTTrainer
 
     class GradeSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss is :func:`grade_loss` on the grade token."""
+        """SFTTrainer whose loss is :func:`grade_loss` on the grade token.
+
+        :func:`grade_loss` is each micro-batch's mean, not a sum over ``num_items_in_batch``: the Trainer must divide
+        it by the gradient accumulation steps (it would not for a model that accepts loss keyword arguments).
+        """
+
+        loss_is_scaled_for_ga = False
 
         def __init__(
             self,
@@ -322,6 +342,7 @@ def train_student(
     model, tokenizer = load_causal_lm(
         config.base_model,
         quantize_4bit=qlora,
+        dtype=None if qlora else torch.float32,  # plain LoRA trains on a float32 base, without autocast
         device_map={"": 0} if qlora and torch.cuda.is_available() else None,  # bitsandbytes' NF4 also runs on a CPU
     )
     checkpointing = config.use_gradient_checkpointing()
@@ -345,7 +366,7 @@ def train_student(
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=config.weight_decay,
         bf16=config.use_bf16(),
-        fp16=False,
+        fp16=config.use_fp16(),
         gradient_checkpointing=checkpointing,
         max_length=config.max_length,
         packing=False,
@@ -375,12 +396,14 @@ def train_student(
         processing_class=tokenizer,
         data_collator=GradeCollator(tokenizer.pad_token_id),
         peft_config=peft_config,
-        grade_ids=grade_token_ids(tokenizer),
+        grade_ids=grade_token_ids(tokenizer, config.prompt_format),
         soft_label_weight=config.soft_label_weight,
         class_weights=class_weights,
         prefix_ids=prefix_ids,
         objective=config.objective,
     )
+    if qlora and not config.use_bf16():
+        _adapters_to_float32(trainer.model)
     resume_from = _checkpoint_to_resume(output_dir / "checkpoints", config, examples) if config.save_steps else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -388,7 +411,7 @@ def train_student(
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    return write_manifest(
+    manifest = write_manifest(
         adapter_dir,
         FAMILY,
         config,
@@ -403,19 +426,53 @@ def train_student(
         truncated_documents=truncated,
         resumed_from=resume_from,
     )
+    del trainer, model
+    release_gpu_memory()  # the zero-shot baseline and the distilled student are loaded next on the same GPU
+    return manifest
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
-    """Merge a LoRA adapter into its (unquantised) base and save a standalone model folder."""
+def _adapters_to_float32(model: Any) -> None:
+    """Cast the trainable (LoRA) weights back to float32.
+
+    trl casts a quantized model's adapters to bfloat16 (the QLoRA paper's bf16 recipe). Without bfloat16
+    compute (float16 autocast on a GPU older than Ampere, float32 on a CPU) they would be updated in emulated
+    bfloat16; float32 adapters are what float16 loss scaling expects.
+    """
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, check_pairs: Sequence[tuple[str, str]]) -> Path:
+    """Merge a LoRA adapter into its unquantised base and save a standalone model folder.
+
+    A QLoRA adapter was trained on the 4-bit base and is merged into the unquantised one, so its grades can
+    change: the merged model and the adapter label ``check_pairs`` (e.g. the dev pairs) and the manifest of the
+    merged folder states their agreement under ``merge_agreement`` (see
+    :func:`labeler_utils.students.base.merge_agreement`).
+    """
     from peft import PeftModel
 
+    if not check_pairs:
+        raise ValueError(
+            "merge_adapter needs check_pairs: the pairs on which the merged model is compared with the adapter"
+        )
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     manifest = json.loads((adapter_dir / LABELER_MANIFEST).read_text())
     base, tokenizer = load_causal_lm(manifest["base_model"])
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    write_json(output_dir / LABELER_MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
+    del base, merged
+    release_gpu_memory()
+    write_json(
+        output_dir / LABELER_MANIFEST, {**manifest, "merged_from": str(adapter_dir)}
+    )  # read by the merged labeler
+    unmerged_labels = list(StudentLabeler.load(adapter_dir).label(check_pairs, progress=False))
+    agreement = merge_agreement(unmerged_labels, StudentLabeler.load(output_dir), check_pairs)
+    write_json(
+        output_dir / LABELER_MANIFEST, {**manifest, "merged_from": str(adapter_dir), "merge_agreement": agreement}
+    )
     return output_dir
 
 
