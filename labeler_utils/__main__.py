@@ -75,6 +75,12 @@ def _label(args: argparse.Namespace) -> int:
         print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary["truncated_documents"]:
+        print(
+            f"{summary['truncated_documents']} document(s) did not fit in {summary['labeler_max_length']} tokens and "
+            "were cut from their end (truncated_documents in summary.json)",
+            file=sys.stderr,
+        )
     if not summary["complete"]:
         print("stopped after --max-chunks; run the same command again to resume", file=sys.stderr)
     return 0
@@ -192,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ray: GPUs per actor, e.g. 1, or 0.5 for two actors per GPU (default: 1 each when the cluster has a "
         "GPU per actor, else its GPUs shared evenly, else 0)",
     )
-    label.add_argument("--max-chunks", type=int, help="stop after committing this many chunks (resume later)")
+    label.add_argument(
+        "--max-chunks", type=int, help="stop after committing this many chunks, at least 1 (resume later)"
+    )
     label.set_defaults(handler=_label)
     return parser
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import config
-from .artifacts import InputError, iter_jsonl_located, write_jsonl
+from .artifacts import InputError, format_suffix, iter_jsonl_located, numbered_lines, write_jsonl
 from .documents import document_card, load_corpus
 
 GRADES = (0, 1, 2, 3)
@@ -206,25 +206,19 @@ def iter_delimited(path: str | Path, n_fields: int, sep: str | None = None) -> I
     """``("file:line", fields)`` for each non-blank line of a text table with exactly ``n_fields`` fields.
 
     ``sep=None`` splits on any whitespace; a separator such as ``"\\t"`` splits at most
-    ``n_fields - 1`` times, so the last field may contain it (passage texts).
+    ``n_fields - 1`` times, so the last field may contain it (passage texts). A ``.gz`` file is read decompressed.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
-            if not line.strip():
-                continue
-            fields = line.split() if sep is None else line.split(sep, n_fields - 1)
-            if len(fields) != n_fields:
-                shown = "whitespace" if sep is None else repr(sep)
-                raise InputError(f"{where}: expected {n_fields} {shown}-separated fields, found {len(fields)}")
-            yield where, fields
+    for line_no, raw in numbered_lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
+        fields = line.split() if sep is None else line.split(sep, n_fields - 1)
+        if len(fields) != n_fields:
+            shown = "whitespace" if sep is None else repr(sep)
+            raise InputError(f"{where}: expected {n_fields} {shown}-separated fields, found {len(fields)}")
+        yield where, fields
 
 
 def load_trec(qrels_path: str | Path, topics_path: str | Path, collection_path: str | Path) -> pd.DataFrame:
@@ -332,7 +326,7 @@ def load_benchmark(spec: Any, corpus_dir: str | Path | None = None) -> pd.DataFr
     """Load a benchmark from whatever describes it.
 
     * a DataFrame (validated copy) or a ``datasets`` Dataset;
-    * a ``.jsonl`` path (:func:`load_pairs_jsonl`) or a ``save_to_disk`` folder (:func:`load_hf_dataset`);
+    * a ``.jsonl`` (or ``.jsonl.gz``) path (:func:`load_pairs_jsonl`) or a ``save_to_disk`` folder (:func:`load_hf_dataset`);
     * ``"ir_datasets:<id>"`` (:func:`load_ir_dataset`);
     * a mapping with ``qrels``, ``topics``, ``collection`` paths (:func:`load_trec`), or with
       ``dataset`` (+ ``split``, ``column_map``) (:func:`load_hf_dataset`).
@@ -353,7 +347,7 @@ def load_benchmark(spec: Any, corpus_dir: str | Path | None = None) -> pd.DataFr
         path = Path(spec)
         if path.is_dir():
             return load_hf_dataset(path)
-        if path.suffix == ".jsonl":
+        if format_suffix(path) == ".jsonl":
             return load_pairs_jsonl(path, corpus_dir)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such benchmark file or folder")

@@ -195,7 +195,9 @@ def train_bi_encoder(
         [r["grade"] for r in records],
         data_description,
         thresholds=[float(t) for t in thresholds],
-        truncated_documents=sum(len(ids) > config.max_length for ids in model.tokenizer(documents)["input_ids"]),
+        truncated_documents=sum(
+            len(ids) > config.max_length for ids in model.tokenizer(documents, verbose=False)["input_ids"]
+        ),
     )
 
 
@@ -248,7 +250,9 @@ class BiEncoderLabeler(Labeler):
     def encode_pair(self, query: str, document: str) -> tuple[tuple[list[int], list[int]], bool]:
         """Token ids of the query and of the document (each embedded on its own, cut to ``max_length``), and
         whether the document was cut."""
-        query_ids, document_ids = (self.tokenizer(text, truncation=False)["input_ids"] for text in (query, document))
+        query_ids, document_ids = (
+            self.tokenizer(text, truncation=False, verbose=False)["input_ids"] for text in (query, document)
+        )
         cut = len(document_ids) > self.max_length
         if cut:
             document_ids = self.tokenizer(document, truncation=True, max_length=self.max_length)["input_ids"]

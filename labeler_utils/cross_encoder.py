@@ -251,7 +251,8 @@ def train_cross_encoder(
     model_dir = output_dir / MODEL_SUBDIR
     model.save_pretrained(str(model_dir))
     truncated = sum(
-        len(ids) > config.max_length for ids in model.tokenizer(queries, documents, truncation=False)["input_ids"]
+        len(ids) > config.max_length
+        for ids in model.tokenizer(queries, documents, truncation=False, verbose=False)["input_ids"]
     )
     return write_manifest(
         model_dir,
@@ -314,7 +315,7 @@ class CrossEncoderLabeler(Labeler):
     def encode_pair(self, query: str, document: str) -> tuple[list[int], bool]:
         """Token ids of ``[CLS] query [SEP] document [SEP]``, cut to ``max_length`` as in training (longest first),
         and whether they were cut."""
-        full = self.tokenizer(query, document, truncation=False)["input_ids"]
+        full = self.tokenizer(query, document, truncation=False, verbose=False)["input_ids"]  # measured, then cut
         if len(full) <= self.max_length:
             return full, False
         return self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length)[

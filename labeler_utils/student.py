@@ -83,16 +83,21 @@ def encode_prompt(
     Truncation policy: the instruction and the query are always kept whole; the document is cut
     from the end, token by token, so that the whole prompt plus the grade token fit.
     """
-    full = tokenizer.encode(prompt_text(tokenizer, query, document, prompt_format), add_special_tokens=False)
+    # verbose=False: prompts longer than the tokenizer's limit are measured here and cut, never fed to the model
+    full = tokenizer.encode(
+        prompt_text(tokenizer, query, document, prompt_format), add_special_tokens=False, verbose=False
+    )
     if len(full) < max_length:
         return full, False
-    overhead = len(tokenizer.encode(prompt_text(tokenizer, query, "", prompt_format), add_special_tokens=False))
+    overhead = len(
+        tokenizer.encode(prompt_text(tokenizer, query, "", prompt_format), add_special_tokens=False, verbose=False)
+    )
     budget = max_length - overhead - 2
     if budget < 16:
         raise ValueError(f"max_length={max_length} leaves no room for the document (prompt alone is {overhead} tokens)")
-    doc_ids = tokenizer.encode(document, add_special_tokens=False)[:budget]
+    doc_ids = tokenizer.encode(document, add_special_tokens=False, verbose=False)[:budget]
     cut = tokenizer.decode(doc_ids)
-    ids = tokenizer.encode(prompt_text(tokenizer, query, cut, prompt_format), add_special_tokens=False)
+    ids = tokenizer.encode(prompt_text(tokenizer, query, cut, prompt_format), add_special_tokens=False, verbose=False)
     return ids[: max_length - 1], True
 
 
