@@ -41,6 +41,16 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def follow_umask(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a new file gets under the umask (0666 less it: readable by all
+    under the usual 022). Call it after saving a model: safetensors writes its files 0600 whatever the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
+
+
 def _create_beside(path: Path) -> tuple[int, str]:
     """A new empty file ``.<name>.<random>.tmp`` beside ``path``, created 0666 less the umask."""
     while True:

@@ -34,6 +34,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer import losses
 
+from .artifacts import follow_umask
 from .cross_encoder import encoder_training_arguments
 from .labeler import (
     GRADES,
@@ -184,6 +185,7 @@ def train_bi_encoder(
     thresholds = share_matching_thresholds(cosines(model, queries, documents), grade_counts(records))
     model_dir = output_dir / MODEL_SUBDIR
     model.save(str(model_dir))
+    follow_umask(model_dir)
     return write_manifest(
         model_dir,
         FAMILY,

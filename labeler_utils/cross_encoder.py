@@ -38,6 +38,7 @@ from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTraine
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, CrossEntropyLoss
 from sentence_transformers.util import batch_to_device
 
+from .artifacts import follow_umask
 from .labeler import (
     GRADES,
     MANIFEST,
@@ -250,6 +251,7 @@ def train_cross_encoder(
     seconds = time.perf_counter() - start
     model_dir = output_dir / MODEL_SUBDIR
     model.save_pretrained(str(model_dir))
+    follow_umask(model_dir)
     truncated = sum(
         len(ids) > config.max_length
         for ids in model.tokenizer(queries, documents, truncation=False, verbose=False)["input_ids"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .artifacts import write_json
+from .artifacts import follow_umask, write_json
 from .labeler import MANIFEST, exceed_probabilities, inverse_frequency_weights, write_manifest
 from .models import load_causal_lm, resolve_model
 from .student import (
@@ -388,6 +388,7 @@ def train_student(
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
+    follow_umask(adapter_dir)
     return write_manifest(
         adapter_dir,
         FAMILY,
@@ -415,6 +416,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path) -> Path:
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    follow_umask(output_dir)
     write_json(output_dir / MANIFEST, {**manifest, "merged_from": str(adapter_dir)})
     return output_dir
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import follow_umask
 from .config import CACHE_DIR
 
 
@@ -78,6 +79,7 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
     (tmp_dir / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+    follow_umask(tmp_dir)
     os.replace(tmp_dir, output_dir)
     return output_dir
 
