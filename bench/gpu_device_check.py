@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from labeler_utils import throughput as tp
+from labeler_utils.core.devices import default_dtype
 from labeler_utils.core.models import build_tiny_llama, load_causal_lm
-from labeler_utils.students.base import default_dtype, read_manifest
+from labeler_utils.students.base import read_manifest
 from labeler_utils.students.causal_lm.labeler import STUDENT_INSTRUCTION, grade_token_ids
 from labeler_utils.students.causal_lm.train import DistillConfig, merge_adapter, train_student, zero_shot_labeler
 from labeler_utils.students.registry import load_labeler

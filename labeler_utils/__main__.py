@@ -18,7 +18,7 @@ def _prepare_models(args: argparse.Namespace) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .config import NeedsCuda, check_profile_runs_here
+    from .core.config import NeedsCuda, check_profile_runs_here
     from .domain import ConfigError, load_pipeline_config
     from .pipeline import run_pipeline
 
@@ -79,6 +79,12 @@ def _label(args: argparse.Namespace) -> int:
         print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary["truncated_documents"]:
+        print(
+            f"{summary['truncated_documents']} document(s) did not fit in {summary['labeler_max_length']} tokens and "
+            "were cut from their end (truncated_documents in summary.json)",
+            file=sys.stderr,
+        )
     if not summary["complete"]:
         print("stopped after --max-chunks; run the same command again to resume", file=sys.stderr)
     return 0
@@ -104,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.set_defaults(handler=_pipeline)
 
+    from .core.devices import PRECISIONS
     from .labeling.inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY
     from .labeling.job import ENGINES, OUTPUT_FILES, Engine, LabelSettings
-    from .students.causal_lm.labeler import PRECISIONS
 
     defaults, engine = LabelSettings(), Engine()
     label = commands.add_parser(
@@ -196,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ray: GPUs per actor, e.g. 1, or 0.5 for two actors per GPU (default: 1 each when the cluster has a "
         "GPU per actor, else its GPUs shared evenly, else 0)",
     )
-    label.add_argument("--max-chunks", type=int, help="stop after committing this many chunks (resume later)")
+    label.add_argument(
+        "--max-chunks", type=int, help="stop after committing this many chunks, at least 1 (resume later)"
+    )
     label.set_defaults(handler=_label)
     return parser
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -43,9 +45,14 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A bi-encoder trained under the usual umask 022."""
     folder = tmp_path_factory.mktemp("bi_encoder")
     config = be.BiEncoderConfig(max_steps=3, batch_size=4, max_length=64, logging_steps=1)
-    return folder, be.train_bi_encoder(RECORDS, folder, config, {"note": "test"})
+    umask = os.umask(0o022)
+    try:
+        return folder, be.train_bi_encoder(RECORDS, folder, config, {"note": "test"})
+    finally:
+        os.umask(umask)
 
 
 def test_cosent_loss_equals_the_hand_computed_formula():
@@ -99,6 +106,9 @@ def test_training_writes_the_family_thresholds_and_a_loadable_student(trained):
     assert manifest["global_steps"] == 3 and len(manifest["thresholds"]) == 3
     assert distilled_student(folder) == folder / be.MODEL_SUBDIR
     assert (folder / be.MODEL_SUBDIR / LABELER_MANIFEST).exists()
+    # every file follows the umask, the weights too (safetensors writes 0600): another user may read the student
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (folder / be.MODEL_SUBDIR).rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
     labeler = load_labeler(folder)
     assert isinstance(labeler, be.BiEncoderLabeler) and labeler.max_length == 64
     # the cut points reproduce the teacher's grade shares (3 pairs of each grade) on the training pairs

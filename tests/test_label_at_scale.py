@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import math
 import os
@@ -21,8 +22,10 @@ import pytest
 import torch
 
 from labeler_utils.__main__ import main
+from labeler_utils.benchmarks.loaders import load_trec
 from labeler_utils.benchmarks.predictions import read_predictions
 from labeler_utils.core.artifacts import InputError
+from labeler_utils.labeling import job as label_at_scale
 from labeler_utils.labeling.inputs import WorkStore
 from labeler_utils.labeling.job import (
     CHUNKS,
@@ -399,6 +402,164 @@ def test_cli_full_disk_while_indexing_texts_names_the_work_file(tiny_model_dir, 
     assert error_lines(capsys.readouterr().err) == [f"error: {out_dir / 'work.sqlite'}: database or disk is full"]
 
 
+def disk_full_at_the_work_store(monkeypatch) -> str:
+    """SQLite finds the disk full while setting up the work store, after creating its files (error path only)."""
+    real_connect = sqlite3.connect
+
+    def connect(path, *args, **kwargs):
+        db = real_connect(path, *args, **kwargs)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS half_made (x)")
+        db.close()
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return "{out}/work.sqlite: database or disk is full"
+
+
+def disk_full_at(name: str, monkeypatch) -> str:
+    """The atomic write of the file ``name`` finds the disk full (error path only)."""
+    real_replace = os.replace
+
+    def replace(source, target):
+        if Path(target).name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return "{out}/" + ("chunks/" if name.startswith("chunk") else "") + f"{name}: No space left on device"
+
+
+@pytest.mark.parametrize("where", ["work store", "manifest.json", "chunk-000000.jsonl"])
+def test_cli_a_full_disk_before_the_first_label_is_one_line_exit_2_and_leaves_nothing(
+    where, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    out_dir = tmp_path / "out"
+    if where == "work store":
+        expected = disk_full_at_the_work_store(monkeypatch)
+    else:
+        expected = disk_full_at(where, monkeypatch)
+    assert cli_label(tiny_model_dir, pairs_path, out_dir) == 2
+    assert error_lines(capsys.readouterr().err) == ["error: " + expected.format(out=out_dir)]
+    assert not out_dir.exists()  # no .lock, manifest.json or work.sqlite* of a run that labeled nothing
+    monkeypatch.undo()
+    assert cli_label(tiny_model_dir, pairs_path, out_dir) == 0
+
+
+def test_gzipped_pairs_runs_topics_collections_and_qrels_are_read_decompressed(tiny_model_dir, tmp_path):
+    def gzipped(source: Path) -> Path:
+        target = tmp_path / f"{source.name}.gz"
+        target.write_bytes(gzip.compress(source.read_bytes()))
+        return target
+
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    summary = label_pairs(tiny_model_dir, gzipped(pairs_path), tmp_path / "gz", settings=SMALL, progress=False)
+    label_pairs(tiny_model_dir, pairs_path, tmp_path / "plain", settings=SMALL, progress=False)
+    assert summary["format"] == "jsonl" and summary["pairs_labeled"] == 12
+    assert_same_labels(read_labels(tmp_path / "gz"), read_labels(tmp_path / "plain"))
+
+    texts = {"collection": gzipped(DATA / "scale_collection.jsonl"), "topics": gzipped(DATA / "scale_topics.tsv")}
+    run = gzipped(DATA / "scale_run.trec")
+    summary = label_pairs(tiny_model_dir, run, tmp_path / "run", settings=SMALL, progress=False, **texts)
+    assert summary["format"] == "trec" and summary["pairs_labeled"] == 6 and summary["duplicate_pairs"] == 3
+
+    trec = DATA / "trec"
+    plain = load_trec(trec / "qrels.txt", trec / "topics.tsv", trec / "collection.tsv")
+    from_gz = load_trec(gzipped(trec / "qrels.txt"), gzipped(trec / "topics.tsv"), gzipped(trec / "collection.tsv"))
+    assert from_gz.equals(plain) and len(plain) > 0
+
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(gzip.compress(pairs_path.read_bytes())[:200])
+    with pytest.raises(InputError, match=f"{re.escape(str(damaged))}:\\d+: not a readable gzip file"):
+        label_pairs(tiny_model_dir, damaged, tmp_path / "damaged", settings=SMALL, progress=False)
+    assert not (tmp_path / "damaged").exists()
+
+
+@pytest.fixture
+def student_never_loads(monkeypatch) -> None:
+    """Input errors must come before the student loads: loading it fails the test."""
+
+    def load_student(*args, **kwargs):
+        raise AssertionError("the student was loaded before the input was checked")
+
+    monkeypatch.setattr(label_at_scale, "load_student", load_student)
+
+
+BAD_BEFORE_LOADING = {
+    "malformed JSON": ([json.dumps(GOOD), '{"query_id": "q2",'], (), "pairs.jsonl:2: not valid JSON"),
+    "missing document": (
+        [json.dumps(GOOD), json.dumps({k: v for k, v in GOOD.items() if k != "document"})],
+        (),
+        "pairs.jsonl:2: missing field 'document' (or give --collection",
+    ),
+    "zero-width space in an id": (
+        [json.dumps({**GOOD, "query_id": "q\u200b001"})],
+        ("--formats", "jsonl"),
+        "pairs.jsonl:1: query_id 'q\\u200b001' contains U+200B (ZERO WIDTH SPACE), an invisible character",
+    ),
+    "ideographic space in an id": (
+        [json.dumps({**GOOD, "doc_id": "d\u30001"})],
+        (),
+        "pairs.jsonl:1: doc_id 'd\\u30001' contains whitespace, which TREC qrels cannot hold",
+    ),
+    "no input lines": (["", " "], (), "pairs.jsonl: no input lines"),
+    "--max-chunks 0": ([json.dumps(GOOD)], ("--max-chunks", "0"), "max_chunks: must be at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BEFORE_LOADING)
+def test_cli_bad_input_and_arguments_are_refused_before_the_student_loads(
+    case, student_never_loads, tiny_model_dir, tmp_path, capsys
+):
+    lines, options, message = BAD_BEFORE_LOADING[case]
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(line + "\n" for line in lines))
+    assert cli_label(tiny_model_dir, pairs_path, tmp_path / "out", *options) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"error: {tmp_path}/{message}" if "pairs.jsonl" in message else f"error: {message}"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_a_run_whose_every_line_is_skipped_fails_with_the_count(tiny_model_dir, tmp_path, capsys):
+    parquet_path = tmp_path / "pairs.parquet"
+    pq.write_table(
+        pa.table({"query_id": ["q1", "q2", "q3"], "query": ["vpn", "lunch", "pizza"], "doc_id": ["d1"] * 3}),
+        parquet_path,
+    )
+    assert cli_label(tiny_model_dir, parquet_path, tmp_path / "out", "--skip-bad-lines") == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {parquet_path}: all 3 row(s) are bad, nothing to label; the first: {parquet_path}: row 1: "
+        "missing field 'document' (or give --collection to look it up by id)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_says_once_how_many_documents_were_cut_instead_of_the_tokenizer_warning(tiny_model_dir, tmp_path):
+    """The tokenizer's own limit is --max-length here: measuring a longer prompt, transformers warns of indexing
+    errors although the prompt is cut before the model reads it."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in tiny_model_dir.iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 128}))
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    command = [sys.executable, "-m", "labeler_utils", "label", "--model", str(model), "--input", str(pairs_path)]
+    command += ["--output", str(tmp_path / "out"), "--max-length", "128", "--threads", "1", "--formats", "jsonl"]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cut = json.loads((tmp_path / "out" / "summary.json").read_text())["truncated_documents"]
+    assert 0 < cut < 12 and "Token indices sequence length" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "cut from their end" in line]
+    assert lines == [
+        f"{cut} document(s) did not fit in 128 tokens and were cut from their end (truncated_documents in summary.json)"
+    ]
+
+
 def test_refused_runs_leave_nothing_behind(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -413,8 +574,10 @@ def test_refused_runs_leave_nothing_behind(tiny_model_dir, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
+    pairs_path = tmp_path / "pairs.jsonl"  # a good input: the empty one is refused before the folder is looked at
+    write_pairs(pairs_path, 3)
     with pytest.raises(ResumeRefused, match="not empty"):
-        label_pairs(tiny_model_dir, empty, foreign, settings=SMALL, progress=False)
+        label_pairs(tiny_model_dir, pairs_path, foreign, settings=SMALL, progress=False)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
@@ -482,10 +645,13 @@ def test_trec_run_labels_each_distinct_pair_once(collection, tiny_model_dir, tmp
 
 def test_trec_run_with_an_unknown_document_or_bad_line(tiny_model_dir, tmp_path):
     run = tmp_path / "run.trec"
-    run.write_text((DATA / "scale_run.trec").read_text() + "103 Q0 d77 3 0.1 dense\n101 Q0 d4\n")
+    run.write_text((DATA / "scale_run.trec").read_text() + "103 Q0 d77 3 0.1 dense\n")
     common = {"collection": DATA / "scale_collection.tsv", "topics": DATA / "scale_topics.tsv", "progress": False}
     with pytest.raises(InputError, match=f"{run}:10: doc_id 'd77' is not in the --collection file"):
         label_pairs(tiny_model_dir, run, tmp_path / "strict", settings=SMALL, **common)
+    run.write_text(run.read_text() + "101 Q0 d4\n")
+    with pytest.raises(InputError, match=f"{run}:11: expected 6 whitespace-separated fields"):  # found before d77:
+        label_pairs(tiny_model_dir, run, tmp_path / "strict", settings=SMALL, **common)  # no lookup before loading
     skip = LabelSettings(batch_size=4, chunk_size=10, max_length=128, skip_bad_lines=True)
     summary = label_pairs(tiny_model_dir, run, tmp_path / "skip", settings=skip, **common)
     assert summary["skipped_lines"] == 2 and summary["pairs_labeled"] == 6

@@ -69,6 +69,39 @@ def test_the_pools_labeling_time_is_the_union_of_the_chunks_intervals():
     assert busy.intervals == [(0, 35)]
 
 
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def test_a_driver_that_started_ray_leaves_no_ray_process_behind(tiny_model_dir, tmp_path):
+    """``ray.shutdown()`` orphans the actors' workers; the driver adopts and reaps them, so that none outlives it (as a
+    live orphan, or as a ``ray::MapWorker <defunct>`` where PID 1 reaps no one)."""
+    import psutil
+
+    pytest.importorskip("ray")
+    pairs_path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_path, 12)
+    options = ["--model", str(tiny_model_dir), "--input", str(pairs_path), "--output", str(tmp_path / "out")]
+    options += ["--chunk-size", "4", "--max-length", "128", "--engine", "ray", "--workers", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labeler_utils", "label", *options],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # every process of its Ray instance is in this session
+    )
+    _, stderr = process.communicate(timeout=400)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    left = [p for p in psutil.process_iter(["name", "status"]) if session_of(p.pid) == process.pid]
+    for leftover in left:
+        leftover.kill()
+    assert [(p.info["name"], p.info["status"]) for p in left] == []
+
+
 def test_sigkill_of_the_driver_then_the_same_command_resumes_with_every_pair_once(
     tiny_model_dir, tmp_path, request, capsys
 ):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import os
 import time
+import traceback
 
 import httpx
 import openai
 import pytest
 from conftest import ScriptedHTTPServer, chat_response, ok, replies, scripted_client
 
+from labeler_utils import hard_negatives as hn
+from labeler_utils.documents import Document
 from labeler_utils.llm.client import Endpoint, LLMClient, LLMError, parse_with_retries
 from labeler_utils.llm.local_server import LocalLLMServer, connect_llm, free_cpu_threads, free_port
 from labeler_utils.teacher import TeacherLabeler
@@ -224,6 +228,39 @@ def test_server_error_text_is_stored_with_the_key_and_tokens_masked(tmp_path, mo
         assert "HTTP 401" in message and "Incorrect API key provided: ***" in message and "Bearer ***" in message
         for secret in ("team-secret-0042", "AbCdEf0123456789", "eyJhbGciOi"):
             assert secret not in message
+
+
+def chained(error: BaseException) -> list[BaseException]:
+    """An exception and every cause and context chained to it."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+@pytest.mark.parametrize("status", [401, 503])  # refused at once; failed after the retries
+def test_no_traceback_repr_or_log_of_a_failed_call_holds_the_key(status, tmp_path, monkeypatch, caplog):
+    """Uncaught, as in stage 03's false-negative check or a direct ``chat``: the printed traceback, with every
+    chained exception, the ``repr`` and the debug logs of ``openai`` and ``httpx`` keep the key out."""
+    key = "plantedkey-7f3a9c5e1d"  # not key-shaped: only masking this very key hides it
+    monkeypatch.setenv("TEST_LLM_KEY", key)
+    caplog.set_level(logging.DEBUG)
+    body = {"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error"}}
+    document = Document("runbook.md", "Runbook", "Restart the gateway.")
+    with ScriptedHTTPServer(replies((status, {}, json.dumps(body).encode()))) as server:
+        client = http_client(tmp_path, server, max_retries=1)
+        failures = []
+        for call in (lambda: client.chat(MESSAGES), lambda: hn.sample_check_grader(client)("gateway", document)):
+            with pytest.raises(LLMError) as failure:
+                call()
+            failures.append(failure.value)
+    assert len(server.requests) == (2 if status == 401 else 4)
+    for error in failures:
+        printed = "".join(traceback.format_exception(error))
+        assert ("(HTTP 401)" if status == 401 else "failed 2 times") in printed and "Incorrect API key" in printed
+        assert chained(error) == [error] and key not in printed and key not in repr(error)
+    assert "HTTP Response" in caplog.text and key not in caplog.text
 
 
 def test_real_local_server_answers_and_stops(tmp_path):

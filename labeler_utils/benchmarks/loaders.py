@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from ..core import config
-from ..core.artifacts import InputError, iter_delimited, iter_jsonl_located
+from ..core.artifacts import InputError, format_suffix, iter_delimited, iter_jsonl_located
 from ..core.records import is_missing, parse_grade
 from ..documents import document_card, load_corpus
 
@@ -278,7 +278,7 @@ def load_benchmark(spec: Any, corpus_dir: str | Path | None = None) -> pd.DataFr
     """Load a benchmark from whatever describes it.
 
     * a DataFrame (validated copy) or a ``datasets`` Dataset;
-    * a ``.jsonl`` path (:func:`load_pairs_jsonl`) or a ``save_to_disk`` folder (:func:`load_hf_dataset`);
+    * a ``.jsonl`` (or ``.jsonl.gz``) path (:func:`load_pairs_jsonl`) or a ``save_to_disk`` folder (:func:`load_hf_dataset`);
     * ``"ir_datasets:<id>"`` (:func:`load_ir_dataset`);
     * a mapping with ``qrels``, ``topics``, ``collection`` paths (:func:`load_trec`), or with
       ``dataset`` (+ ``split``, ``column_map``) (:func:`load_hf_dataset`).
@@ -299,7 +299,7 @@ def load_benchmark(spec: Any, corpus_dir: str | Path | None = None) -> pd.DataFr
         path = Path(spec)
         if path.is_dir():
             return load_hf_dataset(path)
-        if path.suffix == ".jsonl":
+        if format_suffix(path) == ".jsonl":
             return load_pairs_jsonl(path, corpus_dir)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such benchmark file or folder")

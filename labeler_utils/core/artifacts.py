@@ -1,10 +1,12 @@
-"""Reading and writing run artifacts: JSONL with line-precise errors, atomic writes."""
+"""Reading and writing run artifacts: text lines (gzipped or not) and JSONL with line-precise errors, atomic writes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import secrets
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +41,16 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def follow_umask(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a new file gets under the umask (0666 less it: readable by all
+    under the usual 022). Call it after saving a model: safetensors writes its files 0600 whatever the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
+
+
 def _create_beside(path: Path) -> tuple[int, str]:
     """A new empty file ``.<name>.<random>.tmp`` beside ``path``, created 0666 less the umask."""
     while True:
@@ -47,6 +59,35 @@ def _create_beside(path: Path) -> tuple[int, str]:
             return os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_name
         except FileExistsError:
             continue
+
+
+COMPRESSED_SUFFIXES = (".gz",)  # read transparently: "pairs.jsonl.gz" is JSONL
+
+
+def format_suffix(path: str | Path) -> str:
+    """The lower-case suffix that names a file's format, the one before a compression suffix (``a.jsonl.gz``:
+    ``.jsonl``)."""
+    path = Path(path)
+    if path.suffix.lower() in COMPRESSED_SUFFIXES:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+def numbered_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of each non-blank line of a text file, streamed; a ``.gz`` file is decompressed
+    on the fly. ``FileNotFoundError`` naming a missing file, ``InputError`` for a damaged ``.gz``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    compressed = path.suffix.lower() in COMPRESSED_SUFFIXES
+    with gzip.open(path, "rb") if compressed else path.open("rb") as handle:
+        line_no = 0
+        try:
+            for line_no, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    yield line_no, raw
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise InputError(f"{path}:{line_no + 1}: not a readable gzip file ({exc})") from None
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -62,28 +103,22 @@ def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[dict[
 
 def iter_jsonl_located(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
     """Stream ``("file:line", record)`` pairs, so later checks can name the line too."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            missing = [name for name in required if name not in record or record[name] in (None, "")]
-            if missing:
-                raise InputError(f"{where}: missing or empty field(s) {missing}")
-            yield where, record
+    for line_no, raw in numbered_lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [name for name in required if name not in record or record[name] in (None, "")]
+        if missing:
+            raise InputError(f"{where}: missing or empty field(s) {missing}")
+        yield where, record
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
@@ -116,22 +151,16 @@ def iter_delimited(path: str | Path, n_fields: int, sep: str | None = None) -> I
     """``("file:line", fields)`` for each non-blank line of a text table with exactly ``n_fields`` fields.
 
     ``sep=None`` splits on any whitespace; a separator such as ``"\\t"`` splits at most
-    ``n_fields - 1`` times, so the last field may contain it (passage texts).
+    ``n_fields - 1`` times, so the last field may contain it (passage texts). A ``.gz`` file is read decompressed.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
-            if not line.strip():
-                continue
-            fields = line.split() if sep is None else line.split(sep, n_fields - 1)
-            if len(fields) != n_fields:
-                shown = "whitespace" if sep is None else repr(sep)
-                raise InputError(f"{where}: expected {n_fields} {shown}-separated fields, found {len(fields)}")
-            yield where, fields
+    for line_no, raw in numbered_lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
+        fields = line.split() if sep is None else line.split(sep, n_fields - 1)
+        if len(fields) != n_fields:
+            shown = "whitespace" if sep is None else repr(sep)
+            raise InputError(f"{where}: expected {n_fields} {shown}-separated fields, found {len(fields)}")
+        yield where, fields

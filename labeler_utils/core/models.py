@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import follow_umask
 from .config import CACHE_DIR
 
 
@@ -79,6 +80,7 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
     (tmp_dir / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+    follow_umask(tmp_dir)
     os.replace(tmp_dir, output_dir)
     return output_dir
 
@@ -131,7 +133,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from .labeler import default_dtype
+    from .devices import default_dtype
 
     source = resolve_model(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dtype or default_dtype()}

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import sqlite3
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,10 +24,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..core.artifacts import InputError, iter_delimited
+from ..core.artifacts import InputError, format_suffix, iter_delimited, numbered_lines
 from ..documents import Document, document_card
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".trec": "trec", ".run": "trec"}
+# Units read and checked before the model loads (the whole input is checked after, with the tokenizer).
+FIRST_UNITS_CHECKED = 1000
+# Unicode categories no id may hold: invisible format characters (a zero-width space, a BOM) and controls.
+INVISIBLE_ID_CATEGORIES = frozenset({"Cf", "Cc"})
+# and, when qrels are written, none of these either: every kind of space and line or paragraph separator.
+WHITESPACE_CATEGORIES = frozenset({"Zs", "Zl", "Zp"})
 # A document is cut to this many characters per token of max_length before it is tokenized at all:
 # natural text never spends more than a few characters per token, so the kept tokens do not change,
 # but a pathological multi-megabyte "document" costs no more than a long one.
@@ -44,10 +51,12 @@ TRUNCATION_POLICY = (
 BAD_INPUT_POLICY = (
     "Bad input (malformed JSON, missing or empty fields, non-UTF-8 bytes, wrong field types, ids absent "
     "from --topics/--collection, over-long queries, a pair repeated in a JSONL/Parquet file, ids with "
-    "whitespace when qrels are among the --formats): by default an "
-    "error naming the file and line (Parquet: row) before any labeling starts; with --skip-bad-lines the line "
-    "is skipped, counted in summary.json and recorded with its reason in skipped.jsonl. Repeated "
-    "(query, document) pairs of a TREC run (several systems) are labeled once and counted as duplicates."
+    "an invisible format or control character such as a zero-width space, ids with whitespace when qrels "
+    "are among the --formats): by default an error naming the file and line (Parquet: row) before any "
+    f"labeling starts (the first {FIRST_UNITS_CHECKED} lines before the student loads); with --skip-bad-lines "
+    "the line is skipped, counted in summary.json and recorded with its reason in skipped.jsonl; an input "
+    "without a single good line is an error. Repeated (query, document) pairs of a TREC run (several "
+    "systems) are labeled once and counted as duplicates. Input files ending in .gz are read decompressed."
 )
 
 
@@ -96,14 +105,6 @@ def file_fingerprint(path: str | Path) -> str:
     return f"{path.stat().st_size}:{digest.hexdigest()}"
 
 
-def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw bytes)`` of each non-blank line, streamed."""
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield line_no, raw
-
-
 def decode_line(raw: bytes, line_no: int) -> str:
     """A line as text; ``ValueError`` with the reason for non-UTF-8 bytes (a BOM on line 1 is dropped)."""
     try:
@@ -148,13 +149,42 @@ def _identifier(value: Any, name: str) -> str:
     return _text(value, name).strip()
 
 
-def check_qrels_ids(query_id: str, doc_id: str) -> None:
-    """``ValueError`` naming the id when a pair's ids cannot be written as a TREC qrels line."""
+def check_ids(query_id: str, doc_id: str, qrels: bool = True) -> None:
+    """``ValueError`` naming the id and character when an id holds an invisible format or control character (a
+    zero-width space makes ``q\\u200b001`` look like ``q001``), or, with ``qrels``, any whitespace, which a TREC
+    qrels line cannot hold."""
     for name, value in (("query_id", query_id), ("doc_id", doc_id)):
-        if any(c.isspace() for c in value):
-            raise ValueError(
-                f"{name} {value!r} contains whitespace, which TREC qrels cannot hold; leave qrels out of --formats"
-            )
+        for char in value:
+            category = unicodedata.category(char)
+            if category in INVISIBLE_ID_CATEGORIES and not (qrels and char.isspace()):
+                raise ValueError(
+                    f"{name} {value!r} contains U+{ord(char):04X} ({unicodedata.name(char, 'a control character')}), "
+                    "an invisible character no id may hold"
+                )
+            if qrels and (char.isspace() or category in WHITESPACE_CATEGORIES):
+                raise ValueError(
+                    f"{name} {value!r} contains whitespace, which TREC qrels cannot hold; leave qrels out of --formats"
+                )
+
+
+def pair_ids(fields: dict[str, Any], qrels: bool) -> tuple[str, str]:
+    """The checked ``(query_id, doc_id)`` of a unit's fields (see :func:`check_ids`); ``ValueError`` otherwise."""
+    for name in ("query_id", "doc_id"):
+        if fields.get(name) is None:
+            raise ValueError(f"missing field {name!r}")
+    query_id, doc_id = _identifier(fields["query_id"], "query_id"), _identifier(fields["doc_id"], "doc_id")
+    check_ids(query_id, doc_id, qrels)
+    return query_id, doc_id
+
+
+def inline_text(fields: dict[str, Any], name: str, option: str, can_look_up: bool) -> str | None:
+    """The unit's own ``query`` or ``document`` text, checked; None when it is to be looked up by id in the
+    ``option`` file, a ``ValueError`` when it is absent and there is no such file."""
+    if fields.get(name) is not None:
+        return _text(fields[name], name)
+    if not can_look_up:
+        raise ValueError(f"missing field {name!r} (or give {option} to look it up by id)")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,11 +273,12 @@ SOURCES: dict[str, type[PairSource]] = {cls.kind: cls for cls in (JsonlSource, P
 
 
 def open_pairs(path: str | Path, input_format: str | None = None) -> PairSource:
-    """The pair source for a file; the format comes from ``input_format`` or the file's suffix."""
-    kind = input_format or INPUT_FORMATS.get(Path(path).suffix.lower())
+    """The pair source for a file; the format comes from ``input_format`` or the file's suffix (the one before
+    ``.gz``: a gzipped JSONL file or TREC run is read decompressed)."""
+    kind = input_format or INPUT_FORMATS.get(format_suffix(path))
     if kind not in SOURCES:
         raise ValueError(
-            f"{path}: cannot tell the input format from the suffix {Path(path).suffix!r}; "
+            f"{path}: cannot tell the input format from the suffix {format_suffix(path)!r}; "
             f"name it with input_format / --input-format ({', '.join(SOURCES)})"
         )
     return SOURCES[kind](path)
@@ -266,18 +297,23 @@ class WorkStore:
     """
 
     def __init__(self, path: Path):
+        """Open (or create) the store; an SQLite error while setting it up closes it again and is raised."""
         self.db = sqlite3.connect(path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, fingerprint TEXT);
-            CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, text TEXT, source TEXT) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS queries (id TEXT PRIMARY KEY, text TEXT, source TEXT) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS pairs (query_id TEXT, doc_id TEXT, line INTEGER,
-                                              PRIMARY KEY (query_id, doc_id)) WITHOUT ROWID;
-            """
-        )
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, fingerprint TEXT);
+                CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, text TEXT, source TEXT) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS queries (id TEXT PRIMARY KEY, text TEXT, source TEXT) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS pairs (query_id TEXT, doc_id TEXT, line INTEGER,
+                                                  PRIMARY KEY (query_id, doc_id)) WITHOUT ROWID;
+                """
+            )
+        except sqlite3.Error:
+            self.db.close()
+            raise
         self.has = {"documents": False, "queries": False}
 
     def close(self) -> None:
@@ -326,7 +362,7 @@ def collection_rows(path: Path) -> Iterator[tuple[str, str, str]]:
     A JSONL record's id is its first field of ``doc_id, docid, _id, id`` and its text the first of
     ``document, text, contents, body``, after its ``title`` when it has one (BEIR layout).
     """
-    if path.suffix.lower() != ".jsonl":
+    if format_suffix(path) != ".jsonl":
         for where, (doc_id, text) in iter_delimited(path, 2, "\t"):
             yield where, doc_id, text
         return
@@ -372,7 +408,9 @@ class UnitReader:
         self.qrels = qrels
         self.max_query_tokens = max_length // MAX_QUERY_SHARE
         self.max_document_chars = max_length * CHARS_PER_TOKEN_BOUND
-        self.query_tokens = lru_cache(maxsize=8192)(lambda q: len(tokenizer.encode(q, add_special_tokens=False)))
+        self.query_tokens = lru_cache(maxsize=8192)(
+            lambda q: len(tokenizer.encode(q, add_special_tokens=False, verbose=False))
+        )
 
     def units(self, skip: int = 0) -> Iterator[Unit]:
         """Every unit in input order, after the first ``skip`` raw units (not even parsed)."""
@@ -394,15 +432,11 @@ class UnitReader:
                 )
 
     def pair(self, line_no: int, fields: dict[str, Any]) -> PairRecord:
-        for name in ("query_id", "doc_id"):
-            if fields.get(name) is None:
-                raise ValueError(f"missing field {name!r}")
-        query_id = _identifier(fields["query_id"], "query_id")
-        doc_id = _identifier(fields["doc_id"], "doc_id")
-        if self.qrels:
-            check_qrels_ids(query_id, doc_id)
-        query = self._lookup(fields.get("query"), "query", "queries", query_id, "--topics")
-        document = self._lookup(fields.get("document"), "document", "documents", doc_id, "--collection")
+        query_id, doc_id = pair_ids(fields, self.qrels)
+        query = inline_text(fields, "query", "--topics", self.store.has["queries"])
+        query = query or self._lookup("queries", query_id, "--topics")
+        document = inline_text(fields, "document", "--collection", self.store.has["documents"])
+        document = document or self._lookup("documents", doc_id, "--collection")
         tokens = self.query_tokens(query)
         if tokens > self.max_query_tokens:
             raise ValueError(
@@ -411,12 +445,8 @@ class UnitReader:
             )
         return PairRecord(line_no, query_id, query, doc_id, document[: self.max_document_chars])
 
-    def _lookup(self, value: Any, name: str, table: str, key: str, option: str) -> str:
-        """The field's text, or the text of ``key`` in the collection / topics when the field is absent."""
-        if value is not None:
-            return _text(value, name)
-        if not self.store.has[table]:
-            raise ValueError(f"missing field {name!r} (or give {option} to look it up by id)")
+    def _lookup(self, table: str, key: str, option: str) -> str:
+        """The text of ``key`` in the collection / topics."""
         text = self.store.text(table, key)
         if text is None:
             raise ValueError(f"{'doc_id' if table == 'documents' else 'query_id'} {key!r} is not in the {option} file")
@@ -430,16 +460,45 @@ def bad_input(source: PairSource, unit: BadLine) -> InputError:
     )
 
 
-def check_input(reader: UnitReader, skip_bad_lines: bool, progress: bool) -> int:
-    """One pass before labeling: count the units, and stop at the first bad one unless skipping."""
+def check_first_units(source: PairSource, skip_bad_lines: bool, qrels: bool, collection: bool, topics: bool) -> None:
+    """What can be checked before the student loads: the input has a unit, and its first
+    :data:`FIRST_UNITS_CHECKED` units parse, with valid ids and texts or the file to look them up in
+    (``collection``, ``topics``: whether one is given); :func:`check_input` checks everything after."""
     count = 0
+    for line_no, raw in itertools.islice(source.raw_units(), FIRST_UNITS_CHECKED):
+        count += 1
+        try:
+            fields = source.fields(raw, line_no)
+            pair_ids(fields, qrels)
+            inline_text(fields, "query", "--topics", topics)
+            inline_text(fields, "document", "--collection", collection)
+        except ValueError as exc:
+            if not skip_bad_lines:
+                raise bad_input(source, BadLine(line_no, str(exc))) from None
+    if count == 0:
+        raise InputError(f"{source.path}: no input lines")
+
+
+def check_input(reader: UnitReader, skip_bad_lines: bool, progress: bool) -> int:
+    """One pass before labeling: count the units, and stop at the first bad one unless skipping; an input whose
+    every unit is bad is refused with the count even when skipping."""
+    count, labelable, first_bad = 0, 0, None
     for unit in tqdm(reader.units(), desc="checking input", unit=" lines", disable=not progress, mininterval=2):
         count += 1
-        if isinstance(unit, BadLine) and not skip_bad_lines:
-            raise bad_input(reader.source, unit)
+        if isinstance(unit, BadLine):
+            if not skip_bad_lines:
+                raise bad_input(reader.source, unit)
+            first_bad = first_bad or unit
+        else:
+            labelable += 1
     reader.store.commit()
     if count == 0:
         raise InputError(f"{reader.source.path}: no input lines")
+    if labelable == 0:
+        raise InputError(
+            f"{reader.source.path}: all {count} {reader.source.unit}(s) are bad, nothing to label; the first: "
+            f"{reader.source.where(first_bad.line)}: {first_bad.reason}"
+        )
     return count
 
 

@@ -31,7 +31,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..core.artifacts import InputError, atomic_write, read_json, write_json
+from ..core.devices import resolve_dtype
 from ..core.resources import cpu_seconds, peak_rss_mb
-from ..students.base import resolve_dtype
 from ..students.registry import load_labeler
 from .inputs import (
     BadLine,
@@ -51,6 +51,7 @@ from .inputs import (
     UnitReader,
     WorkStore,
     bad_input,
+    check_first_units,
     check_input,
     file_fingerprint,
     open_pairs,
@@ -328,12 +329,16 @@ def label_pairs(
     ``engine`` says how the chunks are labeled (this process, or a pool of Ray actors); it is not
     part of the run's identity, so a run may resume with another engine or worker count. Returns
     the summary (``complete`` False when stopped early); the complete summary is also written
-    to ``summary.json``. Raises ``InputError`` for bad input (unless ``settings.skip_bad_lines``)
-    and ``ResumeRefused`` for a folder holding another run.
+    to ``summary.json``. Raises ``InputError`` for bad input (unless ``settings.skip_bad_lines``;
+    an input without a single good unit always), before the student loads where the first lines
+    show it, and ``ResumeRefused`` for a folder holding another run. A run that stops on an error
+    (bad input, a full disk) before its first chunk is committed leaves nothing in ``output_dir``.
     """
     unknown = set(formats) - set(OUTPUT_FILES)
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of {list(OUTPUT_FILES)}, got {list(formats)}")
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"max_chunks: must be at least 1, got {max_chunks}")
     if engine.name == "ray":
         from .ray_engine import require_ray
 
@@ -346,6 +351,9 @@ def label_pairs(
     for path in (collection_path, topics_path):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
+    check_first_units(
+        source, settings.skip_bad_lines, "qrels" in formats, collection_path is not None, topics_path is not None
+    )
     with exclusive(out_dir):
         fingerprints = {
             "input": file_fingerprint(source.path),
@@ -365,8 +373,8 @@ def label_pairs(
                     label_chunks_ray(job, engine, progress)
                 else:
                     label_chunks_local(job, progress)
-            except InputError:
-                if manifest["total_units"] is None:  # refused before any labeling: nothing worth keeping
+            except (InputError, OSError):
+                if committed_chunks(out_dir) == 0:  # stopped before any label: nothing worth keeping
                     clear_output(out_dir)
                 raise
             if not manifest["complete"]:
@@ -421,25 +429,24 @@ class ChunkJob:
         """The unit reader over the input, its texts in the work store, the input checked on the first call.
 
         ``labeler`` gives the tokenizer and max length of the query-length check. SQLite errors
-        ("database or disk is full") are raised as ``OSError`` naming the work file.
+        ("database or disk is full"), from creating the work file on, are raised as ``OSError``
+        naming it.
         """
         for stale in [*self.out_dir.glob(".*.tmp"), *self.out_dir.glob("*/.*.tmp")]:  # writes cut short by a kill
             stale.unlink()
-        store = WorkStore(self.out_dir / WORK_DB)
         try:
-            store.load("documents", self.collection, self.manifest["identity"]["collection"], progress)
-            store.load("queries", self.topics, self.manifest["identity"]["topics"], progress)
-            reader = UnitReader(self.source, store, labeler.tokenizer, labeler.max_length, "qrels" in self.formats)
-            if self.manifest["total_units"] is None:
-                with self.timed("input_check"):
-                    self.manifest["total_units"] = check_input(reader, self.settings.skip_bad_lines, progress)
-                self.manifest["labeler_max_length"] = labeler.max_length
-                write_json(self.out_dir / RUN_MANIFEST, self.manifest)
-            yield reader
+            with closing(WorkStore(self.out_dir / WORK_DB)) as store:
+                store.load("documents", self.collection, self.manifest["identity"]["collection"], progress)
+                store.load("queries", self.topics, self.manifest["identity"]["topics"], progress)
+                reader = UnitReader(self.source, store, labeler.tokenizer, labeler.max_length, "qrels" in self.formats)
+                if self.manifest["total_units"] is None:
+                    with self.timed("input_check"):
+                        self.manifest["total_units"] = check_input(reader, self.settings.skip_bad_lines, progress)
+                    self.manifest["labeler_max_length"] = labeler.max_length
+                    write_json(self.out_dir / RUN_MANIFEST, self.manifest)
+                yield reader
         except sqlite3.OperationalError as exc:
             raise OSError(None, str(exc), str(self.out_dir / WORK_DB)) from exc
-        finally:
-            store.close()
 
     def chunk_range(self, progress: bool) -> range:
         """The indices of the chunks this call labels: from the first uncommitted one, at most ``max_chunks``."""

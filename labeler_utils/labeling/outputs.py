@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from ..core.artifacts import InputError, atomic_write, read_json
 from ..core.records import GRADES
-from .inputs import PairSource, check_qrels_ids
+from .inputs import PairSource, check_ids
 
 RUN_MANIFEST = "manifest.json"
 WORK_DB = "work.sqlite"
@@ -148,7 +148,7 @@ def write_outputs(out_dir: Path, formats: tuple[str, ...], source: PairSource) -
         with atomic_write(out_dir / OUTPUT_FILES["qrels"]) as handle:
             for record in iter_labels(out_dir):
                 try:
-                    check_qrels_ids(record["query_id"], record["doc_id"])
+                    check_ids(record["query_id"], record["doc_id"])
                 except ValueError as exc:
                     raise InputError(f"{source.where(record['line'])}: {exc}") from None
                 handle.write(f"{record['query_id']} 0 {record['doc_id']} {record['grade']}\n")

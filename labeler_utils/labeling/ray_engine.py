@@ -14,13 +14,15 @@ commits, the merge and the summary. What differs:
    :meth:`~labeler_utils.labeling.job.ChunkJob.commit` and deletes its shard.
 
 Killed at any moment (``kill -9``), the driver leaves only committed chunks and whole shards; a
-local Ray instance it started goes down with it. Every node reads the shards and the model by
+local Ray instance it started goes down with it. Ending normally, it shuts such an instance down
+and reaps the workers the shutdown orphaned (:func:`adopting_orphans`): no process outlives the run. Every node reads the shards and the model by
 path: on a cluster of several machines, ``--output`` and ``--model`` must be on storage they
 share. ``ray`` is imported only when this engine runs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import logging
@@ -41,6 +43,8 @@ from .job import ChunkJob, ChunkMeta, Engine, chunk_meta, label_chunk, load_labe
 from .outputs import SHARDS
 
 UNIT_KINDS: dict[str, type] = {"pair": PairRecord, "bad": BadLine, "duplicate": DuplicatePair}
+PR_SET_CHILD_SUBREAPER = 36  # Linux <sys/prctl.h>
+ORPHAN_GRACE_SECONDS = 5.0
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
@@ -124,29 +128,65 @@ class Timeline:
         return sum(e - s for s, e in merged) - before
 
 
+def set_child_subreaper(on: bool) -> bool:
+    """Make this process (Linux) the parent of its descendants orphaned from now on, or stop; whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+@contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Adopt the processes the block orphans, and end and reap them at its end.
+
+    ``ray.shutdown()`` stops the raylet before the workers it started have exited: orphaned, they
+    live on for seconds and end as ``ray::MapWorker <defunct>`` wherever PID 1 reaps no one (many
+    containers). Inside the block this process is their subreaper; at its end each child the block
+    added is terminated (killed after :data:`ORPHAN_GRACE_SECONDS`) and reaped.
+    """
+    import psutil
+
+    this = psutil.Process()
+    before = {child.pid for child in this.children()}
+    adopting = set_child_subreaper(True)
+    try:
+        yield
+    finally:
+        if adopting:
+            orphans = [child for child in this.children() if child.pid not in before]
+            for process in orphans:
+                process.terminate()
+            _, alive = psutil.wait_procs(orphans, timeout=ORPHAN_GRACE_SECONDS)  # waits for children: reaps them
+            for process in alive:
+                process.kill()
+            psutil.wait_procs(alive, timeout=ORPHAN_GRACE_SECONDS)
+            set_child_subreaper(False)
+
+
 @contextmanager
 def ray_session(address: str | None, job: ChunkJob | None = None) -> Iterator[Any]:
     """The ``ray`` module, connected: to the instance this process initialised already (as it is), else
-    ``ray.init(address)`` (timed as the ``job``'s ``ray_init``), shut down again at the end. Ray's logs and Ray
-    Data's progress bars are kept quiet."""
+    ``ray.init(address)`` (timed as the ``job``'s ``ray_init``), shut down again at the end with no process of it
+    left behind (:func:`adopting_orphans`). Ray's logs and Ray Data's progress bars are kept quiet."""
     import ray
     import ray.data
 
     started = not ray.is_initialized()
-    if started:
-        with job.timed("ray_init") if job else nullcontext():
-            ray.init(address=address, logging_level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    before = context.enable_progress_bars, context.execution_options.preserve_order
-    context.enable_progress_bars = False  # the driver's own bar counts committed pairs
-    context.execution_options.preserve_order = True  # results come back in chunk order, as commits need
-    try:
-        yield ray
-    finally:
-        context.enable_progress_bars, context.execution_options.preserve_order = before
+    with adopting_orphans() if started else nullcontext():
         if started:
-            ray.shutdown()
+            with job.timed("ray_init") if job else nullcontext():
+                ray.init(address=address, logging_level=logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        context = ray.data.DataContext.get_current()
+        before = context.enable_progress_bars, context.execution_options.preserve_order
+        context.enable_progress_bars = False  # the driver's own bar counts committed pairs
+        context.execution_options.preserve_order = True  # results come back in chunk order, as commits need
+        try:
+            yield ray
+        finally:
+            context.enable_progress_bars, context.execution_options.preserve_order = before
+            if started:
+                ray.shutdown()
 
 
 def require_ray() -> None:

@@ -6,8 +6,8 @@ makes no repeated calls; transient failures (timeouts, 429, 5xx, dropped connect
 body is not a chat completion) are retried with exponential backoff, or after the delay a 429/503
 asks for in ``Retry-After`` / ``retry-after-ms`` (capped); a semaphore bounds concurrent requests;
 a :class:`UsageLedger` counts calls, cache hits, tokens and failures; answers that do not parse are
-recorded, never dropped. Error texts never carry the API key: it and key- or token-like strings are
-masked.
+recorded, never dropped. Errors never carry the API key: it and key- or token-like strings are
+masked in their texts, and an ``LLMError`` chains no ``openai`` exception (whose text may quote the key).
 """
 
 from __future__ import annotations
@@ -306,6 +306,12 @@ class LLMClient:
         ) / 1e6
 
     def _call_with_retries(self, messages: Sequence[Message], params: dict[str, Any]) -> ChatResult:
+        """The completion, retried on transient errors; an ``LLMError`` with a masked message otherwise.
+
+        The ``LLMError`` is raised outside the handlers, with no chained cause or context: the
+        ``openai`` exception it replaces may quote the API key (a 401 body does) and would be
+        printed with any traceback.
+        """
         kwargs = {k: v for k, v in params.items() if v is not None}
         for attempt in range(self.max_retries + 1):
             with self._slots:
@@ -323,22 +329,21 @@ class LLMClient:
                     error: Exception = exc
                 except openai.APIStatusError as exc:
                     self.ledger.add(calls=1, failures=1)
-                    raise LLMError(
-                        self._masked(
-                            f"{self.endpoint.base_url} refused the request for model {self.endpoint.model!r} "
-                            f"(HTTP {exc.status_code}): {exc.message}"
-                        )
-                    ) from exc
+                    failure = (
+                        f"{self.endpoint.base_url} refused the request for model {self.endpoint.model!r} "
+                        f"(HTTP {exc.status_code}): {exc.message}"
+                    )
+                    break
             if attempt < self.max_retries:
                 self.ledger.add(retries=1)
                 time.sleep(self._delay(error, attempt))
-        self.ledger.add(failures=1)
-        raise LLMError(
-            self._masked(
+        else:
+            self.ledger.add(failures=1)
+            failure = (
                 f"{self.endpoint.base_url} failed {self.max_retries + 1} times for model {self.endpoint.model!r}: "
                 f"{type(error).__name__}: {error}"
             )
-        ) from error
+        raise LLMError(self._masked(failure))
 
     def _delay(self, error: Exception, attempt: int) -> float:
         """Seconds before the next attempt: what the answer asked for (at most ``max_retry_after``), else backoff."""

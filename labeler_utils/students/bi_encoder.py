@@ -34,13 +34,14 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer import losses
 
+from ..core.artifacts import follow_umask
+from ..core.devices import default_device
 from ..core.models import bundled_minilm_path
 from .base import (
     GRADES,
     LABELER_MANIFEST,
     GradeLabel,
     Labeler,
-    default_device,
     grade_counts,
     grades_at_thresholds,
     read_manifest,
@@ -169,6 +170,7 @@ def train_bi_encoder(
     thresholds = share_matching_thresholds(cosines(model, queries, documents), grade_counts(records))
     model_dir = output_dir / MODEL_SUBDIR
     model.save(str(model_dir))
+    follow_umask(model_dir)
     return write_manifest(
         model_dir,
         FAMILY,
@@ -180,7 +182,9 @@ def train_bi_encoder(
         [r["grade"] for r in records],
         data_description,
         thresholds=[float(t) for t in thresholds],
-        truncated_documents=sum(len(ids) > config.max_length for ids in model.tokenizer(documents)["input_ids"]),
+        truncated_documents=sum(
+            len(ids) > config.max_length for ids in model.tokenizer(documents, verbose=False)["input_ids"]
+        ),
     )
 
 
@@ -233,7 +237,9 @@ class BiEncoderLabeler(Labeler):
     def encode_pair(self, query: str, document: str) -> tuple[tuple[list[int], list[int]], bool]:
         """Token ids of the query and of the document (each embedded on its own, cut to ``max_length``), and
         whether the document was cut."""
-        query_ids, document_ids = (self.tokenizer(text, truncation=False)["input_ids"] for text in (query, document))
+        query_ids, document_ids = (
+            self.tokenizer(text, truncation=False, verbose=False)["input_ids"] for text in (query, document)
+        )
         cut = len(document_ids) > self.max_length
         if cut:
             document_ids = self.tokenizer(document, truncation=True, max_length=self.max_length)["input_ids"]

@@ -38,12 +38,13 @@ from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTraine
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, CrossEntropyLoss
 from sentence_transformers.util import batch_to_device
 
+from ..core.artifacts import follow_umask
+from ..core.devices import default_device
 from .base import (
     GRADES,
     LABELER_MANIFEST,
     GradeLabel,
     Labeler,
-    default_device,
     exceed_probabilities,
     inverse_frequency_weights,
     read_manifest,
@@ -217,8 +218,10 @@ def train_cross_encoder(
     seconds = time.perf_counter() - start
     model_dir = output_dir / MODEL_SUBDIR
     model.save_pretrained(str(model_dir))
+    follow_umask(model_dir)
     truncated = sum(
-        len(ids) > config.max_length for ids in model.tokenizer(queries, documents, truncation=False)["input_ids"]
+        len(ids) > config.max_length
+        for ids in model.tokenizer(queries, documents, truncation=False, verbose=False)["input_ids"]
     )
     return write_manifest(
         model_dir,
@@ -281,7 +284,7 @@ class CrossEncoderLabeler(Labeler):
     def encode_pair(self, query: str, document: str) -> tuple[list[int], bool]:
         """Token ids of ``[CLS] query [SEP] document [SEP]``, cut to ``max_length`` as in training (longest first),
         and whether they were cut."""
-        full = self.tokenizer(query, document, truncation=False)["input_ids"]
+        full = self.tokenizer(query, document, truncation=False, verbose=False)["input_ids"]  # measured, then cut
         if len(full) <= self.max_length:
             return full, False
         return self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length)[

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..students.base import GradeLabel, Labeler, gpu_half_precision, merge_agreement
+from ..core.devices import gpu_half_precision
+from ..students.base import GradeLabel, Labeler, merge_agreement
 from ..students.causal_lm.labeler import (
     PROMPT_FORMATS,
     StudentLabeler,

@@ -17,14 +17,9 @@ from typing import Any
 
 import torch
 
+from ...core.devices import default_device
 from ...core.models import load_causal_lm
-from ..base import (
-    GRADES,
-    GradeLabel,
-    Labeler,
-    default_device,
-    read_manifest,
-)
+from ..base import GRADES, GradeLabel, Labeler, read_manifest
 
 STUDENT_INSTRUCTION = (
     "Rate how well the document answers the search query.\n"
@@ -62,7 +57,8 @@ def prompt_text(tokenizer: Any, query: str, document: str, prompt_format: str = 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt text, starting with the tokenizer's start-of-sequence token where it defines one and
     no chat template writes it (Gemma reads badly without its BOS); a chat template's text carries its own."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    # verbose=False: prompts longer than the tokenizer's limit are measured here and cut, never fed to the model
+    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None or _uses_chat_template(tokenizer) or ids[:1] == [bos]:
         return ids
@@ -108,7 +104,7 @@ def encode_prompt(
     budget = max_length - overhead - 2
     if budget < 16:
         raise ValueError(f"max_length={max_length} leaves no room for the document (prompt alone is {overhead} tokens)")
-    doc_ids = tokenizer.encode(document, add_special_tokens=False)[:budget]
+    doc_ids = tokenizer.encode(document, add_special_tokens=False, verbose=False)[:budget]
     cut = tokenizer.decode(doc_ids)
     ids = encode_text(tokenizer, prompt_text(tokenizer, query, cut, prompt_format))
     return ids[: max_length - 1], True

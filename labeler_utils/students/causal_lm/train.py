@@ -28,16 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...core.artifacts import write_json
+from ...core.artifacts import follow_umask, write_json
+from ...core.devices import gpu_half_precision
 from ...core.models import load_causal_lm, release_gpu_memory, resolve_model
-from ..base import (
-    LABELER_MANIFEST,
-    exceed_probabilities,
-    gpu_half_precision,
-    inverse_frequency_weights,
-    merge_agreement,
-    write_manifest,
-)
+from ..base import LABELER_MANIFEST, exceed_probabilities, inverse_frequency_weights, merge_agreement, write_manifest
 from .labeler import (
     FAMILY,
     GRADES,
@@ -411,6 +405,7 @@ def train_student(
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
+    follow_umask(adapter_dir)
     manifest = write_manifest(
         adapter_dir,
         FAMILY,
@@ -463,6 +458,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, check_pairs: 
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    follow_umask(output_dir)
     del base, merged
     release_gpu_memory()
     write_json(
