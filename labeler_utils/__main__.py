@@ -45,6 +45,30 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError, naming its file when it has one."""
+    return f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}"
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .artifacts import InputError
+    from .benchmarks.fetch import fetch
+
+    try:
+        result = fetch(args.benchmark, args.output, args.from_file, args.base_url)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an --output that is a folder or not writable, a full disk
+        print(_os_error_line(exc), file=sys.stderr)
+        return 2
+    print(
+        f"{result.output}: {result.pairs} pairs over {result.queries} queries of {result.benchmark} "
+        f"(from {result.source}; size and SHA-256 verified)"
+    )
+    return 0
+
+
 def _label(args: argparse.Namespace) -> int:
     from .core.artifacts import InputError
     from .labeling.job import Engine, LabelSettings, ResumeRefused, label_pairs
@@ -76,7 +100,7 @@ def _label(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an --output that is a file or not writable, a full disk; FileNotFoundError of inputs
-        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
+        print(_os_error_line(exc), file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     if summary["truncated_documents"]:
@@ -109,6 +133,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--parameters", help='JSON object of extra notebook parameters, e.g. \'{"llm_base_url": "..."}\''
     )
     pipeline.set_defaults(handler=_pipeline)
+
+    from .benchmarks.fetch import BASE_URL, SOURCES
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download a TREC DL benchmark and convert it into the pairs file the project reads",
+        description="Download the public source file of a TREC DL benchmark (NIST human grades, MS MARCO "
+        "passages, DeepSeek-V3's recorded grades), check its size and SHA-256, and write it as a pairs file "
+        "(qid, docid, query, passage, human, llm_labels.deepseek_v3_umbrela). On any error nothing is written.",
+    )
+    fetch.add_argument("benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(SOURCES)}")
+    fetch.add_argument(
+        "--output",
+        help="pairs file to write (default: runs/benchmarks/BENCHMARK/pairs.jsonl in the project, or under "
+        "$LABELER_RUNS_DIR; runs/ is git-ignored: the passages are MS MARCO's, never commit them)",
+    )
+    fetch.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="convert this local copy of the source file instead of downloading it (size and SHA-256 still checked)",
+    )
+    fetch.add_argument("--base-url", default=BASE_URL, help="where the source files are (default: %(default)s)")
+    fetch.set_defaults(handler=_fetch)
 
     from .core.devices import PRECISIONS
     from .labeling.inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY

@@ -67,7 +67,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -89,8 +88,8 @@ from labeler_utils.core.config import Profile  # noqa: E402
 from labeler_utils.core.records import GRADES  # noqa: E402
 from labeler_utils.evaluate import (  # noqa: E402
     NDCG_CUTOFF,
+    QueryMetric,
     bootstrap_ci,
-    labeler_scores,
     paired_bootstrap,
     plot_forest,
     plot_learning_curve,
@@ -108,7 +107,7 @@ DEFAULT_WORK_DIR = REPO_ROOT / "runs" / "reproduce_trec_dl"
 #: Metrics of evaluate.py (bootstrapped from per-query statistics) reported for every labeler.
 GRADE_METRICS = ("accuracy", "kappa", "qwk", "kappa_binary_ge2")
 RANKING_METRICS = (f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
-SPEARMAN = "spearman_expected"  # of expected relevance; not a per-query sum, so bootstrapped on resampled tables
+SPEARMAN = "spearman_expected"  # of expected relevance (else grade)
 METRICS = (*GRADE_METRICS, SPEARMAN, *RANKING_METRICS)
 METRIC_TITLES = {
     "accuracy": "acc",
@@ -521,15 +520,9 @@ def share_calibrated(
     return pd.concat(parts)
 
 
-def spearman_of_scores(labeler: str) -> Callable[[pd.DataFrame], float]:
+def spearman_of_scores(labeler: str) -> QueryMetric:
     """Spearman correlation of the labeler's expected relevance (else grade) with the human grades."""
-
-    def metric(frame: pd.DataFrame) -> float:
-        scores = labeler_scores(frame, labeler)
-        graded = scores.notna().to_numpy()
-        return float(stats.spearmanr(scores[graded], frame["human"][graded]).statistic)
-
-    return metric
+    return query_metric(SPEARMAN, labeler)
 
 
 def evaluate_set(

@@ -270,6 +270,38 @@ def test_fast_bootstrap_equals_resampling_tables() -> None:
     assert fast["ci_low"] <= fast["estimate"] <= fast["ci_high"]
 
 
+def spearman_of_resampled_table(labeler: str):
+    """Spearman's rho of the labeler's scores with the human grades, by scipy on a whole table."""
+
+    def metric(table: pd.DataFrame) -> float:
+        scores = ev.labeler_scores(table, labeler)
+        graded = scores.notna().to_numpy()
+        return float(stats.spearmanr(scores[graded], table["human"][graded]).statistic)
+
+    return metric
+
+
+@pytest.mark.parametrize("labeler", ["teacher", "recorded:judge"])  # distinct expected relevances; tied grades
+def test_spearman_of_scores_equals_scipy_on_resampled_tables(labeler: str) -> None:
+    frame = labelled_frame()
+    frame.loc[frame.index[:15], "teacher:expected"] = 1.5  # ties across queries
+    fast = ev.bootstrap_ci(frame, ev.query_metric("spearman_expected", labeler), n_boot=60, seed=3)
+    slow = ev.bootstrap_ci(frame, spearman_of_resampled_table(labeler), n_boot=60, seed=3)
+    assert fast == pytest.approx(slow, rel=1e-12, abs=1e-12)
+    assert fast["estimate"] == pytest.approx(spearman_of_resampled_table(labeler)(frame), rel=1e-12)
+
+
+def test_spearman_of_scores_paired_and_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = labelled_frame()
+    whole = ev.paired_bootstrap(frame, "teacher", "recorded:judge", "spearman_expected", n_boot=50, seed=1)
+    monkeypatch.setattr("labeler_utils.evaluate.bootstrap._RESAMPLED_VALUES", 7)  # one replicate per block
+    assert ev.paired_bootstrap(frame, "teacher", "recorded:judge", "spearman_expected", n_boot=50, seed=1) == whole
+    both = frame[frame["recorded:judge"].notna()]
+    assert whole["value_a"] == pytest.approx(spearman_of_resampled_table("teacher")(both), rel=1e-12)
+    constant = frame.assign(flat=pd.array([2] * len(frame), dtype="Int64"))
+    assert math.isnan(ev.bootstrap_ci(constant, ev.query_metric("spearman_expected", "flat"), n_boot=5)["estimate"])
+
+
 def test_bootstrap_resamples_whole_queries() -> None:
     # one query all right, one all wrong: a replicate holds 0, 1 or 2 copies of the right one
     frame = pd.DataFrame(

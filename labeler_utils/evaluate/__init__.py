@@ -26,7 +26,8 @@ The subpackage, by topic (every name is importable from ``labeler_utils.evaluate
 
 * :mod:`.agreement_metrics` — grade constants, confusion-matrix metrics, :func:`agreement`, a labeler's columns;
 * :mod:`.ranking` — nDCG and pairwise accuracy of one query, TREC runs, system-ranking agreement;
-* :mod:`.bootstrap` — metrics from per-query statistics, the query bootstrap, paired comparisons;
+* :mod:`.bootstrap` — metrics from per-query statistics (Spearman of scores too), the query bootstrap, paired
+  comparisons;
 * :mod:`.calibration` — reliability tables, ECE, temperature scaling, isotonic recalibration;
 * :mod:`.ppi` — prediction-powered inference of mean relevance and mean nDCG;
 * :mod:`.plots` — the figures (each ``plot_*`` function returns a Figure; :func:`report_figures`, the report's);
@@ -52,6 +53,7 @@ from .agreement_metrics import (
 from .bootstrap import (
     METRIC_NAMES,
     RANKING_METRICS,
+    SCORE_METRICS,
     QueryMetric,
     bootstrap_ci,
     paired_bootstrap,
@@ -129,6 +131,7 @@ __all__ = [
     # bootstrap
     "METRIC_NAMES",
     "RANKING_METRICS",
+    "SCORE_METRICS",
     "QueryMetric",
     "bootstrap_ci",
     "paired_bootstrap",

@@ -41,7 +41,8 @@ def confusion_matrix(human: Sequence[int] | np.ndarray, predicted: Sequence[int]
 
 def _totals(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row sums, column sums and the total of each matrix."""
-    return confusion.sum(-1), confusion.sum(-2), confusion.sum((-2, -1))
+    rows = confusion.sum(-1)
+    return rows, confusion.sum(-2), rows.sum(-1)
 
 
 def _disagreement_weights(k: int, weights: str | None) -> np.ndarray:

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from tqdm import tqdm
 
-from .agreement_metrics import CONFUSION_METRICS, N_GRADES, _divide, labeler_scores
+from .agreement_metrics import CONFUSION_METRICS, N_GRADES, _divide, labeler_scores, spearman_rho
 from .ranking import NDCG_CUTOFF, ndcg, pairwise_counts
 
 # --------------------------------------------------------------------------------------------
@@ -51,6 +52,17 @@ def _ranking_statistics(
     return statistics
 
 
+def _score_statistics(frame: pd.DataFrame, labeler: str) -> sparse.csr_matrix:
+    """Per query, its graded pairs counted by (human grade, labeler score): a grade x score table whose
+    columns are the labeler's distinct scores in ascending order, flattened; sparse, one entry per pair."""
+    codes, n_queries = _query_index(frame)
+    scores = labeler_scores(frame, labeler).to_numpy()
+    graded = ~np.isnan(scores)
+    distinct, score_rank = np.unique(scores[graded], return_inverse=True)
+    cells = frame["human"].to_numpy(dtype=int)[graded] * len(distinct) + score_rank
+    return sparse.csr_matrix((np.ones(len(cells)), (codes[graded], cells)), shape=(n_queries, N_GRADES * len(distinct)))
+
+
 def _ndcg_statistics(scores: np.ndarray, human: np.ndarray, k: int | None) -> tuple[float, float]:
     value = ndcg(scores, human, k)
     return (0.0, 0.0) if math.isnan(value) else (value, 1.0)
@@ -58,6 +70,9 @@ def _ndcg_statistics(scores: np.ndarray, human: np.ndarray, k: int | None) -> tu
 
 def _ratio(statistics: np.ndarray) -> np.ndarray:
     return _divide(statistics[..., 0], statistics[..., 1])
+
+
+_RESAMPLED_VALUES = 2**22  # resampled statistics held at once by QueryMetric.replicates (32 MiB)
 
 
 @dataclass(frozen=True)
@@ -70,27 +85,51 @@ class QueryMetric:
 
     name: str
     labeler: str
-    statistics: Callable[[pd.DataFrame, str], np.ndarray]
+    statistics: Callable[[pd.DataFrame, str], np.ndarray | sparse.csr_matrix]
     combine: Callable[[np.ndarray], np.ndarray]
 
-    def query_statistics(self, frame: pd.DataFrame) -> np.ndarray:
-        """Array of shape (queries sorted by id, statistics)."""
+    def query_statistics(self, frame: pd.DataFrame) -> np.ndarray | sparse.csr_matrix:
+        """Array (or sparse matrix) of shape (queries sorted by id, statistics)."""
         return self.statistics(frame, self.labeler)
 
+    def value(self, statistics: np.ndarray | sparse.csr_matrix) -> float:
+        """The metric over every query of the per-query ``statistics``."""
+        return float(self.combine(np.asarray(statistics.sum(axis=0)).reshape(-1)))
+
+    def replicates(self, statistics: np.ndarray | sparse.csr_matrix, counts: np.ndarray) -> np.ndarray:
+        """The metric of each resampled table: row ``b`` of ``counts`` is how often replicate ``b`` draws
+        each query. Computed a block of replicates at a time, so that memory stays bounded when there
+        are many statistics (one per distinct score for ``spearman_expected``)."""
+        block = max(1, _RESAMPLED_VALUES // max(1, statistics.shape[1]))
+        return np.concatenate(
+            [
+                self.combine(np.asarray(counts[start : start + block] @ statistics))
+                for start in range(0, len(counts), block)
+            ]
+        )
+
     def __call__(self, frame: pd.DataFrame) -> float:
-        return float(self.combine(self.query_statistics(frame).sum(axis=0)))
+        return self.value(self.query_statistics(frame))
 
 
 RANKING_METRICS = ("ndcg", f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
 METRIC_NAMES = (*CONFUSION_METRICS, *RANKING_METRICS)
+#: Metrics of a labeler's scores (expected relevance, else grade): Spearman's rho with the human grades.
+SCORE_METRICS = ("spearman_expected",)
 
 
 def query_metric(name: str, labeler: str) -> QueryMetric:
-    """The metric ``name`` (one of :data:`METRIC_NAMES`, or ``ndcg@K`` for any K) of one labeler."""
+    """The metric ``name`` of one labeler: one of :data:`METRIC_NAMES`, ``ndcg@K`` for any K, or
+    ``spearman_expected`` (Spearman's rho of the labeler's scores, i.e. expected relevance where it has
+    one, else its grade, with the human grades; ties share their average rank, as in ``scipy.stats.spearmanr``)."""
     if name in CONFUSION_METRICS:
         fn = CONFUSION_METRICS[name]
         return QueryMetric(
             name, labeler, _confusion_statistics, lambda s: fn(s.reshape(*s.shape[:-1], N_GRADES, N_GRADES))
+        )
+    if name in SCORE_METRICS:
+        return QueryMetric(
+            name, labeler, _score_statistics, lambda s: spearman_rho(s.reshape(*s.shape[:-1], N_GRADES, -1))
         )
     if name == "ndcg" or (name.startswith("ndcg@") and name[5:].isdigit()):
         k = int(name[5:]) if "@" in name else None
@@ -99,7 +138,7 @@ def query_metric(name: str, labeler: str) -> QueryMetric:
         )
     if name == "pairwise_accuracy":
         return QueryMetric(name, labeler, partial(_ranking_statistics, per_query=pairwise_counts), _ratio)
-    raise ValueError(f"Unknown metric {name!r}; metrics are {list(METRIC_NAMES)} (or ndcg@K)")
+    raise ValueError(f"Unknown metric {name!r}; metrics are {[*METRIC_NAMES, *SCORE_METRICS]} (or ndcg@K)")
 
 
 def _bootstrap_draws(n_queries: int, n_boot: int, seed: int) -> np.ndarray:
@@ -146,7 +185,9 @@ def bootstrap_ci(
     query_ids = sorted(frame["query_id"].unique())
     draws = _bootstrap_draws(len(query_ids), n_boot, seed)
     if isinstance(metric_fn, QueryMetric):
-        replicates = metric_fn.combine(_draw_counts(draws, len(query_ids)) @ metric_fn.query_statistics(frame))
+        statistics = metric_fn.query_statistics(frame)
+        estimate = metric_fn.value(statistics)
+        replicates = metric_fn.replicates(statistics, _draw_counts(draws, len(query_ids)))
     else:
         groups = dict(tuple(frame.groupby("query_id", sort=True)))
 
@@ -158,7 +199,8 @@ def bootstrap_ci(
         replicates = np.array(
             [metric_fn(resampled(row)) for row in tqdm(draws, desc="Bootstrap", leave=False)], dtype=float
         )
-    return _interval(metric_fn(frame), np.asarray(replicates, dtype=float), alpha)
+        estimate = metric_fn(frame)
+    return _interval(estimate, np.asarray(replicates, dtype=float), alpha)
 
 
 def paired_bootstrap(
@@ -181,10 +223,9 @@ def paired_bootstrap(
     metric_a, metric_b = query_metric(metric, labeler_a), query_metric(metric, labeler_b)
     _, n_queries = _query_index(both)
     counts = _draw_counts(_bootstrap_draws(n_queries, n_boot, seed), n_queries)
-    difference = metric_a.combine(counts @ metric_a.query_statistics(both)) - metric_b.combine(
-        counts @ metric_b.query_statistics(both)
-    )
-    value_a, value_b = metric_a(both), metric_b(both)
+    statistics_a, statistics_b = metric_a.query_statistics(both), metric_b.query_statistics(both)
+    difference = metric_a.replicates(statistics_a, counts) - metric_b.replicates(statistics_b, counts)
+    value_a, value_b = metric_a.value(statistics_a), metric_b.value(statistics_b)
     interval = _interval(value_a - value_b, difference, alpha)
     defined = difference[~np.isnan(difference)]
     return {
