@@ -71,7 +71,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from .core.artifacts import InputError
-    from .labeling.job import Engine, LabelSettings, ResumeRefused, label_pairs
+    from .labeling.job import Engine, LabelSettings, ResumeRefused
+    from .labeling.run import label_pairs
 
     if args.engine == "local":
         import torch
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .core.devices import PRECISIONS
     from .labeling.inputs import BAD_INPUT_POLICY, INPUT_FORMATS, TRUNCATION_POLICY
-    from .labeling.job import ENGINES, OUTPUT_FILES, Engine, LabelSettings
+    from .labeling.job import ENGINES, Engine, LabelSettings
+    from .labeling.outputs import OUTPUT_FILES
 
     defaults, engine = LabelSettings(), Engine()
     label = commands.add_parser(

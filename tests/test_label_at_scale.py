@@ -25,16 +25,11 @@ from labeler_utils.__main__ import main
 from labeler_utils.benchmarks.loaders import load_trec
 from labeler_utils.benchmarks.predictions import read_predictions
 from labeler_utils.core.artifacts import InputError
-from labeler_utils.labeling import job as label_at_scale
+from labeler_utils.labeling import run as labeling_run
 from labeler_utils.labeling.inputs import WorkStore
-from labeler_utils.labeling.job import (
-    CHUNKS,
-    LabelSettings,
-    ResumeRefused,
-    committed_chunks,
-    label_pairs,
-)
-from labeler_utils.labeling.outputs import plot_chunks, plot_label_mix
+from labeler_utils.labeling.job import ENGINES, LabelSettings, ResumeRefused
+from labeler_utils.labeling.outputs import CHUNKS, committed_chunks, plot_chunks, plot_label_mix
+from labeler_utils.labeling.run import ENGINE_RUNNERS, label_pairs
 
 DATA = Path(__file__).parent / "data"
 PROJECT_ROOT = Path(__file__).parent.parent
@@ -485,7 +480,7 @@ def student_never_loads(monkeypatch) -> None:
     def load_student(*args, **kwargs):
         raise AssertionError("the student was loaded before the input was checked")
 
-    monkeypatch.setattr(label_at_scale, "load_student", load_student)
+    monkeypatch.setattr(labeling_run, "load_labeler_for_run", load_student)
 
 
 BAD_BEFORE_LOADING = {
@@ -733,3 +728,7 @@ def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume_and_on_r
     # the ray engine beside the local one (2 actors on a local Ray instance): the same pairs, every grade the same
     assert metrics["ray_pairs_labeled"] == 40 and metrics["ray_same_pairs"] and metrics["ray_same_grades"] == 1.0
     assert metrics["ray_labels_per_second"] > 0 and metrics["ray_call_seconds"]["ray_init"] > 0
+
+
+def test_every_engine_name_has_a_runner():
+    assert set(ENGINE_RUNNERS) == set(ENGINES)

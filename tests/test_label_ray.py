@@ -17,8 +17,10 @@ from test_label_at_scale import GOOD, PROJECT_ROOT, assert_same_labels, read_lab
 
 from labeler_utils.__main__ import main
 from labeler_utils.core.artifacts import InputError
-from labeler_utils.labeling.job import Engine, LabelSettings, ResumeRefused, committed_chunks, label_pairs
+from labeler_utils.labeling.job import Engine, LabelSettings, ResumeRefused
+from labeler_utils.labeling.outputs import committed_chunks
 from labeler_utils.labeling.ray_engine import Timeline
+from labeler_utils.labeling.run import label_pairs
 
 SETTINGS = LabelSettings(batch_size=4, chunk_size=5, max_length=128)
 RAY = Engine("ray", workers=2)

@@ -1,4 +1,4 @@
-"""Label a large pair file with a student, in resumable chunks with atomic commits.
+"""A labeling run's shared machinery: its identity and resume, the chunk job, labeling and committing a chunk.
 
 The input (JSONL, Parquet, or a TREC run with a topics file and a collection) is streamed: it is
 never held in memory, and neither are the labels. Input units (non-blank lines, or Parquet rows)
@@ -17,7 +17,9 @@ committed chunk: no pair is labeled twice, lost or duplicated. Different argumen
 with committed chunks are refused (``restart=True`` discards them); the engine that labels the
 chunks (this process, or a pool of Ray actors: :mod:`labeler_utils.labeling.ray_engine`) is not part of a
 run's identity. Reading and validating the input is :mod:`labeler_utils.labeling.inputs`, the folder's
-layout, summary and merge :mod:`labeler_utils.labeling.outputs`; this module is the run engine.
+layout, summary and merge :mod:`labeler_utils.labeling.outputs`; this module is what every engine shares (the
+run's identity and resume, :class:`ChunkJob`, the atomic commit), and :func:`labeler_utils.labeling.run.label_pairs`
+the entry point that picks the engine.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..core.artifacts import InputError, atomic_write, read_json, write_json
+from ..core.artifacts import atomic_write, read_json, write_json
 from ..core.devices import resolve_dtype
-from ..core.resources import cpu_seconds, peak_rss_mb
+from ..core.resources import peak_rss_mb
 from ..students.registry import load_labeler
 from .inputs import (
     BadLine,
@@ -51,10 +53,7 @@ from .inputs import (
     UnitReader,
     WorkStore,
     bad_input,
-    check_first_units,
     check_input,
-    file_fingerprint,
-    open_pairs,
 )
 from .outputs import (
     CHUNKS,
@@ -67,8 +66,6 @@ from .outputs import (
     WORK_DB,
     chunk_path,
     committed_chunks,
-    summarize_run,
-    write_outputs,
 )
 
 MANIFEST_VERSION = 1
@@ -308,85 +305,6 @@ def label_chunk(
     return records, labeler.truncated - truncated_before
 
 
-def label_pairs(
-    model: str | Path,
-    input_path: str | Path,
-    output_dir: str | Path,
-    *,
-    collection: str | Path | None = None,
-    topics: str | Path | None = None,
-    input_format: str | None = None,
-    settings: LabelSettings = LabelSettings(),
-    formats: tuple[str, ...] = tuple(OUTPUT_FILES),
-    restart: bool = False,
-    max_chunks: int | None = None,
-    progress: bool = True,
-    engine: Engine = Engine(),
-) -> dict[str, Any]:
-    """Label every pair of ``input_path`` into ``output_dir``, resuming a run stopped earlier.
-
-    ``max_chunks`` stops after that many newly committed chunks (the run resumes later).
-    ``engine`` says how the chunks are labeled (this process, or a pool of Ray actors); it is not
-    part of the run's identity, so a run may resume with another engine or worker count. Returns
-    the summary (``complete`` False when stopped early); the complete summary is also written
-    to ``summary.json``. Raises ``InputError`` for bad input (unless ``settings.skip_bad_lines``;
-    an input without a single good unit always), before the student loads where the first lines
-    show it, and ``ResumeRefused`` for a folder holding another run. A run that stops on an error
-    (bad input, a full disk) before its first chunk is committed leaves nothing in ``output_dir``.
-    """
-    unknown = set(formats) - set(OUTPUT_FILES)
-    if unknown or not formats:
-        raise ValueError(f"formats must be a non-empty subset of {list(OUTPUT_FILES)}, got {list(formats)}")
-    if max_chunks is not None and max_chunks < 1:
-        raise ValueError(f"max_chunks: must be at least 1, got {max_chunks}")
-    if engine.name == "ray":
-        from .ray_engine import require_ray
-
-        require_ray()
-    out_dir = Path(output_dir)
-    source = open_pairs(input_path, input_format)
-    collection_path, topics_path = (Path(p) if p is not None else None for p in (collection, topics))
-    if source.kind == "trec" and (collection_path is None or topics_path is None):
-        raise ValueError("a TREC run needs --topics (qid<TAB>query) and --collection (TSV or JSONL) for the texts")
-    for path in (collection_path, topics_path):
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-    check_first_units(
-        source, settings.skip_bad_lines, "qrels" in formats, collection_path is not None, topics_path is not None
-    )
-    with exclusive(out_dir):
-        fingerprints = {
-            "input": file_fingerprint(source.path),
-            "collection": file_fingerprint(collection_path) if collection_path else None,
-            "topics": file_fingerprint(topics_path) if topics_path else None,
-        }
-        identity = {"format": source.kind, **fingerprints, **model_fingerprint(model), "settings": asdict(settings)}
-        manifest = start_or_resume(out_dir, identity, restart)
-        manifest["input_path"] = str(source.path.resolve())
-        job = ChunkJob(out_dir, manifest, source, model, collection_path, topics_path, settings, formats, max_chunks)
-        about = {"engine": asdict(engine), "call_seconds": job.timings}  # how this call went, beside the totals
-        if not manifest["complete"]:
-            try:
-                if engine.name == "ray":
-                    from .ray_engine import label_chunks_ray
-
-                    label_chunks_ray(job, engine, progress)
-                else:
-                    label_chunks_local(job, progress)
-            except (InputError, OSError):
-                if committed_chunks(out_dir) == 0:  # stopped before any label: nothing worth keeping
-                    clear_output(out_dir)
-                raise
-            if not manifest["complete"]:
-                return {**summarize_run(out_dir, manifest), **about}
-        remove_work_files(out_dir)  # the texts, pair index and shards are needed no more
-        summary = {**summarize_run(out_dir, manifest), **about}
-        write_outputs(out_dir, formats, source)
-        summary["outputs"] = {fmt: str(out_dir / OUTPUT_FILES[fmt]) for fmt in formats}
-        write_json(out_dir / SUMMARY, summary)
-        return summary
-
-
 @dataclass
 class ChunkJob:
     """One call's work on a run folder: what every engine shares around the labeling itself.
@@ -503,20 +421,3 @@ def chunk_meta(
         peak_rss_mb=peak_rss_mb(),
         skipped=[{"line": u.line, "reason": u.reason} for u in units if isinstance(u, BadLine)],
     )
-
-
-def label_chunks_local(job: ChunkJob, progress: bool) -> None:
-    """The local engine: this process loads the student and labels and commits the chunks one after another."""
-    with job.timed("model_load"):
-        labeler = load_labeler_for_run(job.model, job.settings.max_length, job.settings.precision)
-    with job.prepared(labeler, progress) as reader:
-        indices = job.chunk_range(progress)
-        with job.progress_bar(indices, progress) as bar:
-            for index, chunk in job.chunks(reader, indices):
-                start, cpu_start = time.perf_counter(), cpu_seconds()
-                records, truncated = label_chunk(labeler, chunk, job.settings.batch_size, job.labeler_name, bar.update)
-                meta = chunk_meta(
-                    index, chunk, records, truncated, time.perf_counter() - start, cpu_seconds() - cpu_start
-                )
-                job.commit(meta, records)
-                bar.update(len(chunk) - len(records))
