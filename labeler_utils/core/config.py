@@ -63,6 +63,23 @@ GPU_STUDENT_MODEL = "microsoft/Phi-3.5-mini-instruct"
 #: The family trained on a CUDA GPU when none is given: QLoRA of a causal LM, the paper's method.
 GPU_STUDENT_FAMILY = "causal_lm"
 
+# The whole demo corpus; meant for a GPU or a patient CPU.
+_FULL = Profile(
+    name="full",
+    max_documents=None,
+    queries_per_document=6,
+    negatives_per_query=4,
+    student_model="smollm2-135m-instruct",
+    teacher_model="smollm2-135m-instruct",
+    train_epochs=3.0,
+    max_train_steps=-1,
+    max_seq_length=512,
+    learning_rate=2e-4,
+    batch_size=8,
+    eval_max_pairs=None,
+    throughput_pairs=256,
+)
+
 PROFILES: dict[str, Profile] = {
     # Minutes on a 2-core CPU: exercises every stage end to end with the bundled models.
     "smoke": Profile(
@@ -81,42 +98,18 @@ PROFILES: dict[str, Profile] = {
         throughput_pairs=16,
         notes="Pipeline check only: the bundled 135M teacher does not grade relevance well.",
     ),
-    # The whole demo corpus; meant for a GPU or a patient CPU.
-    "full": Profile(
-        name="full",
-        max_documents=None,
-        queries_per_document=6,
-        negatives_per_query=4,
-        student_model="smollm2-135m-instruct",
-        teacher_model="smollm2-135m-instruct",
-        train_epochs=3.0,
-        max_train_steps=-1,
-        max_seq_length=512,
-        learning_rate=2e-4,
-        batch_size=8,
-        eval_max_pairs=None,
-        throughput_pairs=256,
-    ),
+    "full": _FULL,
     # The paper's method: QLoRA (4-bit NF4 base, LoRA on every linear projection) of a hub SLM on one CUDA GPU,
     # bfloat16 compute from Ampere on, float16 on older cards (T4, V100). Phi-3.5-mini (3.8B) is the paper's student:
     # ~2.2 GB of 4-bit weights. A smaller instruct model that fits a 16 GB card with room to spare:
     # Qwen/Qwen2.5-1.5B-Instruct (1.5B, ~1.1 GB of 4-bit weights), given to stage 05 as student_model. Memory of each
     # choice and how it was estimated: docs/gpu.md.
-    "gpu": Profile(
+    "gpu": replace(
+        _FULL,
         name="gpu",
-        max_documents=None,
-        queries_per_document=6,
-        negatives_per_query=4,
         student_model=GPU_STUDENT_MODEL,
-        teacher_model="smollm2-135m-instruct",
         train_epochs=2.0,
-        max_train_steps=-1,
-        max_seq_length=512,
-        learning_rate=2e-4,
-        batch_size=8,
-        eval_max_pairs=None,
-        throughput_pairs=256,
-        student_family="causal_lm",
+        student_family=GPU_STUDENT_FAMILY,
         needs_cuda=True,
         notes="Needs a CUDA GPU and the Hugging Face hub (the student's weights, ~7.6 GB, are downloaded once).",
     ),
