@@ -51,7 +51,7 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from .artifacts import InputError
+    from .core.artifacts import InputError
     from .benchmarks.fetch import fetch
 
     try:
