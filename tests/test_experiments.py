@@ -52,6 +52,9 @@ def test_evaluation_subsample_is_capped_per_query_and_reproducible():
     assert capped.groupby("query_id").size().max() == 2
     assert capped.equals(protocols.evaluation_pairs(frame, split, 2, seed=0))
     assert len(protocols.evaluation_pairs(frame, split, None, seed=0)) == 6 * len(split.test_ids)
+    sample = protocols.sample_per_query(frame, 4, seed=0)  # the same draw over all queries (notebook 10's quick run)
+    assert sample.groupby("query_id").size().tolist() == [4] * 9 and sample.index.is_monotonic_increasing
+    assert protocols.sample_per_query(frame, None, seed=0) is frame
 
 
 def test_per_student_options():

@@ -101,13 +101,17 @@ def splits_summary(frame: pd.DataFrame, splits: Sequence[Split]) -> str:
     )
 
 
+def sample_per_query(frame: pd.DataFrame, max_pairs_per_query: int | None, seed: int) -> pd.DataFrame:
+    """At most ``max_pairs_per_query`` pairs of each query (None: all), drawn at random with ``seed``, in frame order."""
+    if max_pairs_per_query is None:
+        return frame
+    shuffled = frame.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby("query_id", sort=False).head(max_pairs_per_query).sort_index()
+
+
 def evaluation_pairs(frame: pd.DataFrame, split: Split, max_pairs_per_query: int | None, seed: int) -> pd.DataFrame:
     """The split's held-out pairs; with a cap, at most that many per query, drawn at random with ``seed``."""
-    held_out = frame[frame["query_id"].isin(split.test_ids)]
-    if max_pairs_per_query is None:
-        return held_out
-    shuffled = held_out.sample(frac=1.0, random_state=seed)
-    return shuffled.groupby("query_id", sort=False).head(max_pairs_per_query).sort_index()
+    return sample_per_query(frame[frame["query_id"].isin(split.test_ids)], max_pairs_per_query, seed)
 
 
 def parse_per_student(text: str | None, students: Sequence[str], cast: Callable[[str], Any]) -> dict[str, Any]:
