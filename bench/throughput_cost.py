@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--other-students",
         default="",
         help="comma-separated further students timed on the same pairs at every batch size, e.g. a "
-        "cross-encoder folder written by stage 05 or scripts/reproduce_trec_dl.py",
+        "cross-encoder folder written by stage 05 or python -m labeler_utils reproduce",
     )
     student.add_argument("--naive-new-tokens", type=int, default=4, help="tokens naive generate() makes (default 4)")
     student.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

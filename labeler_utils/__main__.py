@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 
@@ -51,8 +52,8 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from .core.artifacts import InputError
     from .benchmarks.fetch import fetch
+    from .core.artifacts import InputError
 
     try:
         result = fetch(args.benchmark, args.output, args.from_file, args.base_url)
@@ -112,6 +113,14 @@ def _label(args: argparse.Namespace) -> int:
         )
     if not summary["complete"]:
         print("stopped after --max-chunks; run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .experiments import reproduce
+
+    options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")})
+    reproduce(options, "python -m labeler_utils " + shlex.join(sys.argv[1:]))
     return 0
 
 
@@ -256,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-chunks", type=int, help="stop after committing this many chunks, at least 1 (resume later)"
     )
     label.set_defaults(handler=_label)
+
+    from .experiments import cli as reproduction
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="distil recorded TREC DL teacher grades into students and score them against the human grades",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=reproduction.PROTOCOL,
+    )
+    reproduction.add_arguments(reproduce)
+    reproduce.set_defaults(handler=_reproduce)
     return parser
 
 

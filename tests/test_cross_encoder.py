@@ -1,16 +1,13 @@
-"""The MiniLM cross-encoder student, ``load_labeler`` dispatch, and the TREC DL script's query split."""
+"""The MiniLM cross-encoder student, ``load_labeler`` dispatch, and the cosine baseline beside it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from labeler_utils.core.models import bundled_minilm_path
@@ -25,7 +22,6 @@ from labeler_utils.students.cross_encoder import (
 )
 from labeler_utils.students.registry import load_labeler
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_trec_dl.py"
 TOPICS = {
     "vpn error": (
         "The VPN gateway returns error 809 when the tunnel times out; restart the client.",
@@ -178,83 +174,6 @@ def test_load_labeler_dispatches_the_causal_family(tiny_model_dir, tmp_path):
         load_labeler(tiny_model_dir, family="seq2seq")
 
 
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("reproduce_trec_dl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def _synthetic_benchmark(n_queries: int = 9, pairs_per_query: int = 6) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {"query_id": f"q{q}", "query": f"query {q}", "doc_id": f"d{q}-{d}", "document": f"text {d}", "human": d % 4}
-            for q in range(n_queries)
-            for d in range(pairs_per_query)
-        ]
-    )
-
-
-def test_script_split_holds_every_query_out_on_one_side_only(script):
-    frame = _synthetic_benchmark()
-    (split,) = script.query_splits(frame, test_fraction=0.5, seed=0)
-    assert not split.train_ids & split.test_ids
-    assert split.train_ids | split.test_ids == set(frame["query_id"])
-    assert script.query_splits(frame, 0.5, 0) == [split]  # same seed, same split
-    folds = script.query_splits(frame, 0.5, 0, kfold=3)
-    assert sorted(q for fold in folds for q in fold.test_ids) == sorted(frame["query_id"].unique())
-    assert all(not fold.train_ids & fold.test_ids for fold in folds)
-    assert script.query_splits(frame, 0.5, 0, kfold=3, only=["fold3of3", "fold1of3"]) == [folds[0], folds[2]]
-    with pytest.raises(SystemExit, match="fold4of3"):
-        script.query_splits(frame, 0.5, 0, kfold=3, only=["fold4of3"])
-
-
-def test_script_evaluation_subsample_is_capped_per_query_and_reproducible(script):
-    frame = _synthetic_benchmark()
-    (split,) = script.query_splits(frame, 0.5, 0)
-    capped = script.evaluation_pairs(frame, split, 2, seed=0)
-    assert set(capped["query_id"]) == set(split.test_ids)
-    assert capped.groupby("query_id").size().max() == 2
-    assert capped.equals(script.evaluation_pairs(frame, split, 2, seed=0))
-    assert len(script.evaluation_pairs(frame, split, None, seed=0)) == 6 * len(split.test_ids)
-
-
-def test_script_per_student_options(script):
-    students = ["minilm-cross-encoder", "smollm2-135m-instruct"]
-    assert script.parse_per_student("3", students, int) == dict.fromkeys(students, 3)
-    assert script.parse_per_student("smollm2-135m-instruct=800", students, int) == {"smollm2-135m-instruct": 800}
-    assert script.parse_per_student(None, students, int) == {}
-    with pytest.raises(SystemExit):
-        script.parse_per_student("gemma3-270m=5", students, int)
-
-
-def test_script_reuses_a_model_only_when_it_was_trained_the_same_way(script):
-    from dataclasses import asdict
-
-    from labeler_utils.students.causal_lm.train import DistillConfig
-
-    config = DistillConfig(base_model="tiny", epochs=2.0, save_steps=50)
-    manifest = json.loads(json.dumps(asdict(config)))
-    assert script._same_training({**manifest, "save_steps": 0, "logging_steps": 1}, config)  # bookkeeping only
-    assert not script._same_training({**manifest, "epochs": 1.0}, config)
-    older = {k: v for k, v in manifest.items() if k != "class_balance"}  # written before the setting existed
-    assert script._same_training(older, config)
-    assert not script._same_training(older, DistillConfig(base_model="tiny", epochs=2.0, class_balance=True))
-
-
-def test_script_says_which_steps_a_resumed_training_time_covers(script):
-    assert script._train_time({"train_seconds": 100.4, "global_steps": 20, "resumed_from": None}) == "100 s"
-    resumed = {
-        "train_seconds": 90.0,
-        "train_active_seconds": 80.2,
-        "global_steps": 20,
-        "resumed_from": "/x/checkpoint-15",
-    }
-    assert script._train_time(resumed) == "80 s for steps 16-20 (resumed from a checkpoint)"
-
-
 def test_share_matching_thresholds_give_the_reference_grade_mix():
     from labeler_utils.students.base import grades_at_thresholds, share_matching_thresholds
 
@@ -265,29 +184,6 @@ def test_share_matching_thresholds_give_the_reference_grade_mix():
     assert grades_at_thresholds([-9.0, 9.0], thresholds).tolist() == [0, 3]  # higher score, higher grade
     with pytest.raises(ValueError, match="4 counts"):
         share_matching_thresholds(scores, [1, 2, 3])
-
-
-def test_script_share_calibration_uses_only_the_teacher_training_grades(script):
-    frame = _synthetic_benchmark(n_queries=10, pairs_per_query=10)
-    frame["recorded:judge"] = [0] * 70 + [3] * 30  # the teacher's grades; "human" must not be read
-    (split,) = script.query_splits(frame, 0.5, 0)
-    held_out = frame[frame["query_id"].isin(split.test_ids)]
-    predictions = pd.DataFrame(
-        {
-            "query_id": held_out["query_id"],
-            "doc_id": held_out["doc_id"],
-            "grade": pd.array([0] * len(held_out), dtype="Int64"),
-            "expected_relevance": np.linspace(0, 1, len(held_out)),
-        }
-    )
-    calibrated = script.share_calibrated(predictions, frame.drop(columns="human"), [split], "recorded:judge")
-    counts = np.bincount(frame.loc[frame["query_id"].isin(split.train_ids), "recorded:judge"], minlength=4)
-    assert (
-        np.bincount(calibrated["grade"].astype(int), minlength=4).tolist()
-        == (counts * len(held_out) // counts.sum()).tolist()
-    )
-    assert calibrated["expected_relevance"].equals(predictions["expected_relevance"])  # ranking unchanged
-    assert calibrated.loc[calibrated["expected_relevance"].idxmax(), "grade"] == 3
 
 
 def test_cosine_baseline_reproduces_the_teacher_grade_shares_on_its_training_pairs():
@@ -433,55 +329,3 @@ def test_a_family_loads_a_student_from_its_training_output_folder(tiny_model_dir
     )
     labeler = get_family("causal_lm").load(tmp_path)  # the folder above adapter/
     assert isinstance(labeler, StudentLabeler) and labeler.max_length == 128
-
-
-def test_script_summary_has_the_headline_keys(script):
-    interval = {"estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6}
-
-    def scored(*rows: tuple[str, float, float | None]) -> dict:
-        return {
-            name: {
-                "metrics": {"qwk": {**interval, "estimate": qwk}, script.SPEARMAN: interval},
-                **({"qwk_minus_teacher": {"difference": diff}} if diff is not None else {}),
-            }
-            for name, qwk, diff in rows
-        }
-
-    labelers = scored(
-        ("recorded:t", 0.58, None),
-        (script.COSINE_LABELER, 0.4, -0.18),
-        ("minilm-bi-encoder distilled", 0.45, -0.13),
-        ("minilm-bi-encoder distilled, share-calibrated", 0.47, -0.11),
-    )
-    capped = scored(("recorded:t", 0.50, None), ("minilm-cross-encoder distilled", 0.40, -0.10))
-    report = {
-        "protocol": "5-fold",
-        "splits": [{"test_queries": ["a", "b"]}, {"test_queries": ["c"]}],
-        "evaluation_sets": [
-            {"tag": "all", "title": "All held-out pairs", "pairs": 30, "labelers": labelers},
-            {"tag": "cap5", "title": "At most 5", "pairs": 10, "labelers": capped},
-        ],
-        "command": "x",
-        "date": "d",
-    }
-    summary = script.summary(report, ["minilm-bi-encoder", "minilm-cross-encoder"], "recorded:t")
-    assert {"queries", "folds", "teacher_qwk", "default_student", "default_student_qwk", "cosine_qwk"} <= set(summary)
-    assert summary["queries"] == 3 and summary["folds"] == 2 and summary["teacher_qwk"] == 0.58
-    assert summary["cosine_qwk"] == 0.4 and summary["default_student_qwk"] == 0.45
-    bi, cross = summary["students"]["minilm-bi-encoder"], summary["students"]["minilm-cross-encoder"]
-    assert bi["qwk_share_calibrated"] == 0.47 and bi["teacher_qwk_same_pairs"] == 0.58
-    # a student scored only on the capped set is reported there, against the teacher on those pairs
-    assert cross["evaluation_set"] == "At most 5" and cross["qwk"] == 0.40 and cross["teacher_qwk_same_pairs"] == 0.50
-    assert summary["best_student"] == "minilm-cross-encoder"  # the smaller gap to the teacher on its own pairs
-    assert summary["default_student"] == script.DEFAULT_STUDENT or summary["default_student"] is None
-
-
-def test_script_students_each_build_a_config_of_their_family(script):
-    for name, spec in script.STUDENTS.items():
-        config = script.student_config(spec, None, seed=3, soft_labels=False, bf16=True)
-        assert config.seed == 3, name
-    assert script.STUDENTS["minilm-bi-encoder-committee"].label_column("recorded:t") == script.COMMITTEE
-    assert (
-        script.STUDENTS["minilm-bi-encoder-from-llama3-8b"].label_column("recorded:t") == "recorded:llama3_8b_umbrela"
-    )
-    assert script.STUDENTS["minilm-bi-encoder"].label_column("recorded:t") == "recorded:t"

@@ -57,8 +57,8 @@ def has_prose(markdown: str) -> bool:
     return any(line.strip() and not line.lstrip().startswith("#") for line in markdown.splitlines())
 
 
-def test_every_stage_and_the_two_extra_notebooks_are_checked():
-    assert {path.stem for path in NOTEBOOKS} >= set(STAGES) and len(NOTEBOOKS) == 10
+def test_every_stage_and_the_three_extra_notebooks_are_checked():
+    assert {path.stem for path in NOTEBOOKS} >= set(STAGES) and len(NOTEBOOKS) == 11
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

@@ -309,6 +309,64 @@ def test_causal_lm_family_through_stages_05_and_07(run_path, tmp_path):
     assert_timed(throughput, teacher_pairs=1)
 
 
+TREC_DL_2019 = PROJECT_ROOT.parent / "shared" / "benchmarks" / "trec-dl-2019" / "pairs.jsonl"
+REPRODUCTION = {  # a small real configuration of notebook 10: minutes on a 2-core CPU
+    "pairs_path": str(TREC_DL_2019),
+    "max_queries": 20,
+    "folds": 2,
+    "epochs": 1,
+    "max_pairs_per_query": 30,
+    "max_train_pairs_per_query": 8,
+    "n_boot": 200,
+}
+
+
+@pytest.mark.skipif(not TREC_DL_2019.exists(), reason=f"shared TREC DL 2019 pairs not found at {TREC_DL_2019}")
+def test_10_reproduce_on_trec_dl(tmp_path):
+    """The recorded numbers against the pairs file read directly: the queries, the pairs, the teacher's QWK."""
+    from sklearn.metrics import cohen_kappa_score
+
+    stage = "10_reproduce_on_trec_dl"
+    execute_notebook(stage, tmp_path, REPRODUCTION)
+    metrics = stage_metrics(tmp_path, stage)
+    grades = {}  # (query, doc) -> (human, teacher), from the file itself
+    for line in TREC_DL_2019.read_text().splitlines():
+        pair = json.loads(line)
+        grades[pair["qid"], pair["docid"]] = (pair["human"], pair["llm_labels"]["deepseek_v3_umbrela"])
+    evaluated = {
+        stage_name: [(p["query_id"], p["doc_id"]) for path in paths for p in read_jsonl(path)]
+        for stage_name, paths in metrics["predictions"].items()
+    }
+    pairs = evaluated["distilled"]
+    assert len(pairs) == len(set(pairs)) == metrics["pairs"] and set(evaluated["zero-shot"]) == set(pairs)
+    queries = {query for query, _ in pairs}
+    in_file, evaluated_per_query = Counter(query for query, _ in grades), Counter(query for query, _ in pairs)
+    assert len(queries) == metrics["queries"] == REPRODUCTION["max_queries"] and metrics["folds"] == 2
+    assert set(pairs) <= set(grades)  # every query held out once, with at most 30 of its pairs
+    assert evaluated_per_query == {q: min(REPRODUCTION["max_pairs_per_query"], in_file[q]) for q in queries}
+    assert metrics["pairs_loaded"] == metrics["pairs"]
+
+    def teacher_qwk(keys: list[tuple[str, str]]) -> float:
+        graded = [grades[key] for key in keys if grades[key][1] is not None]
+        return cohen_kappa_score(*zip(*graded), labels=[0, 1, 2, 3], weights="quadratic")
+
+    teacher = "recorded:deepseek_v3_umbrela"
+    assert metrics[f"{teacher} qwk"]["estimate"] == pytest.approx(teacher_qwk(pairs), abs=TOL)
+    assert metrics["teacher qwk all pairs"]["estimate"] == pytest.approx(teacher_qwk(pairs), abs=TOL)
+    labelers = [teacher, "minilm bi-encoder cosine zero-shot", "minilm-bi-encoder distilled"]
+    intervals = [metrics[f"{name} qwk"] for name in labelers] + [metrics["teacher qwk all pairs"]]
+    assert all(i["ci_low"] - TOL <= i["estimate"] <= i["ci_high"] + TOL for i in intervals)
+    for key, other in (("qwk_minus_teacher", teacher), ("qwk_minus_cosine", labelers[1])):
+        paired = metrics[key]
+        assert (
+            paired["labeler_b"] == other and paired["ci_low"] - TOL <= paired["difference"] <= paired["ci_high"] + TOL
+        )
+    student, baseline = metrics[labelers[2] + " qwk"]["estimate"], metrics[labelers[1] + " qwk"]["estimate"]
+    assert metrics["qwk_minus_cosine"]["difference"] == pytest.approx(student - baseline, abs=TOL)
+    assert metrics["learning_curve_points"] == 4  # the recorded curve in docs/results/trec_dl_cv/learning_curve
+    assert metrics["forest_plot"] == "forest_all.png" and (tmp_path / stage / "forest_all.png").exists()
+
+
 def test_every_stage_has_a_test():
     tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_0")}
     assert tested == set(STAGES)

@@ -291,7 +291,7 @@ def evaluation_report(
 
 
 # --------------------------------------------------------------------------------------------
-# Learning curves recorded by scripts/reproduce_trec_dl.py
+# Learning curves recorded by the TREC DL reproduction (labeler_utils.experiments)
 # --------------------------------------------------------------------------------------------
 
 LEARNING_CURVE_METRICS = {"qwk": "QWK", "qwk_calibrated": "QWK share-calibrated", "spearman": "Spearman"}

@@ -1,0 +1,271 @@
+"""Training and labelling, each cached under ``--work-dir``.
+
+A student's model is in ``<work-dir>/<student>/<split>/``, its predictions beside it as
+``zero-shot.<eval set>.predictions.jsonl`` and ``distilled.<eval set>.predictions.jsonl`` (a shared
+zero-shot baseline's in ``<work-dir>/<baseline>/<split>/zero-shot.<teacher>.<eval set>.predictions.jsonl``),
+each with a ``.timing.json``. A model trained with the same settings on the same data, and predictions
+of exactly the same pairs, are reused unless ``--force``; other settings or pairs are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..benchmarks.folds import Split
+from ..benchmarks.loaders import RECORDED_PREFIX
+from ..benchmarks.predictions import read_predictions, write_predictions
+from ..core.artifacts import read_json, write_json
+from ..core.resources import PeakMemory, load_average
+from ..students.base import LABELER_MANIFEST
+from ..students.registry import distilled_student, get_family
+from ..teacher import labels_from_frame
+from .protocols import evaluation_pairs, training_records
+from .students import COSINE_FIT_PAIRS, COSINE_LABELER, STUDENTS, ZERO_SHOT_DESCRIPTIONS, StudentSpec, student_config
+
+BOOKKEEPING = {"save_steps", "logging_steps"}  # settings that do not change the trained model
+#: What results.json keeps of a training manifest and its measured time and memory.
+TRAIN_FIELDS = (
+    "train_seconds",
+    "train_active_seconds",
+    "stopped_seconds",
+    "wall_seconds",
+    "peak_rss_mb",
+    "train_examples",
+    "global_steps",
+    "train_loss",
+    "truncated_documents",
+    "load_before",
+    "load_after",
+    "method",
+    "max_length",
+    "resumed_from",
+)
+Labeling = Callable[[], list[dict[str, Any]]]
+
+
+def _same_training(trained: dict[str, Any], config: Any) -> bool:
+    """Whether a manifest's config trains the same model as ``config`` (checkpoint and logging intervals aside).
+
+    A setting missing from the manifest (added to the config class later) counts as its default.
+    """
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    wanted = json.loads(json.dumps(asdict(config)))
+    trained = {**defaults, **trained}
+    return {k: v for k, v in trained.items() if k not in BOOKKEEPING} == {
+        k: v for k, v in wanted.items() if k not in BOOKKEEPING
+    }
+
+
+def train(
+    spec: StudentSpec, records: list[dict[str, Any]], folder: Path, config: Any, data: dict[str, Any], force: bool
+) -> dict[str, Any]:
+    """Train (or reuse) one student; returns its manifest plus measured wall time and peak RSS."""
+    model_dir = distilled_student(folder)
+    stats_path = folder / "train_stats.json"
+    if model_dir is not None and not force:
+        manifest = read_json(model_dir / LABELER_MANIFEST)
+        if not _same_training(manifest["config"], config) or manifest["data"] != data:
+            raise SystemExit(f"{model_dir} was trained with other settings or data; pass --force or another --work-dir")
+        print(f"reusing {model_dir}")
+        return {**manifest, **(read_json(stats_path) if stats_path.exists() else {})}
+    load_before, start = load_average(), time.perf_counter()
+    with PeakMemory() as memory:
+        manifest = get_family(spec.family).train(records, folder, config, data)
+    stats_record = {
+        "wall_seconds": time.perf_counter() - start,
+        "stopped_seconds": memory.stopped_seconds,
+        "train_active_seconds": manifest["train_seconds"] - memory.stopped_seconds,
+        "peak_rss_mb": round(memory.peak_mb, 1),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+    write_json(stats_path, stats_record)
+    return {**manifest, **stats_record}
+
+
+def timed_predictions(
+    prepare: Callable[[], Labeling], path: Path, pairs: set[tuple[str, str]], batch_size: int, force: bool
+) -> dict[str, Any]:
+    """Reuse the predictions file at ``path`` (when it covers exactly ``pairs``), or ``prepare()`` a labeler
+    (untimed) and time its labelling. Returns the timing (labels/s, batch size, peak RSS, load) saved beside it.
+    """
+    timing_path = path.with_suffix(".timing.json")
+    if path.exists() and timing_path.exists() and not force:
+        cached = read_predictions(path)
+        if set(zip(cached["query_id"], cached["doc_id"])) != pairs:
+            raise SystemExit(f"{path} labels other pairs (another seed or split?); pass --force or another --work-dir")
+        return read_json(timing_path)
+    label = prepare()
+    load_before, start = load_average(), time.perf_counter()
+    with PeakMemory() as memory:
+        rows = label()
+    seconds = (
+        time.perf_counter() - start - memory.stopped_seconds
+    )  # time stopped by a signal (job control) is not labeling
+    write_predictions(path, pd.DataFrame(rows))
+    timing = {
+        "pairs": len(rows),
+        "seconds": seconds,
+        "stopped_seconds": memory.stopped_seconds,
+        "labels_per_second": len(rows) / seconds,
+        "batch_size": batch_size,
+        "peak_rss_mb": round(memory.peak_mb, 1),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+    write_json(timing_path, timing)
+    return timing
+
+
+def release_memory() -> None:
+    """Free what the last phase left behind, so the next phase's peak RSS is its own (glibc: give heap back)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def student_predictions(
+    name: str,
+    spec: StudentSpec,
+    split: Split,
+    frame: pd.DataFrame,
+    teacher: str,
+    args: argparse.Namespace,
+    settings: dict[str, dict[str, Any]],
+    zero_shot: bool = True,
+) -> dict[str, Any]:
+    """Label one split's evaluation pairs zero-shot (unless ``zero_shot`` is off), train the student, label them
+    distilled. Returns the training record and, per stage, the labeler name, predictions path and timing.
+    A shared zero-shot baseline (the bi-encoder cosine of the MiniLM students) is labelled once per split.
+    """
+    folder = args.work_dir / name / split.name
+    train_records = training_records(frame, split.train_ids, teacher, name, settings, args.seed)
+    cap = settings["max_eval_pairs_per_query"].get(name)
+    test_records = evaluation_pairs(frame, split, cap, args.seed).to_dict("records")
+    eval_tag, batch = (f"cap{cap}" if cap else "all"), args.eval_batch_size
+    outputs: dict[str, Any] = {"eval_set": eval_tag, "stages": {}}
+    family = get_family(spec.family)
+    config = student_config(spec, settings["epochs"].get(name), args.seed, args.soft_labels, args.bf16)
+    pairs = {(r["query_id"], r["doc_id"]) for r in test_records}
+
+    def record(stage: str, labeler_name: str, path: Path, prepare: Callable[[], Any]) -> None:
+        timing = timed_predictions(
+            lambda: partial(prepare().label_records, test_records, labeler_name, batch_size=batch),
+            path,
+            pairs,
+            batch,
+            args.force,
+        )
+        outputs["stages"][stage] = {"labeler": labeler_name, "path": str(path), "timing": timing}
+        release_memory()
+
+    if zero_shot and spec.zero_shot:
+        thresholds_from = teacher.removeprefix(RECORDED_PREFIX)  # the cut points come from the teacher's grade shares
+        path = args.work_dir / spec.zero_shot / split.name / f"zero-shot.{thresholds_from}.{eval_tag}.predictions.jsonl"
+        fit_records = labels_from_frame(frame[frame["query_id"].isin(split.train_ids)], teacher, teacher)
+        if len(fit_records) > COSINE_FIT_PAIRS:
+            fit_records = random.Random(args.seed).sample(fit_records, COSINE_FIT_PAIRS)
+        record("zero-shot", COSINE_LABELER, path, lambda: family.zero_shot(fit_records, config))
+    elif zero_shot:
+        record(
+            "zero-shot",
+            f"{name} zero-shot",
+            folder / f"zero-shot.{eval_tag}.predictions.jsonl",
+            lambda: family.zero_shot(train_records, config),
+        )
+
+    data = {  # with the config, what a cached model must have been trained on
+        "benchmark": " ".join(str(p) for p in args.pairs) if len(args.pairs) > 1 else str(args.pairs[0]),
+        "teacher": spec.label_column(teacher),
+        "split": split.name,
+        "seed": args.seed,
+        "test_fraction": None if args.kfold or args.cross_source else args.test_fraction,
+        "kfold": args.kfold,
+        "train_queries": len(split.train_ids),
+        "train_pairs": len(train_records),
+        "max_train_pairs": settings["max_train_pairs"].get(name),
+        **(
+            {"max_train_pairs_per_query": settings["max_train_pairs_per_query"][name]}
+            if name in settings["max_train_pairs_per_query"]
+            else {}
+        ),
+    }
+    trained = train(spec, train_records, folder, config, data, args.force)
+    outputs["train"] = {key: trained.get(key) for key in TRAIN_FIELDS}
+    outputs["config"] = trained["config"]
+    release_memory()
+    record(
+        "distilled",
+        f"{name} distilled",
+        folder / f"distilled.{eval_tag}.predictions.jsonl",
+        lambda: family.load(folder),
+    )
+    return outputs
+
+
+def run_students(
+    students: Sequence[str],
+    splits: Sequence[Split],
+    frame: pd.DataFrame,
+    teacher: str,
+    args: argparse.Namespace,
+    settings: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Every student on every split (zero-shot, trained, distilled): results.json's ``students``."""
+    report_students: dict[str, Any] = {}
+    for name in students:
+        spec = STUDENTS[name]
+        report_students[name] = {
+            "family": spec.family,
+            "zero_shot": ZERO_SHOT_DESCRIPTIONS[spec.zero_shot],
+            "description": spec.description,
+            "splits": {},
+        }
+        for split in splits:
+            print(f"== {name}, {split.name}")
+            report_students[name]["splits"][split.name] = student_predictions(
+                name, spec, split, frame, teacher, args, settings
+            )
+    return report_students
+
+
+def final_model(
+    name: str, frame: pd.DataFrame, teacher: str, settings: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Train ``name`` on every query of the files into ``--final-model``, ready for the ``label`` command."""
+    spec = STUDENTS[name]
+    everything = frozenset(frame["query_id"])
+    records = training_records(frame, everything, teacher, name, settings, args.seed)
+    config = student_config(spec, settings["epochs"].get(name), args.seed, args.soft_labels, args.bf16)
+    data = {
+        "benchmark": [str(p) for p in args.pairs],
+        "teacher": spec.label_column(teacher),
+        "split": "all queries",
+        "train_queries": len(everything),
+        "train_pairs": len(records),
+        "max_train_pairs_per_query": settings["max_train_pairs_per_query"].get(name),
+    }
+    print(f"== final model: {name} on all {len(everything)} queries ({len(records)} pairs) -> {args.final_model}")
+    trained = train(spec, records, args.final_model, config, data, args.force)
+    print(f"label with: python -m labeler_utils label --model {args.final_model} --input PAIRS --output OUT")
+    return {
+        "student": name,
+        "folder": str(args.final_model),
+        "train_examples": trained["train_examples"],
+        "train_seconds": trained["train_seconds"],
+        "peak_rss_mb": trained.get("peak_rss_mb"),
+    }
