@@ -128,8 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m labeler_utils", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prepare = commands.add_parser("prepare-models", help="convert the bundled GGUF models once into the cache")
-    prepare.add_argument("models", nargs="*", help="bundled model names (default: all)")
+    prepare = commands.add_parser(
+        "prepare-models", help="convert the bundled GGUF models (or the named bundled models) once into the cache"
+    )
+    prepare.add_argument(
+        "models",
+        nargs="*",
+        help="bundled model names (default: the GGUF models); all-mpnet-base-v2 reassembles the optional encoder",
+    )
     prepare.set_defaults(handler=_prepare_models)
 
     pipeline = commands.add_parser("pipeline", help="run the notebooks 00-07 into runs/<run-id>/")

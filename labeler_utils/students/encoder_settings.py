@@ -15,7 +15,7 @@ from ..core.models import BUNDLED_MODELS, bundled_minilm_path
 class EncoderSettings:
     """Training settings common to the encoder families (all written to the manifest)."""
 
-    base_model: str = field(default_factory=bundled_minilm_path)
+    base_model: str = field(default_factory=bundled_minilm_path)  # bundled encoder name, folder or hub id
     soft_labels: bool = True  # train on the teacher's distribution (or its expected grade) when a record has one
     epochs: float = 1.0
     max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)

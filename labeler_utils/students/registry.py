@@ -122,7 +122,8 @@ register_family(
         "train_cross_encoder",
         "CrossEncoderLabeler",
         "model",
-        "MiniLM cross-encoder: query and document read together, a grade head on top",
+        "cross-encoder (base_model: the bundled MiniLM by default, or all-mpnet-base-v2): query and document read "
+        "together, a grade head on top",
     )
 )
 register_family(
@@ -145,7 +146,8 @@ register_family(
         "train_bi_encoder",
         "BiEncoderLabeler",
         "bi_encoder",
-        "MiniLM bi-encoder fine-tuned on the grades: cosine of query and document embeddings, cut at trained thresholds",
+        "bi-encoder (base_model: the bundled MiniLM by default, or all-mpnet-base-v2) fine-tuned on the grades: cosine "
+        "of query and document embeddings, cut at trained thresholds",
     )
 )
 
