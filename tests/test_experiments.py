@@ -17,7 +17,7 @@ import pytest
 from labeler_utils.core.config import PROJECT_ROOT
 from labeler_utils.experiments import cli, protocols, report, runner, scoring, students
 
-TREC_DL_2019 = cli.DEFAULT_PAIRS[0]
+TREC_DL_2019 = PROJECT_ROOT.parent / "shared" / "benchmarks" / "trec-dl-2019" / "pairs.jsonl"
 
 
 def _synthetic_benchmark(n_queries: int = 9, pairs_per_query: int = 6) -> pd.DataFrame:
@@ -288,3 +288,9 @@ def test_a_two_fold_run_on_six_queries_writes_the_report_and_reuses_its_models(t
     # other settings on the same work folder are refused, naming the way out
     with pytest.raises(SystemExit, match="trained with other settings or data; pass --force or another --work-dir"):
         cli.main([*arguments, "--epochs", "2", "--output", str(tmp_path / "out2")])
+
+
+def test_a_missing_pairs_file_is_refused_with_the_fetch_command_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="python -m labeler_utils fetch trec-dl-2019"):
+        cli.main(["--pairs", str(tmp_path / "absent.jsonl"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -56,8 +56,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..benchmarks.fetch import default_output
 from ..benchmarks.folds import SOURCE_COLUMN
-from ..core.config import PROJECT_ROOT
+from ..core.config import RUNS_DIR
 from ..throughput import machine_info
 from .learning_curve import learning_curve
 from .protocols import (
@@ -76,10 +77,9 @@ from .students import STUDENTS, chosen_students
 
 COMMAND = "python -m labeler_utils reproduce"
 PROTOCOL = __doc__
-SHARED = PROJECT_ROOT.parent / "shared" / "benchmarks"
-DEFAULT_PAIRS = [SHARED / "trec-dl-2019" / "pairs.jsonl"]
-DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "results" / "trec_dl_2019"
-DEFAULT_WORK_DIR = PROJECT_ROOT / "runs" / "reproduce_trec_dl"
+DEFAULT_PAIRS = [default_output("trec-dl-2019")]  # where `python -m labeler_utils fetch trec-dl-2019` writes
+DEFAULT_OUTPUT = RUNS_DIR / "reproduce"
+DEFAULT_WORK_DIR = RUNS_DIR / "reproduce_trec_dl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +222,12 @@ def options(**overrides: Any) -> argparse.Namespace:
 def reproduce(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Run every student on every split, score them, write results.json, summary.json and results.md into
     ``args.output``; returns the report. ``command`` is the command line results.md names."""
+    missing = [str(path) for path in args.pairs if not Path(path).is_file()]
+    if missing:
+        raise SystemExit(
+            f"no pairs file {', '.join(missing)}: download TREC DL with `python -m labeler_utils fetch trec-dl-2019` "
+            "(and trec-dl-2020), or give --pairs"
+        )
     import torch
 
     torch.manual_seed(0)
