@@ -194,3 +194,24 @@ def replies(*script: Reply) -> Callable[[dict[str, Any]], Reply]:
 def ok(text: str) -> Reply:
     """A 200 answering ``text``."""
     return 200, {}, json.dumps(completion_body(text)).encode()
+
+
+# Queries with one relevant and one unrelated document each: the encoder students' tiny training data.
+TOPICS = {
+    "vpn error": (
+        "The VPN gateway returns error 809 when the tunnel times out; restart the client.",
+        "The cafeteria serves pizza on Fridays.",
+    ),
+    "travel policy": (
+        "Employees book flights through the travel portal; economy class under six hours.",
+        "Printer toner is in room 4.",
+    ),
+    "expense report": (
+        "Submit the expense report with receipts within 30 days of the trip.",
+        "The parking garage closes at 10 pm.",
+    ),
+    "password reset": (
+        "To reset your password open the self-service portal and confirm by SMS.",
+        "Quarterly results beat estimates.",
+    ),
+}

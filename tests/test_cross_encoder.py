@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TOPICS
 
 from labeler_utils.core.models import bundled_minilm_path
 from labeler_utils.students.base import LABELER_MANIFEST, GradeLabel
@@ -22,24 +23,6 @@ from labeler_utils.students.cross_encoder import (
 )
 from labeler_utils.students.registry import load_labeler
 
-TOPICS = {
-    "vpn error": (
-        "The VPN gateway returns error 809 when the tunnel times out; restart the client.",
-        "The cafeteria serves pizza on Fridays.",
-    ),
-    "travel policy": (
-        "Employees book flights through the travel portal; economy class under six hours.",
-        "Printer toner is in room 4.",
-    ),
-    "expense report": (
-        "Submit the expense report with receipts within 30 days of the trip.",
-        "The parking garage closes at 10 pm.",
-    ),
-    "password reset": (
-        "To reset your password open the self-service portal and confirm by SMS.",
-        "Quarterly results beat estimates.",
-    ),
-}
 RECORDS = [
     {"query_id": f"q{i}", "doc_id": f"d{i}{j}", "query": query, "document": document * repeat, "grade": grade}
     for i, (query, (relevant, irrelevant)) in enumerate(TOPICS.items())

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import TOPICS
 
 from labeler_utils.core import models
 from labeler_utils.core.models import (
@@ -23,7 +24,7 @@ from labeler_utils.core.models import (
     installed_piece,
     resolve_model,
 )
-from labeler_utils.students.base import GRADES
+from labeler_utils.core.records import GRADES
 from labeler_utils.students.bi_encoder import BiEncoderConfig, BiEncoderLabeler, CosineBaseline
 from labeler_utils.students.cross_encoder import CrossEncoderConfig, CrossEncoderLabeler
 from labeler_utils.students.registry import get_family, load_labeler
@@ -146,23 +147,9 @@ def test_the_mpnet_pieces_sum_to_the_published_zip():
     assert sum(p.size for p in MPNET.pieces) == 404_421_332 and MPNET.weights_size == 437_971_872
 
 
-TOPICS = {
-    "vpn error": (
-        "The VPN gateway returns error 809 when the tunnel times out; restart the client.",
-        "The cafeteria serves pizza on Fridays.",
-    ),
-    "travel policy": (
-        "Employees book flights through the travel portal; economy class under six hours.",
-        "Printer toner is in room 4.",
-    ),
-    "expense report": (
-        "Submit the expense report with receipts within 30 days of the trip.",
-        "The parking garage closes at 10 pm.",
-    ),
-}
-RECORDS = [
+RECORDS = [  # the first three topics
     {"query_id": f"q{i}", "doc_id": f"d{i}{j}", "query": query, "document": document, "grade": grade}
-    for i, (query, (relevant, irrelevant)) in enumerate(TOPICS.items())
+    for i, (query, (relevant, irrelevant)) in enumerate(list(TOPICS.items())[:3])
     for j, (document, grade) in enumerate(
         [(relevant, 3), (relevant + " Ask IT.", 2), (irrelevant + " Ask IT.", 1), (irrelevant, 0)]
     )
