@@ -294,3 +294,14 @@ def test_a_missing_pairs_file_is_refused_with_the_fetch_command_before_any_work(
     with pytest.raises(SystemExit, match="python -m labeler_utils fetch trec-dl-2019"):
         cli.main(["--pairs", str(tmp_path / "absent.jsonl"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_without_named_students_a_cuda_gpu_trains_the_papers_qlora_student(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert students.default_students() == students.PAPER_STUDENT
+    config = students.student_config(students.STUDENTS[students.PAPER_STUDENT], None, 0, False, False)
+    assert config.qlora is True and config.base_model == "microsoft/Phi-3.5-mini-instruct"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert students.default_students() == students.DEFAULT_STUDENT == "minilm-bi-encoder"

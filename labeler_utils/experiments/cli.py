@@ -73,7 +73,7 @@ from .protocols import (
 from .report import write_report
 from .runner import final_model, run_students
 from .scoring import evaluation_sets
-from .students import STUDENTS, chosen_students
+from .students import DEFAULT_STUDENT, PAPER_STUDENT, STUDENTS, chosen_students, default_students
 
 COMMAND = "python -m labeler_utils reproduce"
 PROTOCOL = __doc__
@@ -123,8 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--students",
-        default="minilm-cross-encoder",
-        help=f"comma list among {', '.join(STUDENTS)} (default: %(default)s)",
+        default=None,
+        help=f"comma list among {', '.join(STUDENTS)} (default: {PAPER_STUDENT} with a CUDA GPU, "
+        f"{DEFAULT_STUDENT} without)",
     )
     parser.add_argument(
         "--epochs",
@@ -231,6 +232,7 @@ def reproduce(args: argparse.Namespace, command: str) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
+    args.students = args.students or default_students()
     students = chosen_students(args.students)
     settings = per_student_settings(args, students)
     teacher = teacher_column(args.teacher_column)

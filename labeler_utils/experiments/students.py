@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..benchmarks.loaders import RECORDED_PREFIX
-from ..core.config import Profile
+from ..core.config import GPU_STUDENT_MODEL, Profile
 from ..students.registry import get_family
 
 COMMITTEE = (
@@ -50,6 +50,7 @@ class StudentSpec:
 ENCODER = {"epochs": 2.0, "batch_size": 16, "max_length": 256}
 CAUSAL = {"epochs": 2.0, "batch_size": 8, "max_length": 256, "qlora": None}
 QUERY_TWICE = {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-document-query"}
+PAPER_STUDENT = "phi-3.5-mini-qlora"
 
 
 def bi_encoder(description: str, labels: str = "", **settings: Any) -> StudentSpec:
@@ -90,6 +91,11 @@ STUDENTS: dict[str, StudentSpec] = {
     "smollm2-135m-instruct": StudentSpec("causal_lm", {**CAUSAL, "base_model": "smollm2-135m-instruct"}),
     "gemma3-270m": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m"}),
     "gemma3-270m-query-twice": StudentSpec("causal_lm", QUERY_TWICE),
+    PAPER_STUDENT: StudentSpec(
+        "causal_lm",
+        {**CAUSAL, "base_model": GPU_STUDENT_MODEL, "qlora": True, "max_length": 512},
+        description="the paper's student: QLoRA (4-bit NF4 base, LoRA on every projection) on a CUDA GPU",
+    ),
     "gemma3-270m-query-twice-ordinal": StudentSpec(
         "causal_lm",
         {**QUERY_TWICE, "objective": "ordinal"},
@@ -98,6 +104,13 @@ STUDENTS: dict[str, StudentSpec] = {
 }
 #: The student of the project's default family (``Profile.student_family``): summary.json's "default_student".
 DEFAULT_STUDENT = next(name for name, spec in STUDENTS.items() if spec.family == Profile.student_family)
+
+
+def default_students() -> str:
+    """The students trained when none are named: the paper's QLoRA student with a CUDA GPU, else the CPU default."""
+    import torch
+
+    return PAPER_STUDENT if torch.cuda.is_available() else DEFAULT_STUDENT
 
 
 def chosen_students(names: str) -> list[str]:
