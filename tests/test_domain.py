@@ -435,10 +435,15 @@ def test_cli_pipeline_config_error_exits_2(tmp_path, capsys):
 
 @pytest.mark.notebooks
 def test_second_domain_runs_through_notebook_09(tmp_path):
-    """The hospital corpus through stages 01-07, driven by configs/second_domain.yaml alone."""
+    """The hospital corpus through stages 01-07, driven by configs/second_domain.yaml (one query per seed document
+    instead of the smoke profile's two, to keep the suite short: the routing, not the amount, is under test)."""
+    from labeler_utils.core.config import DATA_DIR, PROJECT_ROOT
     from labeler_utils.pipeline import execute_notebook
 
-    execute_notebook("09_adapt_to_your_domain", tmp_path, {"profile": "smoke"})
+    shipped = (PROJECT_ROOT / "configs" / "second_domain.yaml").read_text()
+    config = tmp_path / "second_domain.yaml"
+    config.write_text(shipped.replace("../data/", f"{DATA_DIR}/") + "queries_per_document: 1\n")
+    execute_notebook("09_adapt_to_your_domain", tmp_path, {"profile": "smoke", "config_path": str(config)})
     metrics = json.loads((tmp_path / "09_adapt_to_your_domain" / "metrics.json").read_text())
     assert metrics["stages"] == list(STAGES[1:])
     assert metrics["documents"] == metrics["documents_loaded_by_stage_01"] == 27
@@ -452,6 +457,8 @@ def test_second_domain_runs_through_notebook_09(tmp_path):
     assert queries and all(q["seed_doc_id"] in {d["doc_id"] for d in documents} for q in queries)
     assert (sub_run / "03_hard_negatives" / "pairs.jsonl").exists()
     stage = metrics["stage_metrics"]
+    synthesis = stage["02_query_synthesis"]
+    assert 0 < synthesis["queries_generated"] <= synthesis["seed_documents"]  # queries_per_document: 1 was routed
     assert stage["04_teacher_labels"]["graded"] > 0
     assert (
         "hospital's procedure or policy" in (sub_run / "notebooks" / "04_teacher_labels.ipynb").read_text()
