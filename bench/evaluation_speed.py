@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the TREC DL reproduction's evaluation: students' labelers on 3 evaluation sets of the 97 queries.
 
-The input is what ``scripts/reproduce_trec_dl.py --kfold 5`` evaluates, built from the shared
+The input is what ``python -m labeler_utils reproduce --kfold 5`` evaluates, built from the shared
 TREC DL 2019 + 2020 pairs (read by path, never copied into the project) without training anything:
 
 * the teacher column is DeepSeek-V3's recorded grade;
@@ -22,7 +22,6 @@ students. ``--out`` writes every result as JSON, to compare two implementations 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -35,19 +34,18 @@ import numpy as np
 import pandas as pd
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from labeler_utils.benchmarks.folds import kfold_splits, load_pair_files  # noqa: E402
+from labeler_utils.evaluate import bootstrap_ci, query_metric  # noqa: E402
+from labeler_utils.experiments.protocols import evaluation_pairs  # noqa: E402
+from labeler_utils.experiments.scoring import evaluate_set  # noqa: E402
+from labeler_utils.experiments.students import COSINE_LABELER  # noqa: E402
+
 SHARED = REPO_ROOT.parent / "shared" / "benchmarks"
 DEFAULT_PAIRS = [SHARED / "trec-dl-2019" / "pairs.jsonl", SHARED / "trec-dl-2020" / "pairs.jsonl"]
 TEACHER = "recorded:deepseek_v3_umbrela"
 STAGES = ("zero-shot", "distilled", "distilled, share-calibrated")
-
-
-def load_reproduction() -> Any:
-    """The reproduction script as a module (it is not a package module)."""
-    spec = importlib.util.spec_from_file_location("reproduce_trec_dl", REPO_ROOT / "scripts" / "reproduce_trec_dl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def stand_in_labelers(frame: pd.DataFrame, n_students: int, cosine_name: str, seed: int) -> tuple[pd.DataFrame, list]:
@@ -67,22 +65,20 @@ def stand_in_labelers(frame: pd.DataFrame, n_students: int, cosine_name: str, se
     return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1), names
 
 
-def evaluate_all(reproduction: Any, frame: pd.DataFrame, labelers: list, caps: list, args: argparse.Namespace) -> dict:
+def evaluate_all(frame: pd.DataFrame, labelers: list, caps: list, args: argparse.Namespace) -> dict:
     """Every evaluation set scored as the reproduction scores it; seconds (wall and CPU) per set."""
-    splits = reproduction.kfold_splits(frame, args.folds, args.seed)
+    splits = kfold_splits(frame, args.folds, args.seed)
     sets = {}
     for cap in caps:
         wall, cpu = time.perf_counter(), time.process_time()
-        table = pd.concat([reproduction.evaluation_pairs(frame, s, cap, args.seed) for s in splits])
-        results = reproduction.evaluate_set(table, [TEACHER, *labelers], TEACHER, args.n_boot, args.seed, {})
+        table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
+        results = evaluate_set(table, [TEACHER, *labelers], TEACHER, args.n_boot, args.seed, {})
         per_split = {
             s.name: {
                 labeler: {
-                    "qwk": reproduction.bootstrap_ci(
-                        part, reproduction.query_metric("qwk", labeler), args.n_boot, args.seed
-                    ),
-                    "spearman_expected": reproduction.bootstrap_ci(
-                        part, reproduction.spearman_of_scores(labeler), args.n_boot, args.seed
+                    "qwk": bootstrap_ci(part, query_metric("qwk", labeler), args.n_boot, args.seed),
+                    "spearman_expected": bootstrap_ci(
+                        part, query_metric("spearman_expected", labeler), args.n_boot, args.seed
                     ),
                 }
                 for labeler in [TEACHER, *labelers]
@@ -116,13 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write every result and timing here as JSON")
     args = parser.parse_args(argv)
-    reproduction = load_reproduction()
-    frame = reproduction.load_pair_files(args.pairs)
-    frame, labelers = stand_in_labelers(frame, args.students, reproduction.COSINE_LABELER, args.seed)
+    frame = load_pair_files(args.pairs)
+    frame, labelers = stand_in_labelers(frame, args.students, COSINE_LABELER, args.seed)
     caps = [None if cap == "all" else int(cap) for cap in args.caps.split(",")]
     load_before = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
-    sets = evaluate_all(reproduction, frame, labelers, caps, args)
+    sets = evaluate_all(frame, labelers, caps, args)
     total = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     load_after = os.getloadavg()[0]
     print(
