@@ -216,7 +216,7 @@ def test_the_cross_encoder_trains_and_labels_an_mpnet_encoder(tiny_mpnet, tmp_pa
 def test_the_cosine_baseline_of_an_mpnet_encoder_keeps_the_teachers_grade_shares(tiny_mpnet):
     baseline = get_family("bi_encoder").zero_shot(RECORDS, BiEncoderConfig(base_model=str(tiny_mpnet)))
     assert isinstance(baseline, CosineBaseline)
-    assert baseline.encoder[0].auto_model.config.model_type == "mpnet"
+    assert baseline.model[0].auto_model.config.model_type == "mpnet"
     rows = baseline.label_records(RECORDS, "mpnet cosine", progress=False)
     check_rows(rows, "mpnet cosine")
     assert sorted(r["grade"] for r in rows) == sorted(r["grade"] for r in RECORDS)  # 3 pairs of each grade
@@ -224,6 +224,6 @@ def test_the_cosine_baseline_of_an_mpnet_encoder_keeps_the_teachers_grade_shares
 
 def test_the_students_take_a_bundled_encoder_by_its_hub_id(tmp_path):
     baseline = CosineBaseline.fit(RECORDS, base_model="sentence-transformers/all-MiniLM-L6-v2")
-    assert baseline.encoder.get_embedding_dimension() == 384
+    assert baseline.model.get_embedding_dimension() == 384
     config = CrossEncoderConfig(base_model="all-MiniLM-L6-v2", max_steps=1, batch_size=4, max_length=64)
     assert get_family("cross_encoder").train(RECORDS, tmp_path, config)["config"]["base_model"] == "all-MiniLM-L6-v2"
