@@ -18,7 +18,7 @@ from ..benchmarks.folds import Split
 from ..benchmarks.predictions import attach_predictions, read_predictions
 from ..core.artifacts import atomic_write
 from ..core.records import GRADES
-from ..evaluate import NDCG_CUTOFF, bootstrap_ci, paired_bootstrap, plot_forest, query_metric
+from ..evaluate import NDCG_CUTOFF, SCORE_METRICS, bootstrap_ci, paired_bootstrap, plot_forest, query_metric
 from ..students.base import grades_at_thresholds, share_matching_thresholds
 from .protocols import evaluation_pairs
 from .students import COSINE_LABELER, STUDENTS
@@ -26,7 +26,7 @@ from .students import COSINE_LABELER, STUDENTS
 #: Metrics of labeler_utils.evaluate (bootstrapped from per-query statistics) reported for every labeler.
 GRADE_METRICS = ("accuracy", "kappa", "qwk", "kappa_binary_ge2")
 RANKING_METRICS = (f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
-SPEARMAN = "spearman_expected"  # of expected relevance (labeler_utils.evaluate.bootstrap.SCORE_METRICS)
+(SPEARMAN,) = SCORE_METRICS  # Spearman of expected relevance, the one metric bootstrapped from score tables
 METRICS = (*GRADE_METRICS, SPEARMAN, *RANKING_METRICS)
 
 
