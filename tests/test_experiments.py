@@ -176,6 +176,10 @@ def test_students_each_build_a_config_of_their_family():
         students.STUDENTS["minilm-bi-encoder-from-llama3-8b"].label_column("recorded:t") == "recorded:llama3_8b_umbrela"
     )
     assert students.STUDENTS["minilm-bi-encoder"].label_column("recorded:t") == "recorded:t"
+    for name in ("mpnet-bi-encoder", "mpnet-cross-encoder"):  # beside the untrained cosine of the same encoder
+        spec = students.STUDENTS[name]
+        config = students.student_config(spec, None, seed=0, soft_labels=False, bf16=False)
+        assert config.base_model == students.COSINES[spec.zero_shot].encoder == "all-mpnet-base-v2", name
 
 
 def _command(*arguments: str) -> subprocess.CompletedProcess:
@@ -288,6 +292,19 @@ def test_a_two_fold_run_on_six_queries_writes_the_report_and_reuses_its_models(t
     # other settings on the same work folder are refused, naming the way out
     with pytest.raises(SystemExit, match="trained with other settings or data; pass --force or another --work-dir"):
         cli.main([*arguments, "--epochs", "2", "--output", str(tmp_path / "out2")])
+    # the cosine embedded each of the 72 pairs once: one fold's cut points come from the other fold's pairs
+    assert json.loads((tmp_path / "work" / "minilm-bi-encoder-cosine" / "cosines.json").read_text())["pairs"] == 72
+    # --zero-shot-only in a fresh work folder: the cosine row alone, the same numbers, nothing trained
+    zero_shot = cli.main(
+        [*arguments[:-1], str(tmp_path / "work0"), "--zero-shot-only", "--output", str(tmp_path / "z")]
+    )
+    (only,) = zero_shot["evaluation_sets"]
+    assert list(only["labelers"]) == ["recorded:deepseek_v3_umbrela", "minilm bi-encoder cosine zero-shot"]
+    assert only["labelers"]["minilm bi-encoder cosine zero-shot"] == evaluation["labelers"][
+        "minilm bi-encoder cosine zero-shot"
+    ] | {"qwk_minus": {}}
+    assert not (tmp_path / "work0" / "minilm-bi-encoder").exists()
+    assert all("train" not in split for split in zero_shot["students"]["minilm-bi-encoder"]["splits"].values())
 
 
 def test_a_missing_pairs_file_is_refused_with_the_fetch_command_before_any_work(tmp_path):

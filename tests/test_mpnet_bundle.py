@@ -227,3 +227,38 @@ def test_the_students_take_a_bundled_encoder_by_its_hub_id(tmp_path):
     assert baseline.model.get_embedding_dimension() == 384
     config = CrossEncoderConfig(base_model="all-MiniLM-L6-v2", max_steps=1, batch_size=4, max_length=64)
     assert get_family("cross_encoder").train(RECORDS, tmp_path, config)["config"]["base_model"] == "all-MiniLM-L6-v2"
+
+
+def test_the_reproductions_cosine_cache_embeds_each_pair_once_and_cuts_like_the_cosine_labeler(tiny_mpnet, tmp_path):
+    """`experiments.cosines.pair_cosines` (the zero-shot rows of the reproduction, shared by every split) gives the
+    cosine labeler's cut points and grades, embeds a pair once, survives a torn append and refuses another encoder."""
+    import numpy as np
+
+    from labeler_utils.experiments.cosines import pair_cosines
+    from labeler_utils.students.base import grade_counts, share_matching_thresholds
+    from labeler_utils.students.bi_encoder import cosine_labels
+
+    fit, test = RECORDS[:8], RECORDS[8:]
+    values, timing = pair_cosines(fit + test, str(tiny_mpnet), tmp_path, max_length=64)
+    assert timing["pairs"] == 12 and timing["labels_per_second"] > 0 and timing["peak_rss_mb"] > 0
+    labeler = CosineBaseline.fit(fit, base_model=str(tiny_mpnet), max_length=64)
+    thresholds = share_matching_thresholds(values[:8], grade_counts(fit))
+    np.testing.assert_allclose(thresholds, labeler.thresholds, atol=1e-5)
+    rows = labeler.label_records(test, progress=False)
+    labels = cosine_labels(values[8:], thresholds)
+    assert [label.grade for label in labels] == [row["grade"] for row in rows]
+    np.testing.assert_allclose(
+        [lab.expected_relevance for lab in labels], [r["expected_relevance"] for r in rows], atol=1e-5
+    )
+    # a second split asking for the same pairs embeds nothing
+    again, second = pair_cosines(test, str(tiny_mpnet), tmp_path, max_length=64)
+    assert second == timing and np.array_equal(again, values[8:])
+    # a crash in the middle of an append: the torn line is dropped, the lost pairs embedded again, nothing else
+    cache = tmp_path / "cosines.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    cache.write_text("".join(lines[:-2]) + lines[-2][:15])
+    recomputed, third = pair_cosines(fit + test, str(tiny_mpnet), tmp_path, max_length=64)
+    np.testing.assert_allclose(recomputed, values, atol=1e-6)
+    assert third["pairs"] == 14 and len(cache.read_text().splitlines()) == 12
+    with pytest.raises(SystemExit, match="holds cosines of .*tiny_mpnet.*use another --work-dir"):
+        pair_cosines(fit, "all-MiniLM-L6-v2", tmp_path, max_length=64)

@@ -13,7 +13,7 @@ import pandas as pd
 from ..core.artifacts import atomic_write, write_json
 from ..evaluate import NDCG_CUTOFF
 from .scoring import METRICS, SPEARMAN
-from .students import COSINE_LABELER, DEFAULT_STUDENT
+from .students import COSINE_LABELER, COSINES, DEFAULT_STUDENT
 
 METRIC_TITLES = {
     "accuracy": "acc",
@@ -108,6 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
             for labeler, d in own.items()
         ] + ([""] if own else [])
+        lines += paired_markdown(eval_set["labelers"])
         if len(eval_set["per_split"]) > 1:
             names = list(eval_set["per_split"])
             lines += [
@@ -128,6 +129,26 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines + cost_markdown(report))
 
 
+def paired_markdown(labelers: dict[str, Any]) -> list[str]:
+    """QWK differences between every labeler and each reference (the untrained cosines, the default student) on the
+    same pairs, when there is more than the one reference the agreement table already shows."""
+    references = list(dict.fromkeys(ref for result in labelers.values() for ref in result.get("qwk_minus", {})))
+    if references in ([], [COSINE_LABELER]):
+        return []
+    lines = [
+        "Paired QWK differences (row minus column, same pairs, same resamples):",
+        "",
+        "| labeler | " + " | ".join(references) + " |",
+        "|---|" + "---|" * len(references),
+    ]
+    for labeler, result in labelers.items():
+        if "qwk_minus" in result:
+            lines.append(
+                f"| {labeler} | " + " | ".join(_difference(result["qwk_minus"].get(ref)) for ref in references) + " |"
+            )
+    return [*lines, ""]
+
+
 def cost_markdown(report: dict[str, Any]) -> list[str]:
     """The cost section of results.md: labels/s and memory of every labeller, time and memory of every training."""
     lines = [
@@ -140,7 +161,7 @@ def cost_markdown(report: dict[str, Any]) -> list[str]:
     shown: set[str] = set()
     for student in report["students"].values():
         for split_name, result in student["splits"].items():
-            train = result["train"]
+            train = result.get("train")
             for stage, output in result["stages"].items():
                 row = f"{output['labeler']} ({split_name})"
                 if row in shown:
@@ -220,6 +241,7 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
             "teacher_qwk_same_pairs": found[teacher]["metrics"]["qwk"]["estimate"],
             "qwk_minus_teacher": result.get("qwk_minus_teacher"),
             "qwk_minus_cosine": result.get("qwk_minus_cosine"),
+            "qwk_minus": result.get("qwk_minus"),
         }
 
     rows = {name: scored_row(f"{name} distilled", f"{name} distilled, share-calibrated") for name in students}
@@ -233,6 +255,7 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
         "teacher": teacher,
         "teacher_qwk": qwk(teacher),
         "cosine_qwk": qwk(COSINE_LABELER),
+        "cosines_qwk": {c.labeler: qwk(c.labeler) for c in COSINES.values() if c.labeler in labelers},
         "default_student": default,
         "default_student_qwk": rows[default]["qwk"] if default else None,
         "students": rows,

@@ -28,11 +28,12 @@ from ..benchmarks.loaders import RECORDED_PREFIX
 from ..benchmarks.predictions import read_predictions, write_predictions
 from ..core.artifacts import read_json, write_json
 from ..core.resources import PeakMemory, load_average
-from ..students.base import LABELER_MANIFEST
+from ..students.base import LABELER_MANIFEST, grade_counts, prediction_row, share_matching_thresholds
 from ..students.registry import distilled_student, get_family
 from ..teacher import labels_from_frame
+from .cosines import pair_cosines
 from .protocols import evaluation_pairs, training_records
-from .students import COSINE_FIT_PAIRS, COSINE_LABELER, STUDENTS, ZERO_SHOT_DESCRIPTIONS, StudentSpec, student_config
+from .students import COSINE_FIT_PAIRS, COSINES, STUDENTS, ZERO_SHOT_DESCRIPTIONS, StudentSpec, student_config
 
 BOOKKEEPING = {"save_steps", "logging_steps"}  # settings that do not change the trained model
 #: What results.json keeps of a training manifest and its measured time and memory.
@@ -53,6 +54,7 @@ TRAIN_FIELDS = (
     "resumed_from",
 )
 Labeling = Callable[[], list[dict[str, Any]]]
+COSINE_BATCH_SIZE = 32  # sentence-transformers' encode batch for the zero-shot cosines
 
 
 def _same_training(trained: dict[str, Any], config: Any) -> bool:
@@ -95,18 +97,27 @@ def train(
     return {**manifest, **stats_record}
 
 
+def cached_timing(path: Path, pairs: set[tuple[str, str]], force: bool) -> dict[str, Any] | None:
+    """The timing saved beside the predictions file at ``path`` when that file can be reused (it labels exactly
+    ``pairs``; another set of pairs is refused), else None."""
+    timing_path = path.with_suffix(".timing.json")
+    if not (path.exists() and timing_path.exists()) or force:
+        return None
+    cached = read_predictions(path)
+    if set(zip(cached["query_id"], cached["doc_id"])) != pairs:
+        raise SystemExit(f"{path} labels other pairs (another seed or split?); pass --force or another --work-dir")
+    return read_json(timing_path)
+
+
 def timed_predictions(
     prepare: Callable[[], Labeling], path: Path, pairs: set[tuple[str, str]], batch_size: int, force: bool
 ) -> dict[str, Any]:
     """Reuse the predictions file at ``path`` (when it covers exactly ``pairs``), or ``prepare()`` a labeler
     (untimed) and time its labelling. Returns the timing (labels/s, batch size, peak RSS, load) saved beside it.
     """
-    timing_path = path.with_suffix(".timing.json")
-    if path.exists() and timing_path.exists() and not force:
-        cached = read_predictions(path)
-        if set(zip(cached["query_id"], cached["doc_id"])) != pairs:
-            raise SystemExit(f"{path} labels other pairs (another seed or split?); pass --force or another --work-dir")
-        return read_json(timing_path)
+    cached = cached_timing(path, pairs, force)
+    if cached is not None:
+        return cached
     label = prepare()
     load_before, start = load_average(), time.perf_counter()
     with PeakMemory() as memory:
@@ -125,7 +136,36 @@ def timed_predictions(
         "load_before": load_before,
         "load_after": load_average(),
     }
-    write_json(timing_path, timing)
+    write_json(path.with_suffix(".timing.json"), timing)
+    return timing
+
+
+def cosine_predictions(
+    baseline: str,
+    fit_records: list[dict[str, Any]],
+    test_records: list[dict[str, Any]],
+    path: Path,
+    args: argparse.Namespace,
+    max_length: int,
+) -> dict[str, Any]:
+    """A zero-shot cosine's predictions of one split: the cosines from the baseline's cache (computed once per pair),
+    cut at the teacher's grade shares on ``fit_records``. Returns the cache's timing, saved beside the file."""
+    pairs = {(r["query_id"], r["doc_id"]) for r in test_records}
+    cached = cached_timing(path, pairs, args.force)
+    if cached is not None:
+        return cached
+    from ..students.bi_encoder import cosine_labels
+
+    cosine = COSINES[baseline]
+    values, timing = pair_cosines(
+        fit_records + test_records, cosine.encoder, args.work_dir / baseline, max_length, COSINE_BATCH_SIZE
+    )
+    thresholds = share_matching_thresholds(values[: len(fit_records)], grade_counts(fit_records))
+    labels = cosine_labels(values[len(fit_records) :], thresholds)
+    write_predictions(
+        path, pd.DataFrame([prediction_row(r, lab, cosine.labeler) for r, lab in zip(test_records, labels)])
+    )
+    write_json(path.with_suffix(".timing.json"), timing)
     return timing
 
 
@@ -179,7 +219,12 @@ def student_predictions(
         fit_records = labels_from_frame(frame[frame["query_id"].isin(split.train_ids)], teacher, teacher)
         if len(fit_records) > COSINE_FIT_PAIRS:
             fit_records = random.Random(args.seed).sample(fit_records, COSINE_FIT_PAIRS)
-        record("zero-shot", COSINE_LABELER, path, lambda: family.zero_shot(fit_records, config))
+        timing = cosine_predictions(spec.zero_shot, fit_records, test_records, path, args, config.max_length)
+        outputs["stages"]["zero-shot"] = {
+            "labeler": COSINES[spec.zero_shot].labeler,
+            "path": str(path),
+            "timing": timing,
+        }
     elif zero_shot:
         record(
             "zero-shot",
@@ -188,6 +233,8 @@ def student_predictions(
             lambda: family.zero_shot(train_records, config),
         )
 
+    if args.zero_shot_only:
+        return outputs
     data = {  # with the config, what a cached model must have been trained on
         "benchmark": " ".join(str(p) for p in args.pairs) if len(args.pairs) > 1 else str(args.pairs[0]),
         "teacher": spec.label_column(teacher),

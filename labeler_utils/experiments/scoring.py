@@ -21,13 +21,15 @@ from ..core.records import GRADES
 from ..evaluate import NDCG_CUTOFF, SCORE_METRICS, bootstrap_ci, paired_bootstrap, plot_forest, query_metric
 from ..students.base import grades_at_thresholds, share_matching_thresholds
 from .protocols import evaluation_pairs
-from .students import COSINE_LABELER, STUDENTS
+from .students import COSINE_LABELER, COSINES, DEFAULT_STUDENT, STUDENTS
 
 #: Metrics of labeler_utils.evaluate (bootstrapped from per-query statistics) reported for every labeler.
 GRADE_METRICS = ("accuracy", "kappa", "qwk", "kappa_binary_ge2")
 RANKING_METRICS = (f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
 (SPEARMAN,) = SCORE_METRICS  # Spearman of expected relevance, the one metric bootstrapped from score tables
 METRICS = (*GRADE_METRICS, SPEARMAN, *RANKING_METRICS)
+#: The labelers every other one is compared with, pairwise, when they are scored on the same pairs.
+REFERENCES = (*(cosine.labeler for cosine in COSINES.values()), f"{DEFAULT_STUDENT} distilled")
 
 
 def share_calibrated(
@@ -60,9 +62,10 @@ def evaluate_set(
     seed: int,
     own_teachers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's and minus the
-    untrained cosine's (paired, when the cosine is among ``labelers``); ``own_teachers`` maps a student trained
-    on other grades to that column, also compared pairwise."""
+    """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's and minus each
+    reference among ``labelers`` (every untrained cosine, the default student: ``qwk_minus``; the default encoder's
+    cosine also as ``qwk_minus_cosine``), all paired; ``own_teachers`` maps a student trained on other grades to
+    that column, also compared pairwise."""
     results: dict[str, Any] = {}
     for labeler in labelers:
         metrics = {
@@ -77,8 +80,14 @@ def evaluate_set(
         }
         if labeler != teacher:
             results[labeler]["qwk_minus_teacher"] = paired_bootstrap(frame, labeler, teacher, "qwk", n_boot, seed)
-        if COSINE_LABELER in labelers and labeler not in (teacher, COSINE_LABELER):
-            results[labeler]["qwk_minus_cosine"] = paired_bootstrap(frame, labeler, COSINE_LABELER, "qwk", n_boot, seed)
+        if labeler != teacher:
+            results[labeler]["qwk_minus"] = {
+                reference: paired_bootstrap(frame, labeler, reference, "qwk", n_boot, seed)
+                for reference in labelers
+                if reference in REFERENCES and reference != labeler
+            }
+        if COSINE_LABELER in results[labeler].get("qwk_minus", {}):
+            results[labeler]["qwk_minus_cosine"] = results[labeler]["qwk_minus"][COSINE_LABELER]
         own = (own_teachers or {}).get(labeler)
         if own is not None and own != teacher:
             results[labeler]["qwk_minus_own_teacher"] = {
@@ -116,6 +125,8 @@ def evaluation_sets(
             if settings["max_eval_pairs_per_query"].get(name) not in (None, cap):
                 continue  # its predictions do not cover every pair of this set
             for stage in ("zero-shot", "distilled"):
+                if stage not in report_students[name]["splits"][splits[0].name]["stages"]:
+                    continue  # --zero-shot-only: nothing was trained
                 outputs = [report_students[name]["splits"][s.name]["stages"][stage] for s in splits]
                 if outputs[0]["labeler"] in labelers:
                     continue  # a shared zero-shot baseline

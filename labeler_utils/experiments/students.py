@@ -14,12 +14,34 @@ COMMITTEE = (
 )
 WEAK_TEACHER = "llama3_8b_umbrela"
 CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
+COSINE_FIT_PAIRS = 2000  # a cosine's cut points: quantiles over at most this many random training pairs
+
+
+@dataclass(frozen=True)
+class ZeroShotCosine:
+    """A shared zero-shot row: an untrained sentence encoder's cosine, cut at the teacher's grade shares."""
+
+    encoder: str  # a bundled encoder name (core.models.BUNDLED_ENCODERS), folder or hub id
+    labeler: str  # the row's name in the reports
+
+    @property
+    def description(self) -> str:
+        return (
+            f"bi-encoder cosine of the untrained {self.encoder}, thresholds matching the teacher's grade shares on the "
+            f"training pairs (at most {COSINE_FIT_PAIRS} of them, drawn at random)"
+        )
+
+
 COSINE = "minilm-bi-encoder-cosine"
-COSINE_LABELER = "minilm bi-encoder cosine zero-shot"
-COSINE_FIT_PAIRS = 2000  # the cosine's cut points: quantiles over at most this many random training pairs
+MPNET_COSINE = "mpnet-bi-encoder-cosine"
+#: The zero-shot cosines by name (a student's ``zero_shot``); each pair's cosine is computed once per encoder.
+COSINES = {
+    COSINE: ZeroShotCosine("all-MiniLM-L6-v2", "minilm bi-encoder cosine zero-shot"),
+    MPNET_COSINE: ZeroShotCosine("all-mpnet-base-v2", "mpnet bi-encoder cosine zero-shot"),
+}
+COSINE_LABELER = COSINES[COSINE].labeler  # the default encoder's cosine: every student's "QWK - cosine"
 ZERO_SHOT_DESCRIPTIONS = {
-    COSINE: "bi-encoder cosine of the same MiniLM, thresholds matching the teacher's grade shares on the training pairs "
-    f"(at most {COSINE_FIT_PAIRS} of them, drawn at random)",
+    **{name: cosine.description for name, cosine in COSINES.items()},
     "": "base model, same one-pass grade-token scoring",
 }
 
@@ -53,9 +75,12 @@ QUERY_TWICE = {**CAUSAL, "base_model": "gemma3-270m", "prompt_format": "query-do
 PAPER_STUDENT = "phi-3.5-mini-qlora"
 
 
-def bi_encoder(description: str, labels: str = "", **settings: Any) -> StudentSpec:
-    """A MiniLM bi-encoder student (one epoch unless ``settings`` say otherwise), beside the untrained cosine."""
-    return StudentSpec("bi_encoder", {**ENCODER, "epochs": 1.0, **settings}, COSINE, description, labels)
+MPNET = {"base_model": COSINES[MPNET_COSINE].encoder}
+
+
+def bi_encoder(description: str, labels: str = "", cosine: str = COSINE, **settings: Any) -> StudentSpec:
+    """A bi-encoder student (one epoch unless ``settings`` say otherwise), beside its encoder's untrained cosine."""
+    return StudentSpec("bi_encoder", {**ENCODER, "epochs": 1.0, **settings}, cosine, description, labels)
 
 
 STUDENTS: dict[str, StudentSpec] = {
@@ -87,6 +112,10 @@ STUDENTS: dict[str, StudentSpec] = {
     ),
     "minilm-bi-encoder-from-llama3-8b": bi_encoder(
         "as minilm-bi-encoder, trained on Llama-3-8B's grades (a weaker teacher)", labels=WEAK_TEACHER
+    ),
+    "mpnet-bi-encoder": bi_encoder("as minilm-bi-encoder, from all-mpnet-base-v2", cosine=MPNET_COSINE, **MPNET),
+    "mpnet-cross-encoder": StudentSpec(
+        "cross_encoder", {**ENCODER, **MPNET}, MPNET_COSINE, "as minilm-cross-encoder, from all-mpnet-base-v2"
     ),
     "smollm2-135m-instruct": StudentSpec("causal_lm", {**CAUSAL, "base_model": "smollm2-135m-instruct"}),
     "gemma3-270m": StudentSpec("causal_lm", {**CAUSAL, "base_model": "gemma3-270m"}),

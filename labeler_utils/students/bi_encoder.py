@@ -300,13 +300,18 @@ class CosineBaseline(BiEncoderLabeler):
         return cls(encoder, share_matching_thresholds(values, grade_counts(train_records)), max_length=max_length)
 
     def labels_from_cosines(self, values: np.ndarray) -> list[GradeLabel]:
-        """The grade at the cut points (one-hot distribution) and ``3 * (cos + 1) / 2`` as expected relevance."""
-        return [
-            GradeLabel(
-                grade=int(g), distribution=[float(g == k) for k in GRADES], expected_relevance=float(3 * (c + 1) / 2)
-            )
-            for g, c in zip(grades_at_thresholds(values, self.thresholds), values)
-        ]
+        return cosine_labels(values, self.thresholds)
+
+
+def cosine_labels(values: np.ndarray, thresholds: Sequence[float]) -> list[GradeLabel]:
+    """An untrained encoder's labels: the grade at the cut points (one-hot distribution) and ``3 * (cos + 1) / 2``
+    as expected relevance (meaningful for ranking only)."""
+    return [
+        GradeLabel(
+            grade=int(g), distribution=[float(g == k) for k in GRADES], expected_relevance=float(3 * (c + 1) / 2)
+        )
+        for g, c in zip(grades_at_thresholds(values, thresholds), values)
+    ]
 
 
 def zero_shot_labeler(train_records: Sequence[dict[str, Any]], config: BiEncoderConfig) -> CosineBaseline:
