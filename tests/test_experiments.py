@@ -294,17 +294,17 @@ def test_a_two_fold_run_on_six_queries_writes_the_report_and_reuses_its_models(t
         cli.main([*arguments, "--epochs", "2", "--output", str(tmp_path / "out2")])
     # the cosine embedded each of the 72 pairs once: one fold's cut points come from the other fold's pairs
     assert json.loads((tmp_path / "work" / "minilm-bi-encoder-cosine" / "cosines.json").read_text())["pairs"] == 72
-    # --zero-shot-only in a fresh work folder: the cosine row alone, the same numbers, nothing trained
-    zero_shot = cli.main(
-        [*arguments[:-1], str(tmp_path / "work0"), "--zero-shot-only", "--output", str(tmp_path / "z")]
-    )
-    (only,) = zero_shot["evaluation_sets"]
+    # an untrained cosine on its own (a fresh work folder): the same row and numbers, nothing trained
+    arguments[arguments.index("minilm-bi-encoder")] = "minilm-cosine"
+    cosine_only = cli.main([*arguments[:-1], str(tmp_path / "work0"), "--output", str(tmp_path / "cosine")])
+    (only,) = cosine_only["evaluation_sets"]
     assert list(only["labelers"]) == ["recorded:deepseek_v3_umbrela", "minilm bi-encoder cosine zero-shot"]
-    assert only["labelers"]["minilm bi-encoder cosine zero-shot"] == evaluation["labelers"][
-        "minilm bi-encoder cosine zero-shot"
-    ] | {"qwk_minus": {}}
-    assert not (tmp_path / "work0" / "minilm-bi-encoder").exists()
-    assert all("train" not in split for split in zero_shot["students"]["minilm-bi-encoder"]["splits"].values())
+    cosine_row = evaluation["labelers"]["minilm bi-encoder cosine zero-shot"]
+    assert only["labelers"]["minilm bi-encoder cosine zero-shot"] == {**cosine_row, "qwk_minus": {}}
+    assert list((tmp_path / "work0").iterdir()) == [tmp_path / "work0" / "minilm-bi-encoder-cosine"]
+    assert all("train" not in split for split in cosine_only["students"]["minilm-cosine"]["splits"].values())
+    cosine_summary = json.loads((tmp_path / "cosine" / "summary.json").read_text())
+    assert cosine_summary["students"]["minilm-cosine"]["qwk"] == cosine_row["metrics"]["qwk"]["estimate"]
 
 
 def test_a_missing_pairs_file_is_refused_with_the_fetch_command_before_any_work(tmp_path):

@@ -158,11 +158,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "1.2x faster than float32 here); default: float32 on a CPU, bfloat16 for QLoRA on a GPU",
     )
     parser.add_argument(
-        "--zero-shot-only",
-        action="store_true",
-        help="label the zero-shot rows only (the untrained cosines and base models) and train nothing",
-    )
-    parser.add_argument(
         "--learning-curve",
         action="store_true",
         help="also retrain each student on growing subsets of every split's training data",
@@ -234,8 +229,6 @@ def reproduce(args: argparse.Namespace, command: str) -> dict[str, Any]:
             f"no pairs file {', '.join(missing)}: download TREC DL with `python -m labeler_utils fetch trec-dl-2019` "
             "(and trec-dl-2020), or give --pairs"
         )
-    if args.zero_shot_only and (args.learning_curve or args.final_model):
-        raise SystemExit("--zero-shot-only trains nothing: it cannot be given with --learning-curve or --final-model")
     import torch
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pandas as pd
 from ..core.artifacts import atomic_write, write_json
 from ..evaluate import NDCG_CUTOFF
 from .scoring import METRICS, SPEARMAN
-from .students import COSINE_LABELER, COSINES, DEFAULT_STUDENT
+from .students import COSINE_LABELER, COSINES, DEFAULT_STUDENT, STUDENTS
 
 METRIC_TITLES = {
     "accuracy": "acc",
@@ -244,7 +244,7 @@ def summary(report: dict[str, Any], students: Sequence[str], teacher: str) -> di
             "qwk_minus": result.get("qwk_minus"),
         }
 
-    rows = {name: scored_row(f"{name} distilled", f"{name} distilled, share-calibrated") for name in students}
+    rows = {name: scored_row(STUDENTS[name].labeler(name), f"{name} distilled, share-calibrated") for name in students}
     default = DEFAULT_STUDENT if DEFAULT_STUDENT in students else None
     return {
         "protocol": report["protocol"],

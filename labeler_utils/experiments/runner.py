@@ -233,7 +233,7 @@ def student_predictions(
             lambda: family.zero_shot(train_records, config),
         )
 
-    if args.zero_shot_only:
+    if not spec.trains:
         return outputs
     data = {  # with the config, what a cached model must have been trained on
         "benchmark": " ".join(str(p) for p in args.pairs) if len(args.pairs) > 1 else str(args.pairs[0]),

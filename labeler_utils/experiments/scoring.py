@@ -125,8 +125,8 @@ def evaluation_sets(
             if settings["max_eval_pairs_per_query"].get(name) not in (None, cap):
                 continue  # its predictions do not cover every pair of this set
             for stage in ("zero-shot", "distilled"):
-                if stage not in report_students[name]["splits"][splits[0].name]["stages"]:
-                    continue  # --zero-shot-only: nothing was trained
+                if stage == "distilled" and not STUDENTS[name].trains:
+                    continue
                 outputs = [report_students[name]["splits"][s.name]["stages"][stage] for s in splits]
                 if outputs[0]["labeler"] in labelers:
                     continue  # a shared zero-shot baseline

@@ -53,7 +53,8 @@ class StudentSpec:
     ``zero_shot`` names a baseline shared by several students (their predictions are computed
     once), or is empty for the student's own untrained model. ``labels`` is what it is trained on:
     empty for ``--teacher-column``, :data:`COMMITTEE` for the distribution of all recorded judges,
-    or another recorded judge's name (a weaker teacher).
+    or another recorded judge's name (a weaker teacher). A spec that does not train is its zero-shot
+    row alone: an untrained encoder's cosine, to compare encoders without training them.
     """
 
     family: str
@@ -61,6 +62,13 @@ class StudentSpec:
     zero_shot: str = ""
     description: str = ""
     labels: str = ""
+    trains: bool = True  # False: the zero-shot row alone (an untrained cosine), nothing trained
+
+    def labeler(self, name: str) -> str:
+        """The row that stands for student ``name`` in the reports: its distilled model, or its zero-shot row."""
+        if self.trains:
+            return f"{name} distilled"
+        return COSINES[self.zero_shot].labeler if self.zero_shot else f"{name} zero-shot"
 
     def label_column(self, teacher: str) -> str:
         """The frame column of the grades this student is trained on."""
@@ -112,6 +120,10 @@ STUDENTS: dict[str, StudentSpec] = {
     ),
     "minilm-bi-encoder-from-llama3-8b": bi_encoder(
         "as minilm-bi-encoder, trained on Llama-3-8B's grades (a weaker teacher)", labels=WEAK_TEACHER
+    ),
+    "minilm-cosine": StudentSpec("bi_encoder", ENCODER, COSINE, "the untrained MiniLM cosine alone", trains=False),
+    "mpnet-cosine": StudentSpec(
+        "bi_encoder", {**ENCODER, **MPNET}, MPNET_COSINE, "the untrained all-mpnet-base-v2 cosine alone", trains=False
     ),
     "mpnet-bi-encoder": bi_encoder("as minilm-bi-encoder, from all-mpnet-base-v2", cosine=MPNET_COSINE, **MPNET),
     "mpnet-cross-encoder": StudentSpec(
