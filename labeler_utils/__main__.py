@@ -12,10 +12,13 @@ from .core.config import PROFILES, STAGES
 
 
 def _prepare_models(args: argparse.Namespace) -> None:
-    from .core.models import BUNDLED_MODELS, resolve_model
+    from .core.models import BUNDLED_MODELS, resolve_model, server_gguf_path
 
+    teachers = {profile.teacher_model for profile in PROFILES.values()}
     for name in args.models or BUNDLED_MODELS:
         print(f"{name}: {resolve_model(name)}")
+        if name in teachers and name in BUNDLED_MODELS:
+            print(f"{name} (served by the local server): {server_gguf_path(name)}")
 
 
 def _pipeline(args: argparse.Namespace) -> int:

@@ -238,6 +238,23 @@ def test_model_resolution(tmp_path):
     assert set(BUNDLED_MODELS) == {"smollm2-135m-instruct", "gemma3-270m"}
 
 
+def test_the_server_gets_a_float16_copy_of_a_bundled_gguf_made_once(tmp_path):
+    import gguf
+
+    from labeler_utils.core.models import bundled_gguf_path, float16_gguf
+
+    source = bundled_gguf_path("smollm2-135m-instruct")
+    copy = float16_gguf(source, tmp_path / "copy.f16.gguf")
+    original, converted = gguf.GGUFReader(source), gguf.GGUFReader(copy)
+    assert sorted(t.name for t in converted.tensors) == sorted(t.name for t in original.tensors)
+    assert {t.tensor_type.name for t in original.tensors} == {"F32", "Q4_1", "Q8_0"}
+    assert {t.tensor_type.name for t in converted.tensors} == {"F32", "F16"}  # every 4- and 8-bit tensor dequantized
+    written = copy.stat().st_mtime_ns
+    assert float16_gguf(source, copy) == copy and copy.stat().st_mtime_ns == written  # made once
+    assert list(tmp_path.iterdir()) == [copy]  # no partial file left
+    assert server_gguf_path("smollm2-135m-instruct") == config.CACHE_DIR / "gguf" / "smollm2-135m-instruct.f16.gguf"
+
+
 def test_bundled_model_converts_to_a_loadable_folder():
     folder = resolve_model("smollm2-135m-instruct")
     assert json.loads((config.CACHE_DIR / "models" / "smollm2-135m-instruct" / "config.json").read_text())
