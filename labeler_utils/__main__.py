@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 import textwrap
+from pathlib import Path
 
 from .core.config import PROFILES, STAGES
 
@@ -124,6 +125,22 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")})
     reproduce(options, "python -m labeler_utils " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+def _ceiling(args: argparse.Namespace) -> int:
+    from .core.artifacts import atomic_write
+    from .experiments.ceiling import ceiling_rows, plot_ceiling, read_results
+
+    try:
+        rows = ceiling_rows(read_results(args.results))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with atomic_write(args.output, "wb") as handle:
+        plot_ceiling(rows).savefig(handle, format="png", dpi=110)
+    print(rows.to_string(index=False, float_format="{:.3f}".format))
+    print(f"plot: {args.output}")
     return 0
 
 
@@ -285,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduction.add_arguments(reproduce)
     reproduce.set_defaults(handler=_reproduce)
+
+    ceiling = commands.add_parser(
+        "ceiling",
+        help="plot every labeler of reproduce runs against the teacher on the same pairs",
+        description="Read the results.json of reproduce runs and plot one line per labeler: its QWK with the human "
+        "grades, the teacher's on the same pairs, and their paired difference.",
+    )
+    ceiling.add_argument("results", nargs="+", help="reproduce --output folders (or their results.json)")
+    ceiling.add_argument("--output", type=Path, default=Path("ceiling.png"), help="PNG to write (default: %(default)s)")
+    ceiling.set_defaults(handler=_ceiling)
     return parser
 
 

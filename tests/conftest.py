@@ -20,9 +20,8 @@ TINY_WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer Llama with a word-level tokenizer whose digits are single tokens."""
+def save_tiny_llama(folder: Path, hidden_size: int) -> Path:
+    """A randomly initialised 2-layer Llama with a word-level tokenizer whose digits are single tokens, in ``folder``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -40,8 +39,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -51,10 +50,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=3,
         initializer_range=0.3,  # large enough that a frozen random output layer can express a confident grade
     )
-    folder = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama, 32 wide."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama, 64 wide: on CPUs with AVX512-BF16, bitsandbytes' 4-bit inference repacks each weight in blocks
+    of 64 input features and fails on narrower layers (real models are hundreds wide)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_64"), hidden_size=64)
 
 
 @pytest.fixture(scope="session")

@@ -436,18 +436,25 @@ def test_cli_pipeline_config_error_exits_2(tmp_path, capsys):
 @pytest.mark.notebooks
 def test_second_domain_runs_through_notebook_09(tmp_path):
     """The hospital corpus through stages 01-07, driven by configs/second_domain.yaml (one query per seed document
-    instead of the smoke profile's two, to keep the suite short: the routing, not the amount, is under test)."""
+    instead of the smoke profile's two, and the benchmark's first three queries instead of its twelve, to keep the
+    suite short: the routing, not the amount, is under test)."""
     from labeler_utils.core.config import DATA_DIR, PROJECT_ROOT
     from labeler_utils.pipeline import execute_notebook
 
+    benchmark = tmp_path / "second_domain_benchmark.jsonl"  # 12 pairs the teacher grades for stage 06, not 24
+    lines = (DATA_DIR / "second_domain_benchmark.jsonl").read_text().splitlines(keepends=True)
+    benchmark.write_text("".join(line for line in lines if json.loads(line)["query_id"] in {"h001", "h002", "h003"}))
     shipped = (PROJECT_ROOT / "configs" / "second_domain.yaml").read_text()
     config = tmp_path / "second_domain.yaml"
-    config.write_text(shipped.replace("../data/", f"{DATA_DIR}/") + "queries_per_document: 1\n")
+    config.write_text(
+        shipped.replace("../data/second_domain_benchmark.jsonl", str(benchmark)).replace("../data/", f"{DATA_DIR}/")
+        + "queries_per_document: 1\n"
+    )
     execute_notebook("09_adapt_to_your_domain", tmp_path, {"profile": "smoke", "config_path": str(config)})
     metrics = json.loads((tmp_path / "09_adapt_to_your_domain" / "metrics.json").read_text())
     assert metrics["stages"] == list(STAGES[1:])
     assert metrics["documents"] == metrics["documents_loaded_by_stage_01"] == 27
-    assert metrics["benchmark_pairs"] == 48 and metrics["preview_passages"] > 27
+    assert metrics["benchmark_pairs"] == 12 and metrics["preview_passages"] > 27
     sub_run = Path(metrics["sub_run"])
     documents = [
         json.loads(line) for line in (sub_run / "01_seed_documents" / "documents.jsonl").read_text().splitlines()

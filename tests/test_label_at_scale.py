@@ -707,28 +707,5 @@ def test_plot_label_mix_counts_every_grade_and_the_expected_relevance():
     assert len(expected_ax.patches) == 30 and sum(bar.get_height() for bar in expected_ax.patches) == 5
 
 
-@pytest.mark.notebooks
-def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume_and_on_ray(tiny_model_dir, tmp_path):
-    from labeler_utils.documents import load_corpus, save_documents
-    from labeler_utils.pipeline import execute_notebook
-
-    documents = load_corpus(PROJECT_ROOT / "data" / "second_domain_corpus")[:10]
-    save_documents(documents, tmp_path / "01_seed_documents" / "documents.jsonl")
-    queries = [{"query_id": f"q{i}", "query": d.title, "seed_doc_id": d.doc_id} for i, d in enumerate(documents[:4])]
-    (tmp_path / "02_query_synthesis").mkdir()
-    (tmp_path / "02_query_synthesis" / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    execute_notebook(
-        "08_label_at_scale",
-        tmp_path,
-        {"model": str(tiny_model_dir), "max_length": 128, "chunk_size": 8, "interrupt_after_chunks": 2, "threads": 1},
-    )
-    metrics = json.loads((tmp_path / "08_label_at_scale" / "metrics.json").read_text())
-    assert metrics["pairs_labeled"] == 40 and metrics["resumed_after_chunks"] == 2 and metrics["skipped_lines"] == 0
-    assert sum(metrics["grade_counts"].values()) == 40
-    # the ray engine beside the local one (2 actors on a local Ray instance): the same pairs, every grade the same
-    assert metrics["ray_pairs_labeled"] == 40 and metrics["ray_same_pairs"] and metrics["ray_same_grades"] == 1.0
-    assert metrics["ray_labels_per_second"] > 0 and metrics["ray_call_seconds"]["ray_init"] > 0
-
-
 def test_every_engine_name_has_a_runner():
     assert set(ENGINE_RUNNERS) == set(ENGINES)

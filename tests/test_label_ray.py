@@ -30,6 +30,30 @@ RAY = Engine("ray", workers=2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.mark.notebooks
+# First in this module, before its Ray instance starts: the notebook's kernel starts one of its own.
+def test_notebook_08_labels_a_run_folder_with_an_interrupt_and_a_resume_and_on_ray(tiny_model_dir, tmp_path):
+    from labeler_utils.documents import load_corpus, save_documents
+    from labeler_utils.pipeline import execute_notebook
+
+    documents = load_corpus(PROJECT_ROOT / "data" / "second_domain_corpus")[:10]
+    save_documents(documents, tmp_path / "01_seed_documents" / "documents.jsonl")
+    queries = [{"query_id": f"q{i}", "query": d.title, "seed_doc_id": d.doc_id} for i, d in enumerate(documents[:4])]
+    (tmp_path / "02_query_synthesis").mkdir()
+    (tmp_path / "02_query_synthesis" / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    execute_notebook(
+        "08_label_at_scale",
+        tmp_path,
+        {"model": str(tiny_model_dir), "max_length": 128, "chunk_size": 8, "interrupt_after_chunks": 2, "threads": 1},
+    )
+    metrics = json.loads((tmp_path / "08_label_at_scale" / "metrics.json").read_text())
+    assert metrics["pairs_labeled"] == 40 and metrics["resumed_after_chunks"] == 2 and metrics["skipped_lines"] == 0
+    assert sum(metrics["grade_counts"].values()) == 40
+    # the ray engine beside the local one (2 actors on a local Ray instance): the same pairs, every grade the same
+    assert metrics["ray_pairs_labeled"] == 40 and metrics["ray_same_pairs"] and metrics["ray_same_grades"] == 1.0
+    assert metrics["ray_labels_per_second"] > 0 and metrics["ray_call_seconds"]["ray_init"] > 0
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance with 2 CPUs for the tests of this module (the engine joins it), shut down at the end."""

@@ -364,6 +364,13 @@ def test_10_reproduce_on_trec_dl(tmp_path):
     student, baseline = metrics[labelers[2] + " qwk"]["estimate"], metrics[labelers[1] + " qwk"]["estimate"]
     assert metrics["qwk_minus_cosine"]["difference"] == pytest.approx(student - baseline, abs=TOL)
     assert metrics["learning_curve_points"] == 4  # the recorded curve in docs/results/trec_dl_cv/learning_curve
+    recorded = [
+        json.loads((PROJECT_ROOT / "docs/results/trec_dl_cv" / f / "results.json").read_text())
+        for f in ("", "cross_year")
+    ]
+    teachers = [{r["settings"]["teacher"]} for r in recorded]
+    labelers = [set().union(*(e["labelers"] for e in r["evaluation_sets"])) - t for r, t in zip(recorded, teachers)]
+    assert metrics["ceiling_rows"] == sum(map(len, labelers))  # every recorded labeler but the teacher, once per run
     assert metrics["forest_plot"] == "forest_all.png" and (tmp_path / stage / "forest_all.png").exists()
 
 

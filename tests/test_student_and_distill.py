@@ -351,9 +351,9 @@ def test_training_resumes_from_its_last_checkpoint_and_refuses_another_trainings
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
-    """A QLoRA training of the learnable run: its output folder and manifest."""
-    records, config = learnable_run(tiny_model_dir, qlora=True)
+def qlora_run(tiny_model_dir_64, tmp_path_factory) -> tuple[Path, dict]:
+    """A QLoRA training of the learnable run on the 64-wide tiny Llama: its output folder and manifest."""
+    records, config = learnable_run(tiny_model_dir_64, qlora=True)
     folder = tmp_path_factory.mktemp("qlora")
     return folder, train_student(records, folder, config, {"source": "unit test"})
 
