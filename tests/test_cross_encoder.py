@@ -218,10 +218,32 @@ def test_throughput_times_a_cross_encoder_beside_the_causal_student(labeler, tin
     assert summary["other_students"]["minilm"]["labels_per_second"] == max(
         m.labels_per_second for m in measurements[3:]
     )
-    ce_only, _ = tp.run_all(
+    ce_only, ce_extras = tp.run_all(
         pairs, labeler, batch_sizes=[4], teacher_pairs=[], variants=["prefix_cache", "int8"], log=lambda _: None
     )
-    assert [m.kind for m in ce_only] == ["single_pass"]  # no generate(), no decoder variants for an encoder
+    # no generate() and no prompt-prefix cache for an encoder; int8 applies to every linear layer of a copy
+    assert [(m.kind, m.variant) for m in ce_only] == [("single_pass", None), ("single_pass", "int8")]
+    assert ce_extras["variant_agreement"]["int8"]["grade_agreement"] >= 0.75
+    assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in labeler.model.modules())
+
+
+def test_int8_quantizes_every_linear_layer_of_an_encoder_copy_and_keeps_its_grades():
+    """The bi-encoder (and its untrained cosine) as int8 copies: weights int8, the original float, grades kept."""
+    import torch
+
+    from labeler_utils import throughput as tp
+    from labeler_utils.students.bi_encoder import CosineBaseline
+
+    baseline = CosineBaseline.fit(RECORDS)
+    quantized = tp.quantize_int8(baseline)
+    linear = (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
+    kinds = {type(m) for m in quantized.transformer().modules() if isinstance(m, linear)}
+    assert kinds == {torch.ao.nn.quantized.dynamic.Linear}
+    assert {type(m) for m in baseline.transformer().modules() if isinstance(m, linear)} == {torch.nn.Linear}
+    plain, int8 = (b.label_records(RECORDS, progress=False) for b in (baseline, quantized))
+    assert sum(a["grade"] == b["grade"] for a, b in zip(plain, int8)) >= 0.75 * len(RECORDS)
+    cosines = [[row["expected_relevance"] for row in rows] for rows in (plain, int8)]  # 3 * (cos + 1) / 2
+    assert np.corrcoef(*cosines)[0, 1] > 0.95 and cosines[0] != cosines[1]
 
 
 def test_distilled_student_finds_the_most_recently_trained_of_both_families(tmp_path):

@@ -200,6 +200,7 @@ class BiEncoderLabeler(Labeler):
     """A fine-tuned bi-encoder: the cosine of query and document embeddings, cut at the trained thresholds."""
 
     FAMILY = FAMILY
+    SPEED_VARIANTS = ("int8", "bfloat16")
 
     def __init__(
         self, model: SentenceTransformer, thresholds: Sequence[float], max_length: int = 256, device: str | None = None

@@ -245,6 +245,7 @@ class CrossEncoderLabeler(Labeler):
     """A trained cross-encoder student: query and document read as one pair, longest cut first."""
 
     FAMILY = FAMILY
+    SPEED_VARIANTS = ("int8", "bfloat16")
 
     def __init__(self, model: Any, max_length: int = 256, device: str | None = None):
         self.cross_encoder = model.eval()

@@ -161,19 +161,24 @@ class PrefixCachedStudentLabeler(StudentLabeler):
         return [GradeLabel.from_probabilities(probs) for probs in torch.softmax(logits, dim=-1).cpu().tolist()]
 
 
-def quantize_int8(labeler: StudentLabeler) -> StudentLabeler:
-    """A copy of the student with int8 dynamic quantisation of the decoder's linear layers (CPU only).
+def quantize_int8(labeler: Labeler) -> Labeler:
+    """A copy of the student with int8 dynamic quantisation of its linear layers (CPU only; the original is left as it
+    is): a causal LM's decoder layers (its vocabulary projection stays in float), an encoder's every linear layer.
 
-    Weights become int8, activations are quantised on the fly (``torch.ao`` dynamic quantisation);
-    the vocabulary projection stays in float. Outputs change slightly: compare grades before use.
+    Weights become int8, activations are quantised on the fly (``torch.ao`` dynamic quantisation).
+    Outputs change slightly: compare grades before use.
     """
-    import copy
-
     from torch.ao.quantization import quantize_dynamic
 
-    model = copy.deepcopy(labeler.transformer())
-    quantize_dynamic(model.get_decoder(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    return labeler.with_model(model, device="cpu")
+    if isinstance(labeler, StudentLabeler):
+        model = copy.deepcopy(labeler.transformer())
+        quantize_dynamic(model.get_decoder(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        return labeler.with_model(model, device="cpu")
+    copied = copy.deepcopy(labeler)
+    copied.model.to("cpu")
+    copied.device = torch.device("cpu")
+    quantize_dynamic(copied.transformer(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return copied
 
 
 def in_precision(labeler: Labeler, dtype: torch.dtype) -> Labeler:
