@@ -262,3 +262,23 @@ def test_the_reproductions_cosine_cache_embeds_each_pair_once_and_cuts_like_the_
     assert third["pairs"] == 14 and len(cache.read_text().splitlines()) == 12
     with pytest.raises(SystemExit, match="holds cosines of .*tiny_mpnet.*use another --work-dir"):
         pair_cosines(fit, "all-MiniLM-L6-v2", tmp_path, max_length=64)
+
+
+def test_two_runs_sharing_the_cosine_cache_at_once_keep_every_pair_and_one_count(tiny_mpnet, tmp_path):
+    """Two processes filling one cache at the same time (students run one per core on one --work-dir): every line
+    whole, every pair once, and cosines.json counts the pairs of both."""
+    import json
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from labeler_utils.experiments.cosines import pair_cosines
+
+    embed = partial(pair_cosines, encoder=str(tiny_mpnet), folder=tmp_path, max_length=64)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        halves = list(pool.map(embed, [RECORDS[:6], RECORDS[6:]]))
+    lines = [json.loads(line) for line in (tmp_path / "cosines.jsonl").read_text().splitlines()]
+    assert len(lines) == len({row["key"] for row in lines}) == len(RECORDS)
+    assert json.loads((tmp_path / "cosines.json").read_text())["pairs"] == len(RECORDS)
+    values, _ = pair_cosines(RECORDS, str(tiny_mpnet), tmp_path, max_length=64)  # nothing left to embed
+    assert list(values) == [*halves[0][0], *halves[1][0]]

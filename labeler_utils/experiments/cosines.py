@@ -4,11 +4,13 @@ A zero-shot cosine row differs between splits only in its cut points (the teache
 split's training pairs); the cosine of a pair does not depend on the split. So each pair is embedded
 once: ``<work-dir>/<baseline>/cosines.jsonl`` keeps one line per pair (a hash of its query and document
 text, and the cosine), appended a chunk at a time, and ``cosines.json`` says which encoder wrote it and
-how fast. A killed run loses at most the chunk in progress; the next run computes only what is missing.
+how fast. A killed run loses at most the chunk in progress; the next run computes only what is missing. Runs that
+share the cache (one per core) append under a file lock and add their counts to one ``cosines.json``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -77,7 +79,7 @@ def pair_cosines(
     if missing:
         model = SentenceTransformer(resolve_model(encoder), device="cpu")
         model.max_seq_length = max_length
-        meta["load_before"] = load_average()
+        load_before = load_average()
         bar = tqdm(total=len(missing), desc=f"cosines of {Path(encoder).name}", unit="pair")
         for start in range(0, len(missing), CHUNK_PAIRS):
             chunk = missing[start : start + CHUNK_PAIRS]
@@ -86,15 +88,18 @@ def pair_cosines(
                 values = cosines(model, [r["query"] for _, r in chunk], [r["document"] for _, r in chunk], batch_size)
             lines = "".join(json.dumps({"key": key, "cosine": float(v)}) + "\n" for (key, _), v in zip(chunk, values))
             with path.open("a", encoding="utf-8") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # runs sharing a --work-dir append whole chunks, one at a time
                 handle.write(lines)
                 handle.flush()
                 os.fsync(handle.fileno())
+                meta = read_json(meta_path) if meta_path.exists() else meta  # what the other runs added meanwhile
+                meta["load_before"] = load_before
+                meta["pairs"] += len(chunk)
+                meta["seconds"] += time.perf_counter() - began - memory.stopped_seconds
+                meta["peak_rss_mb"] = round(max(meta["peak_rss_mb"], memory.peak_mb), 1)
+                meta.update(batch_size=batch_size, load_after=load_average())
+                write_json(meta_path, meta)
             cached.update((key, float(v)) for (key, _), v in zip(chunk, values))
-            meta["pairs"] += len(chunk)
-            meta["seconds"] += time.perf_counter() - began - memory.stopped_seconds
-            meta["peak_rss_mb"] = round(max(meta["peak_rss_mb"], memory.peak_mb), 1)
-            meta.update(batch_size=batch_size, load_after=load_average())
-            write_json(meta_path, meta)
             bar.update(len(chunk))
         bar.close()
     timing = {
