@@ -15,6 +15,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .report import format_difference
+
 CEILING_COLUMNS = (
     "run",
     "evaluation_set",
@@ -96,13 +98,13 @@ def plot_ceiling(rows: pd.DataFrame, title: str = "Every labeler against the tea
             zorder=2,
         )
         ax.scatter(row["teacher_qwk"], y, marker="D", color="black", s=22, zorder=3)
-        difference = (
-            f"{row['minus_teacher']:+.3f} [{row['minus_teacher_low']:+.3f}, {row['minus_teacher_high']:+.3f}]"
-            if pd.notna(row["minus_teacher"])
-            else ""
-        )
+        paired = {
+            "difference": row["minus_teacher"],
+            "ci_low": row["minus_teacher_low"],
+            "ci_high": row["minus_teacher_high"],
+        }
         ax.annotate(
-            f"n={row['pairs']}  {difference}",
+            f"n={row['pairs']}  {format_difference(paired) if pd.notna(row['minus_teacher']) else ''}",
             (1.0, y),
             xycoords=("axes fraction", "data"),
             xytext=(6, 0),

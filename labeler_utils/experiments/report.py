@@ -32,7 +32,7 @@ def _interval(result: dict[str, Any]) -> str:
     return f"{result['estimate']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}]"
 
 
-def _difference(paired: dict[str, Any] | None) -> str:
+def format_difference(paired: dict[str, Any] | None) -> str:
     """A paired difference with its interval, or a dash."""
     return f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]" if paired else "–"
 
@@ -54,7 +54,7 @@ def agreement_rows(labelers: dict[str, Any], teacher: str) -> list[list[Any]]:
             f"{labeler} (teacher)" if labeler == teacher else labeler,
             result["n"],
             *(_interval(result["metrics"][m]) for m in METRICS),
-            *(_difference(result.get(key)) for key in PAIRED_COLUMNS),
+            *(format_difference(result.get(key)) for key in PAIRED_COLUMNS),
         ]
         for labeler, result in labelers.items()
     ]
@@ -144,7 +144,9 @@ def paired_markdown(labelers: dict[str, Any]) -> list[str]:
     for labeler, result in labelers.items():
         if "qwk_minus" in result:
             lines.append(
-                f"| {labeler} | " + " | ".join(_difference(result["qwk_minus"].get(ref)) for ref in references) + " |"
+                f"| {labeler} | "
+                + " | ".join(format_difference(result["qwk_minus"].get(ref)) for ref in references)
+                + " |"
             )
     return [*lines, ""]
 
