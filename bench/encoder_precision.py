@@ -1,20 +1,21 @@
 #!/usr/bin/env python
-"""An untrained encoder's cosine in float32 and as an int8 copy (``throughput.quantize_int8``): speed and grades.
+"""An untrained encoder's cosine in float32, bfloat16 and int8: speed, grades kept, and cost against the teacher.
 
-On fold 1 of the 5-fold TREC DL split (the reproduction's folds, seed 0), each labeler takes its cut points from
-DeepSeek-V3's grade shares on ``--fit-pairs`` random training pairs (its own cosines: the int8 copy is cut at its
-own quantiles, as a user of it would) and labels ``--eval-pairs`` random held-out pairs. It prints labels per second
-on those pairs with 1 and 2 torch threads (float32 and int8 in turn, same pairs), how often the two give the same
-grade, and each one's QWK with the human grades on the same pairs (human grades only score; they set nothing).
+On fold 1 of the 5-fold TREC DL split (the reproduction's folds, seed 0), each precision takes its cut points from
+DeepSeek-V3's grade shares on ``--fit-pairs`` random training pairs (its own cosines, as a user of that copy would)
+and labels ``--eval-pairs`` random held-out pairs. It prints each one's QWK with the human grades on the same pairs
+(human grades only score; they set nothing), how often it gives float32's grade, labels per second with 1 and 2 torch
+threads (the precisions in turn, same pairs), and the cost per 1,000 labels on a machine at the stated hourly price
+against a hosted GPT-4o teacher at stated prices (its prompt tokens counted on these pairs with the encoder's
+tokenizer, ``--teacher-answer-tokens`` stated). ``bfloat16`` is skipped on a CPU without AVX512-BF16 or AMX.
 
-    .venv/bin/python bench/encoder_int8.py --pairs ../shared/benchmarks/trec-dl-2019/pairs.jsonl \\
+    .venv/bin/python bench/encoder_precision.py --pairs ../shared/benchmarks/trec-dl-2019/pairs.jsonl \\
         ../shared/benchmarks/trec-dl-2020/pairs.jsonl --encoder all-mpnet-base-v2
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -30,14 +31,21 @@ from labeler_utils.core.resources import load_average
 from labeler_utils.evaluate.agreement_metrics import agreement
 from labeler_utils.experiments import load_frame, query_splits, teacher_column
 from labeler_utils.students.base import grade_counts, share_matching_thresholds
-from labeler_utils.students.bi_encoder import CosineBaseline
+from labeler_utils.students.bi_encoder import CosineBaseline, cosines
 from labeler_utils.teacher import labels_from_frame
 
 
-def cosines_of(labeler: CosineBaseline, records: list[dict]) -> np.ndarray:
-    """The labeler's cosines of the records (its expected relevance is ``3 * (cos + 1) / 2``)."""
-    rows = labeler.label_records(records, progress=False, batch_size=32)
-    return np.array([row["expected_relevance"] for row in rows]) * 2 / 3 - 1
+def cut_at_own_cosines(labeler: CosineBaseline, fit: list[dict]) -> CosineBaseline:
+    """The labeler with cut points from its own cosines of the fit pairs (the teacher's grade shares there)."""
+    values = cosines(labeler.model, [r["query"] for r in fit], [r["document"] for r in fit])
+    labeler.thresholds = share_matching_thresholds(values, grade_counts(fit))
+    return labeler
+
+
+def has_bfloat16_math() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bfloat16 is emulated, slower."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main() -> None:
@@ -45,8 +53,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, nargs="+", required=True)
     parser.add_argument("--encoder", default="all-mpnet-base-v2")
     parser.add_argument("--fit-pairs", type=int, default=1000)
-    parser.add_argument("--eval-pairs", type=int, default=600)
-    parser.add_argument("--timed-pairs", type=int, default=200, help="pairs timed at each thread count")
+    parser.add_argument("--eval-pairs", type=int, default=500)
+    parser.add_argument("--timed-pairs", type=int, default=150, help="pairs timed at each thread count")
+    parser.add_argument("--teacher-answer-tokens", type=float, default=60.0, help="stated answer tokens per pair")
     args = parser.parse_args()
 
     teacher = teacher_column("deepseek_v3_umbrela")
@@ -62,28 +71,47 @@ def main() -> None:
     print(f"{split.name}: {len(fit)} fit pairs, {len(evaluation)} held-out pairs; load {load_average()}")
 
     plain = CosineBaseline.fit(fit, base_model=args.encoder)
-    int8 = tp.quantize_int8(plain)
-    int8.thresholds = share_matching_thresholds(cosines_of(int8, fit), grade_counts(fit))
+    labelers = {"float32": plain}
+    if has_bfloat16_math():
+        labelers["bfloat16"] = cut_at_own_cosines(tp.in_precision(plain, torch.bfloat16), fit)
+    labelers["int8"] = cut_at_own_cosines(tp.quantize_int8(plain), fit)
+
     grades = {}
-    for name, labeler in (("float32", plain), ("int8", int8)):
-        rows = labeler.label_records(evaluation, progress=False, batch_size=32)
-        grades[name] = [row["grade"] for row in rows]
-        qwk = agreement(humans, grades[name])["qwk"]
-        print(f"{name}: cut points {np.round(labeler.thresholds, 4).tolist()}, QWK with the human grades {qwk:.4f}")
-    same = np.mean(np.array(grades["float32"]) == np.array(grades["int8"]))
-    qwk_change = agreement(humans, grades["int8"])["qwk"] - agreement(humans, grades["float32"])["qwk"]
-    print(f"same grade on {same:.3f} of the held-out pairs; QWK int8 - float32 {qwk_change:+.4f}")
+    for name, labeler in labelers.items():
+        grades[name] = np.array(
+            [row["grade"] for row in labeler.label_records(evaluation, progress=False, batch_size=32)]
+        )
+        qwk = agreement(humans, grades[name].tolist())["qwk"]
+        change = qwk - agreement(humans, grades["float32"].tolist())["qwk"]
+        print(
+            f"{name}: cut points {np.round(labeler.thresholds, 4).tolist()}, QWK with the human grades {qwk:.4f} "
+            f"({change:+.4f} against float32), float32's grade on {np.mean(grades[name] == grades['float32']):.3f}"
+        )
 
     timed = evaluation[: args.timed_pairs]
+    pairs = [(r["query"], r["document"]) for r in timed]
+    hosted = tp.stated_teacher(
+        "gpt-4o hosted API (stated)",
+        tp.STATED_API_LABELS_PER_SECOND,
+        tp.rubric_prompt_tokens(plain.tokenizer, pairs, reasoning=True),
+        args.teacher_answer_tokens,
+        *tp.API_PRICES_PER_MILLION["gpt-4o"],
+    )
+    print(
+        f"teacher {hosted.name}: {hosted.prompt_tokens_per_pair:.0f} prompt + {hosted.completion_tokens_per_pair:.0f} "
+        f"answer tokens per pair, ${hosted.cost_per_1000_labels:.4f} per 1,000 labels"
+    )
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for name, labeler in (("float32", plain), ("int8", int8)):
+        for name, labeler in labelers.items():
             start, cpu = time.perf_counter(), time.process_time()
             labeler.label_records(timed, progress=False, batch_size=32)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            cost = tp.machine_cost_per_1000(len(timed) / seconds, tp.CPU_PRICE_PER_HOUR)
             print(
-                f"{threads} thread(s), {name}: {len(timed) / seconds:.2f} labels/s, "
-                f"{len(timed) / cpu:.2f} per CPU second; load {load_average()} (pid {os.getpid()})"
+                f"{threads} thread(s), {name}: {len(timed) / seconds:.2f} labels/s, {len(timed) / cpu:.2f} per CPU "
+                f"second, ${cost:.5f} per 1,000 labels at ${tp.CPU_PRICE_PER_HOUR}/hour "
+                f"({hosted.cost_per_1000_labels / cost:.0f}x cheaper than the teacher); load {load_average()}"
             )
 
 
