@@ -76,16 +76,16 @@ def main() -> None:
         labelers["bfloat16"] = cut_at_own_cosines(tp.in_precision(plain, torch.bfloat16), fit)
     labelers["int8"] = cut_at_own_cosines(tp.quantize_int8(plain), fit)
 
-    grades = {}
+    grades, qwks = {}, {}
     for name, labeler in labelers.items():
         grades[name] = np.array(
             [row["grade"] for row in labeler.label_records(evaluation, progress=False, batch_size=32)]
         )
-        qwk = agreement(humans, grades[name].tolist())["qwk"]
-        change = qwk - agreement(humans, grades["float32"].tolist())["qwk"]
+        qwks[name] = agreement(humans, grades[name].tolist())["qwk"]
         print(
-            f"{name}: cut points {np.round(labeler.thresholds, 4).tolist()}, QWK with the human grades {qwk:.4f} "
-            f"({change:+.4f} against float32), float32's grade on {np.mean(grades[name] == grades['float32']):.3f}"
+            f"{name}: cut points {np.round(labeler.thresholds, 4).tolist()}, QWK with the human grades "
+            f"{qwks[name]:.4f} ({qwks[name] - qwks['float32']:+.4f} against float32), "
+            f"float32's grade on {np.mean(grades[name] == grades['float32']):.3f}"
         )
 
     timed = evaluation[: args.timed_pairs]
