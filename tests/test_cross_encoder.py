@@ -334,3 +334,38 @@ def test_a_family_loads_a_student_from_its_training_output_folder(tiny_model_dir
     )
     labeler = get_family("causal_lm").load(tmp_path)  # the folder above adapter/
     assert isinstance(labeler, StudentLabeler) and labeler.max_length == 128
+
+
+@pytest.mark.parametrize("family", ["bi_encoder", "cross_encoder"])
+def test_a_killed_encoder_training_resumes_from_its_checkpoint_to_the_same_weights(family, tmp_path):
+    """Both encoder families checkpoint with ``save_steps``; a rerun after a kill resumes the very same training."""
+    from safetensors.torch import load_file
+
+    from labeler_utils.students import bi_encoder, cross_encoder
+
+    module = bi_encoder if family == "bi_encoder" else cross_encoder
+    config_class = bi_encoder.BiEncoderConfig if family == "bi_encoder" else CrossEncoderConfig
+    train = bi_encoder.train_bi_encoder if family == "bi_encoder" else train_cross_encoder
+    config = config_class(max_steps=4, batch_size=4, max_length=64, learning_rate=1e-4, save_steps=2)
+    whole = train(RECORDS, tmp_path / "whole", config)
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert whole["resumed_from"] is None and whole["global_steps"] == 4
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    killed = tmp_path / "killed" / "checkpoints"  # as if the run had been killed between steps 2 and 4
+    shutil.copytree(checkpoints / "checkpoint-2", killed / "checkpoint-2")
+    shutil.copy(checkpoints / "training_fingerprint.txt", killed)
+    resumed = train(RECORDS, tmp_path / "killed", config)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_steps"] == 4
+
+    def weights(folder: Path) -> dict:
+        (path,) = folder.rglob("model.safetensors")
+        return {name: tensor.numpy() for name, tensor in load_file(path).items()}
+
+    expected, got = (weights(tmp_path / run / module.MODEL_SUBDIR) for run in ("whole", "killed"))
+    at_step_2 = weights(killed / "checkpoint-2")
+    assert expected.keys() == got.keys() == at_step_2.keys()
+    assert all(np.allclose(expected[name], got[name], atol=1e-6) for name in expected)
+    assert any(not np.allclose(expected[name], at_step_2[name], atol=1e-6) for name in expected)  # steps 3-4 ran
+    with pytest.raises(ValueError, match="checkpoints of another training"):
+        train(RECORDS, tmp_path / "killed", config_class(**{**config.__dict__, "learning_rate": 5e-5}))

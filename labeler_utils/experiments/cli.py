@@ -33,9 +33,10 @@ against them; ``--final-model DIR`` trains the first student on every query of t
 ``python -m labeler_utils label --model DIR``. ``summary.json`` holds the headline numbers.
 
 Models, predictions and timings go to ``--work-dir`` (git-ignored ``runs/``); a student whose
-model (and predictions) are there already is reused unless ``--force``. The causal students'
-training writes a checkpoint every 50 steps: running the same command again after a crash resumes
-it (``--force`` too resumes a checkpoint of the very same training). Results go to
+model (and predictions) are there already is reused unless ``--force``. Every student's training
+writes a checkpoint every 50 steps (the last two are kept in ``<work-dir>/<student>/<split>/checkpoints``):
+running the same command again after a crash resumes it (``--force`` too resumes a checkpoint of the
+very same training). Results go to
 ``--output``: ``results.json``, ``results.md`` and ``forest_<set>.png``.
 
 Examples (docs/results/trec_dl_2019, and the 5-fold run over both years of docs/results/trec_dl_cv):

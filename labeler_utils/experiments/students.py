@@ -13,7 +13,7 @@ COMMITTEE = (
     "committee"  # the per-pair distribution of every recorded judge's grade (labeler_utils.teacher.add_committee)
 )
 WEAK_TEACHER = "llama3_8b_umbrela"
-CHECKPOINT_STEPS = 50  # causal students: a killed training resumes from its last checkpoint when rerun
+CHECKPOINT_STEPS = 50  # every family: a killed training resumes from its last checkpoint when rerun
 COSINE_FIT_PAIRS = 2000  # a cosine's cut points: quantiles over at most this many random training pairs
 
 

@@ -11,7 +11,9 @@ prediction rows are shared here. Every trained student is a folder with a manife
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import math
 import platform
 from abc import ABC, abstractmethod
@@ -124,6 +126,29 @@ def training_environment() -> dict[str, Any]:
     """Versions, Python and device: what every manifest records about where a student was trained."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"versions": library_versions(), "python": platform.python_version(), "device": device}
+
+
+def checkpoint_to_resume(folder: Path, config: Any, examples: Sequence[Any]) -> str | None:
+    """The newest checkpoint in ``folder`` if it belongs to this very training, else None.
+
+    A fingerprint of the configuration (a dataclass) and the training ``examples`` (JSON-serialisable) is kept
+    beside the checkpoints; checkpoints of another training in the same folder raise instead of being resumed.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(config), list(examples)]).encode()).hexdigest()
+    stamp = folder / "training_fingerprint.txt"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is not None and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+        raise ValueError(
+            f"{folder} holds checkpoints of another training (other settings or data): "
+            "delete the folder or train into another output folder"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+    if last is not None:
+        print(f"resuming from {last}")
+    return last
 
 
 def write_manifest(

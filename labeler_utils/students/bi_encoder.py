@@ -43,6 +43,7 @@ from .base import (
     LABELER_MANIFEST,
     GradeLabel,
     Labeler,
+    checkpoint_to_resume,
     grade_counts,
     grades_at_thresholds,
     read_manifest,
@@ -152,9 +153,8 @@ def train_bi_encoder(
     model = SentenceTransformer(resolve_model(config.base_model), device=str(default_device()))
     model.max_seq_length = config.max_length
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
-    dataset = Dataset.from_dict(
-        {"query": queries, "document": documents, "score": training_targets(records, config.soft_labels)}
-    )
+    targets = training_targets(records, config.soft_labels)
+    dataset = Dataset.from_dict({"query": queries, "document": documents, "score": targets})
     args = encoder_training_arguments(
         SentenceTransformerTrainingArguments,
         output_dir,
@@ -164,8 +164,13 @@ def train_bi_encoder(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=dataset, loss=bi_encoder_loss(model, config.loss)
     )
+    resume_from = (
+        checkpoint_to_resume(output_dir / "checkpoints", config, list(zip(queries, documents, targets)))
+        if config.save_steps
+        else None
+    )
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     model.eval()
     thresholds = share_matching_thresholds(cosines(model, queries, documents), grade_counts(records))
@@ -183,6 +188,7 @@ def train_bi_encoder(
         [r["grade"] for r in records],
         data_description,
         thresholds=[float(t) for t in thresholds],
+        resumed_from=resume_from,
         truncated_documents=sum(
             len(ids) > config.max_length for ids in model.tokenizer(documents, verbose=False)["input_ids"]
         ),

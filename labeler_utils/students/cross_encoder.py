@@ -47,6 +47,7 @@ from .base import (
     LABELER_MANIFEST,
     GradeLabel,
     Labeler,
+    checkpoint_to_resume,
     exceed_probabilities,
     inverse_frequency_weights,
     read_manifest,
@@ -208,15 +209,21 @@ def train_cross_encoder(
     torch.manual_seed(config.seed)
     model = CrossEncoder(resolve_model(config.base_model), num_labels=config.num_labels, max_length=config.max_length)
     queries, documents = [r["query"] for r in records], [r["document"] for r in records]
-    dataset = Dataset.from_dict({"query": queries, "document": documents, "label": training_labels(records, config)})
+    labels = training_labels(records, config)
+    dataset = Dataset.from_dict({"query": queries, "document": documents, "label": labels})
     args = encoder_training_arguments(
         CrossEncoderTrainingArguments, output_dir, config, batch_sampler=LengthGroupedBatchSampler
     )
     trainer = CrossEncoderTrainer(
         model=model, args=args, train_dataset=dataset, loss=cross_encoder_loss(model, records, config)
     )
+    resume_from = (
+        checkpoint_to_resume(output_dir / "checkpoints", config, list(zip(queries, documents, labels)))
+        if config.save_steps
+        else None
+    )
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     model_dir = output_dir / MODEL_SUBDIR
     model.save_pretrained(str(model_dir))
@@ -238,6 +245,7 @@ def train_cross_encoder(
         objective=config.objective,
         soft_label_examples=sum(config.soft_labels and r.get("distribution") is not None for r in records),
         truncated_documents=truncated,
+        resumed_from=resume_from,
     )
 
 

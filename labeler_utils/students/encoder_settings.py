@@ -26,6 +26,7 @@ class EncoderSettings:
     weight_decay: float = 0.01
     seed: int = 0
     logging_steps: int = 20
+    save_steps: int = 0  # > 0: checkpoint every save_steps steps; a rerun of the same training resumes from the last
 
     def check_base_model(self, family: str) -> None:
         """Refuse a bundled causal LM as the encoder of ``family``."""
@@ -37,7 +38,8 @@ class EncoderSettings:
 
 
 def encoder_training_arguments(arguments_class: type, output_dir: Path, config: EncoderSettings, **extra: Any) -> Any:
-    """sentence-transformers training arguments from an encoder family's config (no checkpoints, no reports)."""
+    """sentence-transformers training arguments from an encoder family's config (checkpoints only with
+    ``save_steps``, no reports)."""
     return arguments_class(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=config.epochs,
@@ -48,7 +50,9 @@ def encoder_training_arguments(arguments_class: type, output_dir: Path, config: 
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -31,7 +29,14 @@ import torch.nn.functional as F
 from ...core.artifacts import follow_umask, write_json
 from ...core.devices import gpu_half_precision
 from ...core.models import load_causal_lm, release_gpu_memory, resolve_model
-from ..base import LABELER_MANIFEST, exceed_probabilities, inverse_frequency_weights, merge_agreement, write_manifest
+from ..base import (
+    LABELER_MANIFEST,
+    checkpoint_to_resume,
+    exceed_probabilities,
+    inverse_frequency_weights,
+    merge_agreement,
+    write_manifest,
+)
 from .labeler import (
     FAMILY,
     GRADES,
@@ -292,33 +297,6 @@ def _trainer_class() -> type:
     return GradeSFTTrainer
 
 
-def _checkpoint_to_resume(folder: Path, config: DistillConfig, examples: Sequence[dict[str, Any]]) -> str | None:
-    """The newest checkpoint in ``folder`` if it belongs to this very training, else None.
-
-    A fingerprint of the configuration and the tokenised examples is kept beside the checkpoints;
-    checkpoints of another training in the same folder raise instead of being resumed.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [dataclasses.asdict(config), [(e["input_ids"], e["teacher_distribution"]) for e in examples]]
-        ).encode()
-    ).hexdigest()
-    stamp = folder / "training_fingerprint.txt"
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    if last is not None and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
-        raise ValueError(
-            f"{folder} holds checkpoints of another training (other settings or data): "
-            "delete the folder or train into another output folder"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint + "\n")
-    if last is not None:
-        print(f"resuming from {last}")
-    return last
-
-
 def train_student(
     records: Sequence[dict[str, Any]],
     output_dir: str | Path,
@@ -398,7 +376,13 @@ def train_student(
     )
     if qlora and not config.use_bf16():
         _adapters_to_float32(trainer.model)
-    resume_from = _checkpoint_to_resume(output_dir / "checkpoints", config, examples) if config.save_steps else None
+    resume_from = (
+        checkpoint_to_resume(
+            output_dir / "checkpoints", config, [(e["input_ids"], e["teacher_distribution"]) for e in examples]
+        )
+        if config.save_steps
+        else None
+    )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
