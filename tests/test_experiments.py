@@ -322,3 +322,42 @@ def test_without_named_students_a_cuda_gpu_trains_the_papers_qlora_student(monke
     assert config.qlora is True and config.base_model == "microsoft/Phi-3.5-mini-instruct"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert students.default_students() == students.DEFAULT_STUDENT == "minilm-bi-encoder"
+
+
+def test_a_killed_labelling_resumes_with_only_the_missing_pairs(tmp_path, monkeypatch):
+    """Labels are appended a chunk at a time; after a crash the same call labels only what is missing, and the
+    predictions equal one uninterrupted labelling's, in the records' order."""
+    from labeler_utils.benchmarks.predictions import read_predictions
+    from labeler_utils.students.bi_encoder import CosineBaseline
+
+    records = [{**r, "grade": r["human"]} for r in _synthetic_benchmark(3, 4).to_dict("records")]
+    cosine = CosineBaseline.fit(records, max_length=32)
+    labelled: list[int] = []
+
+    class Crashing:  # the real labeler, killed during its second chunk
+        def label_records(self, chunk, *args, **kwargs):
+            if labelled:
+                raise KeyboardInterrupt
+            labelled.append(len(chunk))
+            return cosine.label_records(chunk, *args, **kwargs)
+
+    class Counting:
+        def label_records(self, chunk, *args, **kwargs):
+            labelled.append(len(chunk))
+            return cosine.label_records(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "LABEL_CHUNK_PAIRS", 5)
+    path = tmp_path / "distilled.all.predictions.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        runner.timed_predictions(Crashing, records, "cosine", path, 4, force=False)
+    assert not path.exists() and len(path.with_suffix(".partial.jsonl").read_text().splitlines()) == 5
+    with path.with_suffix(".partial.jsonl").open("a") as handle:
+        handle.write('{"query_id": "q2", "doc_')  # an append the crash cut off
+    timing = runner.timed_predictions(Counting, records, "cosine", path, 4, force=False)
+    assert labelled == [5, 5, 2] and timing["pairs"] == 12 and timing["labels_per_second"] > 0
+    assert not path.with_suffix(".partial.jsonl").exists() and not path.with_suffix(".partial.json").exists()
+    resumed = read_predictions(path)
+    whole = pd.DataFrame(cosine.label_records(records, "cosine"))
+    assert list(resumed["doc_id"]) == [r["doc_id"] for r in records]
+    assert list(resumed["grade"]) == list(whole["grade"])
+    assert runner.timed_predictions(Crashing, records, "cosine", path, 4, force=False) == timing  # reused as is

@@ -1,4 +1,5 @@
-"""Reading and writing run artifacts: text lines (gzipped or not) and JSONL with line-precise errors, atomic writes."""
+"""Reading and writing run artifacts: text lines (gzipped or not) and JSONL with line-precise errors, atomic writes,
+and append-only JSONL that survives a crash mid-append."""
 
 from __future__ import annotations
 
@@ -129,6 +130,34 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def append_jsonl(handle: IO[str], records: Iterable[dict[str, Any]]) -> None:
+    """Append records to an open JSONL file and force them to disk (a crash loses at most a cut last line)."""
+    handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def read_appended_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a file written by :func:`append_jsonl`; a last line cut off by a crash is dropped from the file
+    (any other bad line raises, naming it)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number != len(lines) - 1:
+                raise InputError(
+                    f"{path}:{number + 1}: not a JSON record; delete the file to start it again"
+                ) from error
+            with path.open("r+b") as handle:  # the append a crash interrupted
+                handle.truncate(sum(len(kept) for kept in lines[:number]))
+    return records
 
 
 def write_json(path: str | Path, payload: Any) -> None:

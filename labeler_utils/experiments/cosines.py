@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.artifacts import read_json, write_json
+from ..core.artifacts import append_jsonl, read_appended_jsonl, read_json, write_json
 from ..core.resources import PeakMemory, load_average
 
 CHUNK_PAIRS = 512  # pairs embedded between two appends to the cache
@@ -31,27 +29,6 @@ CHUNK_PAIRS = 512  # pairs embedded between two appends to the cache
 def pair_key(query: str, document: str) -> str:
     """The cache key of a pair: a hash of its two texts (ids may repeat across files; texts decide the cosine)."""
     return hashlib.sha1(f"{query}\0{document}".encode()).hexdigest()[:20]
-
-
-def _read_cache(path: Path) -> dict[str, float]:
-    """The cosines already computed; a last line cut off by a crash is dropped from the file."""
-    if not path.exists():
-        return {}
-    lines = path.read_bytes().splitlines(keepends=True)
-    cosines: dict[str, float] = {}
-    for number, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number != len(lines) - 1:
-                raise ValueError(
-                    f"{path}, line {number + 1}: not a cosine record; delete the file to recompute"
-                ) from error
-            with path.open("r+b") as handle:  # the append a crash interrupted
-                handle.truncate(sum(len(kept) for kept in lines[:number]))
-            break
-        cosines[row["key"]] = row["cosine"]
-    return cosines
 
 
 def pair_cosines(
@@ -73,7 +50,7 @@ def pair_cosines(
         raise SystemExit(
             f"{meta_path} holds cosines of {meta.get('encoder')!r}, not {encoder!r}; use another --work-dir"
         )
-    cached = _read_cache(path)
+    cached = {row["key"]: row["cosine"] for row in read_appended_jsonl(path)}
     keys = [pair_key(r["query"], r["document"]) for r in records]
     missing = list({key: r for key, r in zip(keys, records) if key not in cached}.items())
     if missing:
@@ -86,12 +63,9 @@ def pair_cosines(
             began = time.perf_counter()
             with PeakMemory() as memory:
                 values = cosines(model, [r["query"] for _, r in chunk], [r["document"] for _, r in chunk], batch_size)
-            lines = "".join(json.dumps({"key": key, "cosine": float(v)}) + "\n" for (key, _), v in zip(chunk, values))
             with path.open("a", encoding="utf-8") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # runs sharing a --work-dir append whole chunks, one at a time
-                handle.write(lines)
-                handle.flush()
-                os.fsync(handle.fileno())
+                append_jsonl(handle, ({"key": key, "cosine": float(v)} for (key, _), v in zip(chunk, values)))
                 meta = read_json(meta_path) if meta_path.exists() else meta  # what the other runs added meanwhile
                 meta["load_before"] = load_before
                 meta["pairs"] += len(chunk)

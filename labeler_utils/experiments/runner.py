@@ -17,7 +17,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, fields
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pandas as pd
 from ..benchmarks.folds import Split
 from ..benchmarks.loaders import RECORDED_PREFIX
 from ..benchmarks.predictions import read_predictions, write_predictions
-from ..core.artifacts import read_json, write_json
+from ..core.artifacts import append_jsonl, read_appended_jsonl, read_json, write_json
 from ..core.resources import PeakMemory, load_average
 from ..students.base import LABELER_MANIFEST, grade_counts, prediction_row, share_matching_thresholds
 from ..students.registry import distilled_student, get_family
@@ -53,7 +52,7 @@ TRAIN_FIELDS = (
     "max_length",
     "resumed_from",
 )
-Labeling = Callable[[], list[dict[str, Any]]]
+LABEL_CHUNK_PAIRS = 1000  # pairs labelled between two appends to a run's partial predictions
 COSINE_BATCH_SIZE = 32  # sentence-transformers' encode batch for the zero-shot cosines
 
 
@@ -110,33 +109,64 @@ def cached_timing(path: Path, pairs: set[tuple[str, str]], force: bool) -> dict[
 
 
 def timed_predictions(
-    prepare: Callable[[], Labeling], path: Path, pairs: set[tuple[str, str]], batch_size: int, force: bool
+    prepare: Callable[[], Any],
+    records: list[dict[str, Any]],
+    labeler_name: str,
+    path: Path,
+    batch_size: int,
+    force: bool,
 ) -> dict[str, Any]:
-    """Reuse the predictions file at ``path`` (when it covers exactly ``pairs``), or ``prepare()`` a labeler
-    (untimed) and time its labelling. Returns the timing (labels/s, batch size, peak RSS, load) saved beside it.
+    """Reuse the predictions file at ``path`` (when it labels exactly the records' pairs), or ``prepare()`` a labeler
+    (untimed) and time its labelling of the records. Returns the timing (labels/s, batch size, peak RSS, load) saved
+    beside it.
+
+    Labels are appended to ``<path>.partial.jsonl`` a chunk of :data:`LABEL_CHUNK_PAIRS` at a time, with the time
+    spent in ``<path>.partial.json``: a killed run loses at most the chunk in progress, and the same command labels
+    only the pairs still missing.
     """
+    pairs = {(r["query_id"], r["doc_id"]) for r in records}
     cached = cached_timing(path, pairs, force)
     if cached is not None:
         return cached
-    label = prepare()
-    load_before, start = load_average(), time.perf_counter()
-    with PeakMemory() as memory:
-        rows = label()
-    seconds = (
-        time.perf_counter() - start - memory.stopped_seconds
-    )  # time stopped by a signal (job control) is not labeling
-    write_predictions(path, pd.DataFrame(rows))
-    timing = {
-        "pairs": len(rows),
-        "seconds": seconds,
-        "stopped_seconds": memory.stopped_seconds,
-        "labels_per_second": len(rows) / seconds,
-        "batch_size": batch_size,
-        "peak_rss_mb": round(memory.peak_mb, 1),
-        "load_before": load_before,
-        "load_after": load_average(),
-    }
+    appended, appended_timing = path.with_suffix(".partial.jsonl"), path.with_suffix(".partial.json")
+    if force:
+        appended.unlink(missing_ok=True)
+        appended_timing.unlink(missing_ok=True)
+    done = {(row["query_id"], row["doc_id"]): row for row in read_appended_jsonl(appended)}
+    timing = (
+        read_json(appended_timing)
+        if done and appended_timing.exists()
+        else {"pairs": 0, "seconds": 0.0, "stopped_seconds": 0.0, "peak_rss_mb": 0.0, "load_before": load_average()}
+    )
+    missing = [r for r in records if (r["query_id"], r["doc_id"]) not in done]
+    if missing:
+        labeler = prepare()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(missing), LABEL_CHUNK_PAIRS):
+            chunk = missing[start : start + LABEL_CHUNK_PAIRS]
+            began = time.perf_counter()
+            with PeakMemory() as memory:
+                rows = labeler.label_records(chunk, labeler_name, batch_size=batch_size)
+            seconds = time.perf_counter() - began - memory.stopped_seconds  # time stopped by a signal is not labelling
+            with appended.open("a", encoding="utf-8") as handle:
+                append_jsonl(handle, rows)
+            done.update(((row["query_id"], row["doc_id"]), row) for row in rows)
+            timing.update(
+                pairs=timing["pairs"] + len(rows),
+                seconds=timing["seconds"] + seconds,
+                stopped_seconds=timing["stopped_seconds"] + memory.stopped_seconds,
+                peak_rss_mb=round(max(timing["peak_rss_mb"], memory.peak_mb), 1),
+            )
+            write_json(appended_timing, timing)
+    timing.update(
+        labels_per_second=timing["pairs"] / timing["seconds"] if timing["seconds"] else 0.0,
+        batch_size=batch_size,
+        load_after=load_average(),
+    )
+    write_predictions(path, pd.DataFrame([done[(r["query_id"], r["doc_id"])] for r in records]))
     write_json(path.with_suffix(".timing.json"), timing)
+    appended.unlink(missing_ok=True)
+    appended_timing.unlink(missing_ok=True)
     return timing
 
 
@@ -200,16 +230,9 @@ def student_predictions(
     outputs: dict[str, Any] = {"eval_set": eval_tag, "stages": {}}
     family = get_family(spec.family)
     config = student_config(spec, settings["epochs"].get(name), args.seed, args.soft_labels, args.bf16)
-    pairs = {(r["query_id"], r["doc_id"]) for r in test_records}
 
     def record(stage: str, labeler_name: str, path: Path, prepare: Callable[[], Any]) -> None:
-        timing = timed_predictions(
-            lambda: partial(prepare().label_records, test_records, labeler_name, batch_size=batch),
-            path,
-            pairs,
-            batch,
-            args.force,
-        )
+        timing = timed_predictions(prepare, test_records, labeler_name, path, batch, args.force)
         outputs["stages"][stage] = {"labeler": labeler_name, "path": str(path), "timing": timing}
         release_memory()
 
