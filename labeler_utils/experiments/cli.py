@@ -36,7 +36,7 @@ Models, predictions and timings go to ``--work-dir`` (git-ignored ``runs/``); a 
 model (and predictions) are there already is reused unless ``--force``. Every student's training
 writes a checkpoint every 50 steps (the last two are kept in ``<work-dir>/<student>/<split>/checkpoints``):
 running the same command again after a crash resumes it (``--force`` too resumes a checkpoint of the
-very same training). Results go to
+very same training), and labelling resumes after the last chunk of 1,000 pairs written. Results go to
 ``--output``: ``results.json``, ``results.md`` and ``forest_<set>.png``.
 
 Examples (docs/results/trec_dl_2019, and the 5-fold run over both years of docs/results/trec_dl_cv):
