@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..benchmarks.folds import Split
 from ..benchmarks.loaders import RECORDED_PREFIX
@@ -142,11 +143,12 @@ def timed_predictions(
     if missing:
         labeler = prepare()
         path.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(records), initial=len(records) - len(missing), desc=labeler_name, unit="pair")
         for start in range(0, len(missing), LABEL_CHUNK_PAIRS):
             chunk = missing[start : start + LABEL_CHUNK_PAIRS]
             began = time.perf_counter()
             with PeakMemory() as memory:
-                rows = labeler.label_records(chunk, labeler_name, batch_size=batch_size)
+                rows = labeler.label_records(chunk, labeler_name, batch_size=batch_size, progress=False)
             seconds = time.perf_counter() - began - memory.stopped_seconds  # time stopped by a signal is not labelling
             with appended.open("a", encoding="utf-8") as handle:
                 append_jsonl(handle, rows)
@@ -158,6 +160,8 @@ def timed_predictions(
                 peak_rss_mb=round(max(timing["peak_rss_mb"], memory.peak_mb), 1),
             )
             write_json(appended_timing, timing)
+            bar.update(len(rows))
+        bar.close()
     timing.update(
         labels_per_second=timing["pairs"] / timing["seconds"] if timing["seconds"] else 0.0,
         batch_size=batch_size,
