@@ -235,6 +235,8 @@ def test_a_two_fold_run_on_six_queries_writes_the_report_and_reuses_its_models(t
     ]
     first = _command(*arguments)
     assert first.returncode == 0, first.stderr[-3000:]
+    trained = tmp_path / "work" / "minilm-bi-encoder" / "fold1of2"
+    assert (trained / "bi_encoder").is_dir() and not (trained / "checkpoints").exists()  # removed after training
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(results) == {

@@ -34,7 +34,7 @@ against them; ``--final-model DIR`` trains the first student on every query of t
 
 Models, predictions and timings go to ``--work-dir`` (git-ignored ``runs/``); a student whose
 model (and predictions) are there already is reused unless ``--force``. Every student's training
-writes a checkpoint every 50 steps (the last two are kept in ``<work-dir>/<student>/<split>/checkpoints``):
+writes a checkpoint every 50 steps into ``<work-dir>/<student>/<split>/checkpoints`` (removed once it finished):
 running the same command again after a crash resumes it (``--force`` too resumes a checkpoint of the
 very same training), and labelling resumes after the last chunk of 1,000 pairs written. Results go to
 ``--output``: ``results.json``, ``results.md`` and ``forest_<set>.png``.

@@ -14,6 +14,7 @@ import ctypes
 import gc
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, fields
@@ -94,6 +95,7 @@ def train(
         "load_after": load_average(),
     }
     write_json(stats_path, stats_record)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only a killed training needs them (MPNet: GBs)
     return {**manifest, **stats_record}
 
 
