@@ -129,13 +129,16 @@ def training_environment() -> dict[str, Any]:
 
 
 def checkpoint_to_resume(folder: Path, config: Any, examples: Sequence[Any]) -> str | None:
-    """The newest checkpoint in ``folder`` if it belongs to this very training, else None.
+    """The newest checkpoint in ``folder`` if it belongs to this very training, else None (always None when the
+    config's ``save_steps`` is 0: no checkpoints).
 
     A fingerprint of the configuration (a dataclass) and the training ``examples`` (JSON-serialisable) is kept
     beside the checkpoints; checkpoints of another training in the same folder raise instead of being resumed.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
+    if not config.save_steps:
+        return None
     fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(config), list(examples)]).encode()).hexdigest()
     stamp = folder / "training_fingerprint.txt"
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None

@@ -164,11 +164,7 @@ def train_bi_encoder(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=dataset, loss=bi_encoder_loss(model, config.loss)
     )
-    resume_from = (
-        checkpoint_to_resume(output_dir / "checkpoints", config, list(zip(queries, documents, targets)))
-        if config.save_steps
-        else None
-    )
+    resume_from = checkpoint_to_resume(output_dir / "checkpoints", config, list(zip(queries, documents, targets)))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start

@@ -217,11 +217,7 @@ def train_cross_encoder(
     trainer = CrossEncoderTrainer(
         model=model, args=args, train_dataset=dataset, loss=cross_encoder_loss(model, records, config)
     )
-    resume_from = (
-        checkpoint_to_resume(output_dir / "checkpoints", config, list(zip(queries, documents, labels)))
-        if config.save_steps
-        else None
-    )
+    resume_from = checkpoint_to_resume(output_dir / "checkpoints", config, list(zip(queries, documents, labels)))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start

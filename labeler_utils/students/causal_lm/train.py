@@ -376,12 +376,8 @@ def train_student(
     )
     if qlora and not config.use_bf16():
         _adapters_to_float32(trainer.model)
-    resume_from = (
-        checkpoint_to_resume(
-            output_dir / "checkpoints", config, [(e["input_ids"], e["teacher_distribution"]) for e in examples]
-        )
-        if config.save_steps
-        else None
+    resume_from = checkpoint_to_resume(
+        output_dir / "checkpoints", config, [(e["input_ids"], e["teacher_distribution"]) for e in examples]
     )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
