@@ -130,10 +130,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def _ceiling(args: argparse.Namespace) -> int:
     from .core.artifacts import atomic_write
-    from .experiments.ceiling import ceiling_rows, plot_ceiling, read_results
+    from .experiments.ceiling import RECORDED_CEILING_RUNS, ceiling_rows, plot_ceiling, read_results
 
     try:
-        rows = ceiling_rows(read_results(args.results))
+        rows = ceiling_rows(read_results(args.results or RECORDED_CEILING_RUNS))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -309,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the results.json of reproduce runs and plot one line per labeler: its QWK with the human "
         "grades, the teacher's on the same pairs, and their paired difference.",
     )
-    ceiling.add_argument("results", nargs="+", help="reproduce --output folders (or their results.json)")
+    ceiling.add_argument(
+        "results",
+        nargs="*",
+        help="reproduce --output folders (or their results.json); default: the recorded runs in docs/results/trec_dl_cv",
+    )
     ceiling.add_argument("--output", type=Path, default=Path("ceiling.png"), help="PNG to write (default: %(default)s)")
     ceiling.set_defaults(handler=_ceiling)
     return parser

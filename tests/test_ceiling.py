@@ -7,7 +7,7 @@ import json
 import pytest
 
 from labeler_utils.__main__ import main
-from labeler_utils.experiments.ceiling import ceiling_rows, plot_ceiling, read_results
+from labeler_utils.experiments.ceiling import RECORDED_CEILING_RUNS, ceiling_rows, plot_ceiling, read_results
 
 TEACHER = "recorded:deepseek_v3_umbrela"
 
@@ -63,3 +63,10 @@ def test_ceiling_command_plots_results_folders_and_names_a_missing_one(tmp_path,
     assert f"no results.json at {tmp_path / 'absent'} " in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     with pytest.raises(FileNotFoundError):
         read_results([tmp_path / "absent.json"])
+
+
+def test_ceiling_command_defaults_to_the_recorded_runs(tmp_path, capsys):
+    assert main(["ceiling", "--output", str(tmp_path / "ceiling.png")]) == 0
+    printed = capsys.readouterr().out
+    recorded = ceiling_rows(read_results(RECORDED_CEILING_RUNS))
+    assert len(recorded) >= len(RECORDED_CEILING_RUNS) and all(run in printed for run in set(recorded["run"]))

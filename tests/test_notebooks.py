@@ -24,6 +24,7 @@ from labeler_utils import hard_negatives as hn
 from labeler_utils import text
 from labeler_utils.core.artifacts import read_jsonl
 from labeler_utils.core.config import DEMO_BENCHMARK_PATH, PROJECT_ROOT, STAGES, get_profile
+from labeler_utils.experiments import RECORDED_CEILING_RUNS
 from labeler_utils.pipeline import execute_notebook, stage_metrics
 
 pytestmark = pytest.mark.notebooks
@@ -364,10 +365,7 @@ def test_10_reproduce_on_trec_dl(tmp_path):
     student, baseline = metrics[labelers[2] + " qwk"]["estimate"], metrics[labelers[1] + " qwk"]["estimate"]
     assert metrics["qwk_minus_cosine"]["difference"] == pytest.approx(student - baseline, abs=TOL)
     assert metrics["learning_curve_points"] == 4  # the recorded curve in docs/results/trec_dl_cv/learning_curve
-    recorded = [
-        json.loads((PROJECT_ROOT / "docs/results/trec_dl_cv" / f / "results.json").read_text())
-        for f in ("", "cross_year", "mpnet_all", "mpnet_cross_year_cap50", "cross_encoder_all_pairs")
-    ]
+    recorded = [json.loads((folder / "results.json").read_text()) for folder in RECORDED_CEILING_RUNS]
     teachers = [{r["settings"]["teacher"]} for r in recorded]
     labelers = [set().union(*(e["labelers"] for e in r["evaluation_sets"])) - t for r, t in zip(recorded, teachers)]
     assert metrics["ceiling_rows"] == sum(map(len, labelers))  # every recorded labeler but the teacher, once per run

@@ -8,7 +8,7 @@ uses them: :mod:`.students` (the students table), :mod:`.protocols` (pairs, spli
 :mod:`.ceiling` (every labeler of several runs against the teacher on the same pairs, in one plot).
 """
 
-from .ceiling import ceiling_rows, plot_ceiling, read_results
+from .ceiling import RECORDED_CEILING_RUNS, ceiling_rows, plot_ceiling, read_results
 from .cli import build_parser, options, reproduce
 from .protocols import (
     evaluation_pairs,
@@ -29,6 +29,7 @@ __all__ = [
     "COSINE_LABELER",
     "DEFAULT_STUDENT",
     "METRICS",
+    "RECORDED_CEILING_RUNS",
     "STUDENTS",
     "agreement_table",
     "build_parser",
