@@ -126,6 +126,23 @@ def test_share_calibration_uses_only_the_teacher_training_grades():
     assert calibrated.loc[calibrated["expected_relevance"].idxmax(), "grade"] == 3
 
 
+def test_each_student_is_compared_with_the_cosine_of_its_own_encoder():
+    frame = _synthetic_benchmark(n_queries=12)
+    rng = np.random.default_rng(0)
+    minilm, mpnet = (students.COSINES[name].labeler for name in (students.COSINE, students.MPNET_COSINE))
+    teacher, mpnet_student, other = "teacher", "mpnet-bi-encoder distilled", "gemma distilled"
+    for labeler, noise in ((teacher, 0.3), (minilm, 0.6), (mpnet, 0.5), (mpnet_student, 0.4), (other, 0.7)):
+        frame[labeler] = np.where(rng.random(len(frame)) < noise, rng.integers(0, 4, len(frame)), frame["human"])
+    labelers = [teacher, minilm, mpnet, mpnet_student, other]
+    own = {minilm: minilm, mpnet: mpnet, mpnet_student: mpnet}
+    results = scoring.evaluate_set(frame, labelers, teacher, n_boot=20, seed=0, own_cosines=own)
+    assert results[mpnet_student]["qwk_minus_cosine"] == results[mpnet_student]["qwk_minus"][mpnet]
+    assert results[mpnet_student]["qwk_minus_cosine"]["labeler_b"] == mpnet
+    assert results[other]["qwk_minus_cosine"]["labeler_b"] == minilm  # a student without an encoder: MiniLM's
+    assert "qwk_minus_cosine" not in results[mpnet] and "qwk_minus_cosine" not in results[minilm]
+    assert results[mpnet]["qwk_minus"][minilm]["labeler_b"] == minilm  # the encoders still compared in the table
+
+
 def test_summary_has_the_headline_keys():
     interval = {"estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6}
 

@@ -80,7 +80,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Teacher: `{settings['teacher']}` (recorded grades of the training queries are the only training data). "
         f"Split by query, seed {settings['seed']}: {report['splits_summary']}. Intervals: 95% percentile bootstrap over "
-        f"held-out queries, {settings['n_boot']} resamples; 'QWK - teacher' is paired (same resamples, same pairs).",
+        f"held-out queries, {settings['n_boot']} resamples; 'QWK - teacher' is paired (same resamples, same "
+        "pairs), and so is 'QWK - cosine', the difference to the untrained cosine of the student's own encoder "
+        "(MiniLM's for a student without one).",
         "",
     ]
     for eval_set in report["evaluation_sets"]:

@@ -61,11 +61,13 @@ def evaluate_set(
     n_boot: int,
     seed: int,
     own_teachers: dict[str, str] | None = None,
+    own_cosines: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's and minus each
-    reference among ``labelers`` (every untrained cosine, the default student: ``qwk_minus``; the default encoder's
-    cosine also as ``qwk_minus_cosine``), all paired; ``own_teachers`` maps a student trained on other grades to
-    that column, also compared pairwise."""
+    reference among ``labelers`` (every untrained cosine, the default student: ``qwk_minus``), all paired.
+    ``qwk_minus_cosine`` is the difference to the untrained cosine of the labeler's own encoder (``own_cosines``;
+    the default encoder's cosine for a labeler not named there); ``own_teachers`` maps a student trained on other
+    grades to that column, also compared pairwise."""
     results: dict[str, Any] = {}
     for labeler in labelers:
         metrics = {
@@ -86,8 +88,9 @@ def evaluate_set(
                 for reference in labelers
                 if reference in REFERENCES and reference != labeler
             }
-        if COSINE_LABELER in results[labeler].get("qwk_minus", {}):
-            results[labeler]["qwk_minus_cosine"] = results[labeler]["qwk_minus"][COSINE_LABELER]
+        cosine = (own_cosines or {}).get(labeler, COSINE_LABELER)
+        if cosine in results[labeler].get("qwk_minus", {}):
+            results[labeler]["qwk_minus_cosine"] = results[labeler]["qwk_minus"][cosine]
         own = (own_teachers or {}).get(labeler)
         if own is not None and own != teacher:
             results[labeler]["qwk_minus_own_teacher"] = {
@@ -121,6 +124,7 @@ def evaluation_sets(
         table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
         labelers = [teacher]
         own_teachers: dict[str, str] = {}
+        own_cosines = {cosine.labeler: cosine.labeler for cosine in COSINES.values()}  # a cosine row: none
         for name in students:
             if settings["max_eval_pairs_per_query"].get(name) not in (None, cap):
                 continue  # its predictions do not cover every pair of this set
@@ -139,11 +143,14 @@ def evaluation_sets(
                     table = attach_predictions(table, share_calibrated(predictions, frame, splits, source), calibrated)
                     labelers.append(calibrated)
                     own_teachers.update({outputs[0]["labeler"]: source, calibrated: source})
+                    if STUDENTS[name].zero_shot in COSINES:
+                        cosine = COSINES[STUDENTS[name].zero_shot].labeler
+                        own_cosines.update({outputs[0]["labeler"]: cosine, calibrated: cosine})
                     if source != teacher and source not in labelers:
                         labelers.insert(1, source)  # the student's own teacher, scored on the same pairs
         title = "All held-out pairs" if cap is None else f"At most {cap} random held-out pairs per query"
         print(f"== evaluating: {title}")
-        results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed, own_teachers)
+        results = evaluate_set(table, labelers, teacher, args.n_boot, args.seed, own_teachers, own_cosines)
         per_split = (
             {
                 s.name: {
