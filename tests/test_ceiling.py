@@ -70,3 +70,12 @@ def test_ceiling_command_defaults_to_the_recorded_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     recorded = ceiling_rows(read_results(RECORDED_CEILING_RUNS))
     assert len(recorded) >= len(RECORDED_CEILING_RUNS) and all(run in printed for run in set(recorded["run"]))
+
+
+def test_runs_are_named_from_just_above_their_common_folder(tmp_path):
+    for folder in ("cv", "cv/cross_year", "cv/mpnet"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "results.json").write_text(json.dumps(_report("5-fold")))
+    found = read_results([tmp_path / "cv", tmp_path / "cv/cross_year", tmp_path / "cv/mpnet/results.json"])
+    assert list(found) == ["cv", "cv/cross_year", "cv/mpnet"]
+    assert list(read_results([tmp_path / "cv/mpnet"])) == ["mpnet"]

@@ -8,6 +8,7 @@ and interval, the teacher's QWK on exactly the same pairs, and the paired differ
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,15 @@ CEILING_COLUMNS = (
 
 
 def read_results(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
-    """``{folder name: results.json}`` of the given results files (or folders holding one)."""
+    """``{run name: results.json}`` of the given results files (or folders holding one); a run is named by its
+    folder's path from just above the folders' common parent (``trec_dl_cv``, ``trec_dl_cv/cross_year``)."""
     found = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in paths]
     missing = [str(p) for p in found if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no results.json at {', '.join(missing)} (a `reproduce --output` folder)")
-    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text()) for p in found}
+    folders = [p.resolve().parent for p in found]
+    root = Path(os.path.commonpath(folders)).parent
+    return {str(folder.relative_to(root)): json.loads(p.read_text()) for folder, p in zip(folders, found)}
 
 
 def ceiling_rows(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
