@@ -26,6 +26,7 @@ from labeler_utils.core.artifacts import read_jsonl
 from labeler_utils.core.config import DEMO_BENCHMARK_PATH, PROJECT_ROOT, STAGES, get_profile
 from labeler_utils.experiments import RECORDED_CEILING_RUNS
 from labeler_utils.pipeline import execute_notebook, stage_metrics
+from labeler_utils.students.base import LABELER_MANIFEST
 
 pytestmark = pytest.mark.notebooks
 
@@ -201,6 +202,10 @@ def assert_distilled(run: Path, metrics: dict) -> None:
     )
     for row in metrics["dev_agreement"]:
         assert 0 <= row["accuracy"] <= 1 and all(undefined(row[k]) or -1 <= row[k] <= 1 for k in ("kappa", "qwk"))
+    # it checkpointed every 5 of its 12 steps (the smoke profile) and deleted the checkpoints once it finished
+    (manifest,) = (run / "05_distill").glob(f"*/{LABELER_MANIFEST}")
+    assert json.loads(manifest.read_text())["config"]["save_steps"] == get_profile("smoke").checkpoint_steps == 5
+    assert not (run / "05_distill" / "checkpoints").exists()
 
 
 def test_05_distill(run_path):

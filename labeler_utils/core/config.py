@@ -46,6 +46,9 @@ class Profile:
     eval_max_pairs: int | None
     throughput_pairs: int
     lora_rank: int = 16
+    checkpoint_steps: int = (
+        50  # stage 05 checkpoints every so many steps; its rerun resumes a killed training (0: none)
+    )
     # "bi_encoder" (the bundled MiniLM fine-tuned as a sentence encoder, the default: the best pooled agreement with
     # the human grades of the 97 TREC DL queries in 5-fold cross-validation, see README), "cross_encoder" (the same
     # MiniLM reading query and document together) or "causal_lm" (LoRA/QLoRA on student_model)
@@ -96,6 +99,7 @@ PROFILES: dict[str, Profile] = {
         batch_size=4,
         eval_max_pairs=25,
         throughput_pairs=16,
+        checkpoint_steps=5,  # of its 12 steps: the smoke run exercises checkpointing too
         notes="Pipeline check only: the bundled 135M teacher does not grade relevance well.",
     ),
     "full": _FULL,

@@ -14,7 +14,6 @@ import ctypes
 import gc
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, fields
@@ -29,7 +28,13 @@ from ..benchmarks.loaders import RECORDED_PREFIX
 from ..benchmarks.predictions import read_predictions, write_predictions
 from ..core.artifacts import append_jsonl, read_appended_jsonl, read_json, write_json
 from ..core.resources import PeakMemory, load_average
-from ..students.base import LABELER_MANIFEST, grade_counts, prediction_row, share_matching_thresholds
+from ..students.base import (
+    LABELER_MANIFEST,
+    grade_counts,
+    prediction_row,
+    remove_checkpoints,
+    share_matching_thresholds,
+)
 from ..students.registry import distilled_student, get_family
 from ..teacher import labels_from_frame
 from .cosines import pair_cosines
@@ -95,7 +100,7 @@ def train(
         "load_after": load_average(),
     }
     write_json(stats_path, stats_record)
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only a killed training needs them (MPNet: GBs)
+    remove_checkpoints(folder)
     return {**manifest, **stats_record}
 
 

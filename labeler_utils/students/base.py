@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import math
 import platform
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,12 @@ def checkpoint_to_resume(folder: Path, config: Any, examples: Sequence[Any]) -> 
     if last is not None:
         print(f"resuming from {last}")
     return last
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Delete the checkpoints of a finished training in ``output_dir``: only a killed training needs them, and a
+    large encoder's take gigabytes."""
+    shutil.rmtree(Path(output_dir) / "checkpoints", ignore_errors=True)
 
 
 def write_manifest(
