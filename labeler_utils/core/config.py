@@ -46,9 +46,8 @@ class Profile:
     eval_max_pairs: int | None
     throughput_pairs: int
     lora_rank: int = 16
-    checkpoint_steps: int = (
-        50  # stage 05 checkpoints every so many steps; its rerun resumes a killed training (0: none)
-    )
+    # stage 05 checkpoints every so many steps, so that its rerun resumes a killed training (0: no checkpoints)
+    checkpoint_steps: int = 50
     # "bi_encoder" (the bundled MiniLM fine-tuned as a sentence encoder, the default: the best pooled agreement with
     # the human grades of the 97 TREC DL queries in 5-fold cross-validation, see README), "cross_encoder" (the same
     # MiniLM reading query and document together) or "causal_lm" (LoRA/QLoRA on student_model)
