@@ -29,7 +29,8 @@ RANKING_METRICS = (f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
 (SPEARMAN,) = SCORE_METRICS  # Spearman of expected relevance, the one metric bootstrapped from score tables
 METRICS = (*GRADE_METRICS, SPEARMAN, *RANKING_METRICS)
 #: The labelers every other one is compared with, pairwise, when they are scored on the same pairs.
-REFERENCES = (*(cosine.labeler for cosine in COSINES.values()), f"{DEFAULT_STUDENT} distilled")
+COSINE_LABELERS = frozenset(cosine.labeler for cosine in COSINES.values())
+REFERENCES = (*sorted(COSINE_LABELERS), f"{DEFAULT_STUDENT} distilled")
 
 
 def share_calibrated(
@@ -66,7 +67,7 @@ def evaluate_set(
     """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's and minus each
     reference among ``labelers`` (every untrained cosine, the default student: ``qwk_minus``), all paired.
     ``qwk_minus_cosine`` is the difference to the untrained cosine of the labeler's own encoder (``own_cosines``;
-    the default encoder's cosine for a labeler not named there); ``own_teachers`` maps a student trained on other
+    the default encoder's cosine for a labeler not named there; none for a cosine row); ``own_teachers`` maps a student trained on other
     grades to that column, also compared pairwise."""
     results: dict[str, Any] = {}
     for labeler in labelers:
@@ -89,7 +90,7 @@ def evaluate_set(
                 if reference in REFERENCES and reference != labeler
             }
         cosine = (own_cosines or {}).get(labeler, COSINE_LABELER)
-        if cosine in results[labeler].get("qwk_minus", {}):
+        if labeler not in COSINE_LABELERS and cosine in results[labeler].get("qwk_minus", {}):
             results[labeler]["qwk_minus_cosine"] = results[labeler]["qwk_minus"][cosine]
         own = (own_teachers or {}).get(labeler)
         if own is not None and own != teacher:
@@ -124,7 +125,7 @@ def evaluation_sets(
         table = pd.concat([evaluation_pairs(frame, s, cap, args.seed) for s in splits])
         labelers = [teacher]
         own_teachers: dict[str, str] = {}
-        own_cosines = {cosine.labeler: cosine.labeler for cosine in COSINES.values()}  # a cosine row: none
+        own_cosines: dict[str, str] = {}
         for name in students:
             if settings["max_eval_pairs_per_query"].get(name) not in (None, cap):
                 continue  # its predictions do not cover every pair of this set
