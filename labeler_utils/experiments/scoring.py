@@ -29,8 +29,8 @@ RANKING_METRICS = (f"ndcg@{NDCG_CUTOFF}", "pairwise_accuracy")
 (SPEARMAN,) = SCORE_METRICS  # Spearman of expected relevance, the one metric bootstrapped from score tables
 METRICS = (*GRADE_METRICS, SPEARMAN, *RANKING_METRICS)
 #: The labelers every other one is compared with, pairwise, when they are scored on the same pairs.
-COSINE_LABELERS = frozenset(cosine.labeler for cosine in COSINES.values())
-REFERENCES = (*sorted(COSINE_LABELERS), f"{DEFAULT_STUDENT} distilled")
+COSINE_LABELERS = tuple(cosine.labeler for cosine in COSINES.values())
+REFERENCES = (*COSINE_LABELERS, f"{DEFAULT_STUDENT} distilled")
 
 
 def share_calibrated(
@@ -67,8 +67,8 @@ def evaluate_set(
     """Every metric with its query-bootstrap interval, and each labeler's QWK minus the teacher's and minus each
     reference among ``labelers`` (every untrained cosine, the default student: ``qwk_minus``), all paired.
     ``qwk_minus_cosine`` is the difference to the untrained cosine of the labeler's own encoder (``own_cosines``;
-    the default encoder's cosine for a labeler not named there; none for a cosine row); ``own_teachers`` maps a student trained on other
-    grades to that column, also compared pairwise."""
+    the default encoder's cosine for a labeler not named there; none for a cosine row); ``own_teachers`` maps a
+    student trained on other grades to that column, also compared pairwise."""
     results: dict[str, Any] = {}
     for labeler in labelers:
         metrics = {
